@@ -1,0 +1,95 @@
+//! Command line.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sigwake",
+    version,
+    about = "Finds signals that reach a process but never reach its event loop",
+    long_about = "sigwake watches signal generation, delivery and the writes signal handlers make \
+                  to event-loop wakeup fds (the self-pipe trick used by trio, asyncio and others), \
+                  with eBPF programs on kernel tracepoints. A handler write that fails with EAGAIN \
+                  means a starved loop never saw the signal: Ctrl-C is dead.\n\n\
+                  Loading the kernel programs needs root (or CAP_BPF and CAP_PERFMON)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream signal events, one JSON object per line (or a table with --format text).
+    Trace(TraceArgs),
+    /// Run the agent: the same pipeline, with a Prometheus /metrics endpoint, until SIGINT or SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// A human-readable table.
+    Text,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
+    /// Show only events whose sender, receiver or target is this process (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Show only this signal, by name or number: INT, SIGTERM, 15 (repeatable).
+    #[arg(long = "signal", value_name = "SIG", value_parser = parse_signal)]
+    pub signals: Vec<crate::events::Signal>,
+    /// Show only losses: failed handler (wakeup) writes, and signals the kernel merged or could not queue.
+    #[arg(long)]
+    pub only_drops: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address for /metrics, /healthz and /readyz [default: 127.0.0.1:9464]
+    #[arg(long, env = "SIGWAKE_LISTEN", default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
+    /// Optional TOML configuration file (see examples/sigwake.toml).
+    #[arg(long, env = "SIGWAKE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+fn parse_signal(text: &str) -> Result<crate::events::Signal, String> {
+    crate::events::Signal::parse(text)
+        .ok_or_else(|| format!("`{text}` is not a signal name or number (1-64), e.g. INT, SIGTERM, 15"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn trace_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "sigwake", "trace", "--only-drops", "--pid", "10", "--pid", "11", "--signal", "INT", "--format", "text",
+        ])
+        .unwrap();
+        let Command::Trace(t) = cli.command else { panic!() };
+        assert!(t.only_drops);
+        assert_eq!(t.pids, vec![10, 11]);
+        assert_eq!(t.signals, vec![crate::events::Signal::INT]);
+        assert_eq!(t.format, Format::Text);
+        let err = Cli::try_parse_from(["sigwake", "trace", "--signal", "NOPE"]).unwrap_err();
+        assert!(err.to_string().contains("not a signal name"), "{err}");
+    }
+}

@@ -1,0 +1,459 @@
+//! Decoder: ring-buffer bytes → typed events.
+//!
+//! The kernel writes [`RawEvent`]s; everything past this module works on
+//! [`Event`]. A record of the wrong size or an unknown kind is a
+//! [`DecodeError`] that the pipeline counts; it is never transmuted.
+
+use std::fmt;
+
+use serde::Serialize;
+use sigwake_common::{RAW_EVENT_SIZE, RawEvent, generate_result, kind};
+
+/// A signal number (1..=64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Signal(pub i32);
+
+const SIGNAL_NAMES: [&str; 31] = [
+    "SIGHUP", "SIGINT", "SIGQUIT", "SIGILL", "SIGTRAP", "SIGABRT", "SIGBUS", "SIGFPE", "SIGKILL",
+    "SIGUSR1", "SIGSEGV", "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM", "SIGSTKFLT", "SIGCHLD",
+    "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGURG", "SIGXCPU", "SIGXFSZ",
+    "SIGVTALRM", "SIGPROF", "SIGWINCH", "SIGIO", "SIGPWR", "SIGSYS",
+];
+
+impl Signal {
+    pub const INT: Signal = Signal(libc::SIGINT);
+    pub const TERM: Signal = Signal(libc::SIGTERM);
+    pub const KILL: Signal = Signal(libc::SIGKILL);
+
+    /// `SIGINT`, …, `SIGRTMIN+3`; bounded, so usable as a metric label.
+    pub fn name(self) -> String {
+        match self.0 {
+            n @ 1..=31 => SIGNAL_NAMES[(n - 1) as usize].to_string(),
+            n @ 32..=64 => format!("SIGRT{}", n - 32),
+            n => format!("SIG{n}"),
+        }
+    }
+
+    /// Parses `INT`, `SIGINT`, `sigint` or `2`.
+    pub fn parse(text: &str) -> Option<Signal> {
+        if let Ok(n) = text.parse::<i32>() {
+            return (1..=64).contains(&n).then_some(Signal(n));
+        }
+        let upper = text.to_ascii_uppercase();
+        let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+        (1..=64).map(Signal).find(|s| s.name() == name)
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// `signal_generate.result`: what the kernel did with a sent signal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GenerateResult {
+    Delivered,
+    Ignored,
+    /// A standard signal merged into one already pending: one of the two is lost.
+    AlreadyPending,
+    /// A real-time signal could not be queued.
+    OverflowFail,
+    /// Queued without its siginfo.
+    LoseInfo,
+    /// A value this agent does not know (a newer kernel).
+    Other(i32),
+}
+
+impl GenerateResult {
+    fn from_raw(v: i32) -> Self {
+        match v {
+            generate_result::DELIVERED => Self::Delivered,
+            generate_result::IGNORED => Self::Ignored,
+            generate_result::ALREADY_PENDING => Self::AlreadyPending,
+            generate_result::OVERFLOW_FAIL => Self::OverflowFail,
+            generate_result::LOSE_INFO => Self::LoseInfo,
+            other => Self::Other(other),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Ignored => "ignored",
+            Self::AlreadyPending => "already_pending",
+            Self::OverflowFail => "overflow_fail",
+            Self::LoseInfo => "lose_info",
+            Self::Other(_) => "other",
+        }
+    }
+
+    /// The signal (or its siginfo) was lost.
+    pub fn is_loss(self) -> bool {
+        matches!(self, Self::AlreadyPending | Self::OverflowFail | Self::LoseInfo)
+    }
+}
+
+/// The task an event happened on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignalGenerate {
+    pub sender: Task,
+    /// Target thread id (for kill(2) this is also the process id).
+    pub target_tid: u32,
+    pub target_comm: String,
+    pub signal: Signal,
+    /// `si_code` (SI_USER = 0, SI_KERNEL = 0x80, SI_TKILL = -6, …).
+    pub code: i32,
+    /// Process-directed (`group` in the tracepoint).
+    pub group: bool,
+    pub result: GenerateResult,
+}
+
+/// What a delivered signal does in the receiving thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Disposition {
+    Default,
+    Ignore,
+    Handler(u64),
+}
+
+impl Disposition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::Ignore => "ignore",
+            Self::Handler(_) => "handler",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignalDeliver {
+    pub task: Task,
+    pub signal: Signal,
+    pub code: i32,
+    pub sa_flags: u64,
+    pub disposition: Disposition,
+}
+
+/// A write(2) issued from inside a signal handler, and its result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerWrite {
+    pub task: Task,
+    /// The signal whose handler is running (innermost when nested).
+    pub signal: Signal,
+    pub fd: i32,
+    pub count: u64,
+    /// Bytes written, or `-errno`.
+    pub ret: i64,
+}
+
+impl HandlerWrite {
+    /// The errno of a failed write.
+    pub fn errno(&self) -> Option<i32> {
+        (self.ret < 0).then(|| (-self.ret) as i32)
+    }
+
+    /// The handler's wakeup byte did not reach the event loop.
+    pub fn is_dropped_wakeup(&self) -> bool {
+        self.ret < 0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandlerReturn {
+    pub task: Task,
+    pub signal: Signal,
+    /// Nesting depth before the return (1 = outermost handler).
+    pub depth: u32,
+    pub duration_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessExit {
+    pub task: Task,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventBody {
+    SignalGenerate(SignalGenerate),
+    SignalDeliver(SignalDeliver),
+    HandlerWrite(HandlerWrite),
+    HandlerReturn(HandlerReturn),
+    ProcessExit(ProcessExit),
+}
+
+/// A decoded kernel event with its CLOCK_MONOTONIC timestamp.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub mono_ns: u64,
+    pub body: EventBody,
+}
+
+impl Event {
+    /// The process the event is about: the receiver of a delivery or
+    /// write, the target of a generated signal when known to be a process
+    /// (`group`), else the target thread id.
+    pub fn subject_pid(&self) -> u32 {
+        match &self.body {
+            EventBody::SignalGenerate(g) => g.target_tid,
+            EventBody::SignalDeliver(d) => d.task.pid,
+            EventBody::HandlerWrite(w) => w.task.pid,
+            EventBody::HandlerReturn(r) => r.task.pid,
+            EventBody::ProcessExit(e) => e.task.pid,
+        }
+    }
+
+    pub fn signal(&self) -> Option<Signal> {
+        match &self.body {
+            EventBody::SignalGenerate(g) => Some(g.signal),
+            EventBody::SignalDeliver(d) => Some(d.signal),
+            EventBody::HandlerWrite(w) => Some(w.signal),
+            EventBody::HandlerReturn(r) => Some(r.signal),
+            EventBody::ProcessExit(_) => None,
+        }
+    }
+
+    /// Something was lost: a failed wakeup write or a lossy generate result.
+    pub fn is_drop(&self) -> bool {
+        match &self.body {
+            EventBody::SignalGenerate(g) => g.result.is_loss(),
+            EventBody::HandlerWrite(w) => w.is_dropped_wakeup(),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The record is not the size of a `RawEvent`: the kernel programs and
+    /// the agent come from different builds.
+    #[error("event record of {0} bytes, expected {RAW_EVENT_SIZE}: agent and kernel programs disagree")]
+    BadSize(usize),
+    /// An event kind this agent does not know.
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    /// A signal number outside 1..=64.
+    #[error("signal number {0} out of range")]
+    BadSignal(i32),
+}
+
+impl DecodeError {
+    /// Bounded label for the decode-error counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::BadSize(_) => "bad_size",
+            Self::UnknownKind(_) => "unknown_kind",
+            Self::BadSignal(_) => "bad_signal",
+        }
+    }
+}
+
+fn comm(bytes: &[u8; 16]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn signal(n: i32) -> Result<Signal, DecodeError> {
+    if (1..=64).contains(&n) { Ok(Signal(n)) } else { Err(DecodeError::BadSignal(n)) }
+}
+
+impl TryFrom<&[u8]> for Event {
+    type Error = DecodeError;
+
+    fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
+        if bytes.len() != RAW_EVENT_SIZE {
+            return Err(DecodeError::BadSize(bytes.len()));
+        }
+        // SAFETY: length checked; RawEvent is plain integers, any bit
+        // pattern is valid; read_unaligned copes with any alignment.
+        let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        Event::try_from(&raw)
+    }
+}
+
+impl TryFrom<&RawEvent> for Event {
+    type Error = DecodeError;
+
+    fn try_from(raw: &RawEvent) -> Result<Self, Self::Error> {
+        let task = Task { pid: raw.pid, tid: raw.tid, comm: comm(&raw.comm) };
+        let body = match raw.kind {
+            kind::SIGNAL_GENERATE => EventBody::SignalGenerate(SignalGenerate {
+                sender: task,
+                target_tid: raw.target as u32,
+                target_comm: comm(&raw.comm2),
+                signal: signal(raw.sig)?,
+                code: raw.arg0 as i32,
+                result: GenerateResult::from_raw(raw.arg1 as i32),
+                group: raw.arg2 != 0,
+            }),
+            kind::SIGNAL_DELIVER => EventBody::SignalDeliver(SignalDeliver {
+                task,
+                signal: signal(raw.sig)?,
+                code: raw.arg0 as i32,
+                sa_flags: raw.arg1 as u64,
+                disposition: match raw.arg2 as u64 {
+                    0 => Disposition::Default,
+                    1 => Disposition::Ignore,
+                    addr => Disposition::Handler(addr),
+                },
+            }),
+            kind::HANDLER_WRITE => EventBody::HandlerWrite(HandlerWrite {
+                task,
+                signal: signal(raw.sig)?,
+                fd: raw.arg0 as i32,
+                count: raw.arg1 as u64,
+                ret: raw.arg2,
+            }),
+            kind::HANDLER_RETURN => EventBody::HandlerReturn(HandlerReturn {
+                task,
+                signal: signal(raw.sig)?,
+                depth: raw.arg0 as u32,
+                duration_ns: raw.arg1 as u64,
+            }),
+            kind::PROCESS_EXIT => EventBody::ProcessExit(ProcessExit { task }),
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        Ok(Event { mono_ns: raw.ts_ns, body })
+    }
+}
+
+/// Builders for hand-made raw events, shared by unit tests across modules.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub fn raw(kind: u32, sig: i32, pid: u32, tid: u32) -> RawEvent {
+        let mut comm = [0u8; 16];
+        comm[..6].copy_from_slice(b"python");
+        RawEvent { kind, sig, ts_ns: 1_000, pid, tid, comm, ..RawEvent::default() }
+    }
+
+    pub fn bytes(raw: &RawEvent) -> Vec<u8> {
+        // SAFETY: RawEvent is repr(C) plain integers with no implicit padding.
+        unsafe {
+            std::slice::from_raw_parts((raw as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE)
+        }
+        .to_vec()
+    }
+
+    /// A failed wakeup write: SIGINT handler of `pid` writing 1 byte to `fd`.
+    pub fn dropped_wakeup(pid: u32, fd: i32, mono_ns: u64) -> Event {
+        let mut r = raw(kind::HANDLER_WRITE, libc::SIGINT, pid, pid);
+        r.arg0 = fd as i64;
+        r.arg1 = 1;
+        r.arg2 = -(libc::EAGAIN as i64);
+        r.ts_ns = mono_ns;
+        Event::try_from(&r).expect("valid event")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    #[test]
+    fn decodes_failed_handler_write_from_bytes() {
+        let mut r = raw(kind::HANDLER_WRITE, 2, 100, 101);
+        r.arg0 = 37;
+        r.arg1 = 1;
+        r.arg2 = -11;
+        let ev = Event::try_from(bytes(&r).as_slice()).unwrap();
+        let EventBody::HandlerWrite(w) = &ev.body else { panic!("wrong kind: {ev:?}") };
+        assert_eq!((w.task.pid, w.task.tid, w.fd, w.count), (100, 101, 37, 1));
+        assert_eq!(w.task.comm, "python");
+        assert_eq!(w.signal, Signal::INT);
+        assert_eq!(w.errno(), Some(libc::EAGAIN));
+        assert!(ev.is_drop());
+    }
+
+    #[test]
+    fn successful_handler_write_is_not_a_drop() {
+        let mut r = raw(kind::HANDLER_WRITE, 2, 100, 100);
+        r.arg0 = 5;
+        r.arg1 = 1;
+        r.arg2 = 1;
+        let ev = Event::try_from(&r).unwrap();
+        assert!(!ev.is_drop());
+    }
+
+    #[test]
+    fn decodes_generate_results() {
+        for (v, want, loss) in [
+            (0, GenerateResult::Delivered, false),
+            (1, GenerateResult::Ignored, false),
+            (2, GenerateResult::AlreadyPending, true),
+            (3, GenerateResult::OverflowFail, true),
+            (4, GenerateResult::LoseInfo, true),
+            (9, GenerateResult::Other(9), false),
+        ] {
+            let mut r = raw(kind::SIGNAL_GENERATE, 2, 1, 1);
+            r.target = 42;
+            r.arg1 = v;
+            r.arg2 = 1;
+            r.comm2[..4].copy_from_slice(b"trio");
+            let ev = Event::try_from(&r).unwrap();
+            let EventBody::SignalGenerate(g) = &ev.body else { panic!() };
+            assert_eq!(g.result, want);
+            assert_eq!(g.target_tid, 42);
+            assert_eq!(g.target_comm, "trio");
+            assert!(g.group);
+            assert_eq!(ev.is_drop(), loss);
+        }
+    }
+
+    #[test]
+    fn decodes_dispositions() {
+        for (addr, want) in [
+            (0, Disposition::Default),
+            (1, Disposition::Ignore),
+            (0x7f00_1234, Disposition::Handler(0x7f00_1234)),
+        ] {
+            let mut r = raw(kind::SIGNAL_DELIVER, 15, 1, 1);
+            r.arg2 = addr;
+            let EventBody::SignalDeliver(d) = Event::try_from(&r).unwrap().body else { panic!() };
+            assert_eq!(d.disposition, want);
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_size_unknown_kind_and_bad_signal() {
+        let r = raw(kind::HANDLER_RETURN, 2, 1, 1);
+        let b = bytes(&r);
+        assert_eq!(Event::try_from(&b[..40]), Err(DecodeError::BadSize(40)));
+        let mut long = b.clone();
+        long.push(0);
+        assert_eq!(Event::try_from(long.as_slice()), Err(DecodeError::BadSize(RAW_EVENT_SIZE + 1)));
+        assert_eq!(Event::try_from(&raw(999, 2, 1, 1)), Err(DecodeError::UnknownKind(999)));
+        assert_eq!(Event::try_from(&raw(kind::SIGNAL_DELIVER, 0, 1, 1)), Err(DecodeError::BadSignal(0)));
+        assert_eq!(Event::try_from(&raw(kind::SIGNAL_DELIVER, 65, 1, 1)), Err(DecodeError::BadSignal(65)));
+    }
+
+    #[test]
+    fn comm_without_nul_uses_all_16_bytes() {
+        let mut r = raw(kind::PROCESS_EXIT, 0, 7, 7);
+        r.comm = *b"abcdefghijklmnop";
+        let EventBody::ProcessExit(e) = Event::try_from(&r).unwrap().body else { panic!() };
+        assert_eq!(e.task.comm, "abcdefghijklmnop");
+    }
+
+    #[test]
+    fn signal_names_round_trip() {
+        assert_eq!(Signal::parse("INT"), Some(Signal::INT));
+        assert_eq!(Signal::parse("sigterm"), Some(Signal::TERM));
+        assert_eq!(Signal::parse("9"), Some(Signal::KILL));
+        assert_eq!(Signal(34).name(), "SIGRT2");
+        assert_eq!(Signal::parse("SIGRT2"), Some(Signal(34)));
+        assert_eq!(Signal::parse("0"), None);
+        assert_eq!(Signal::parse("SIGNOPE"), None);
+    }
+}

@@ -1,0 +1,20 @@
+//! sigwake: eBPF-assisted signal-delivery observability.
+//!
+//! Data flow, one module per stage:
+//!
+//! ```text
+//! tracefs ─► probes (load, attach) ─► source (ring buffer) ─► events (decode)
+//!        ─► trace (render) | metrics ─► http
+//! ```
+//! `app` wires the stages for each command; `main.rs` only parses and runs.
+
+pub mod app;
+pub mod cli;
+pub mod events;
+pub mod http;
+pub mod metrics;
+pub mod probes;
+pub mod procinfo;
+pub mod source;
+pub mod trace;
+pub mod tracefs;

@@ -1,0 +1,55 @@
+//! Event source: drains the kernel ring buffer and hands decoded batches to
+//! the pipeline over a bounded channel.
+//!
+//! The channel is the seam: tests feed the pipeline by sending batches
+//! themselves. When the pipeline falls behind, the reader waits, the ring
+//! buffer fills, and the kernel counts what it could not reserve; nothing
+//! is dropped silently.
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
+
+use crate::events::{DecodeError, Event};
+
+pub type Batch = Vec<Result<Event, DecodeError>>;
+
+/// Upper bound on records per batch, so one burst cannot starve the
+/// consumer of a chance to run between batches.
+const MAX_BATCH: usize = 4096;
+
+/// Spawns the reader; the task ends when the receiver is dropped.
+pub fn spawn_ringbuf_reader(
+    ring: RingBuf<MapData>,
+) -> std::io::Result<(mpsc::Receiver<Batch>, JoinHandle<()>)> {
+    let mut fd = // SAFETY: the map's fd is owned by `ring`, which the AsyncFd owns and
+    // never replaces, so it stays open and the same for the AsyncFd's life.
+    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
+    let (tx, rx) = mpsc::channel::<Batch>(256);
+    let task = tokio::spawn(async move {
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!("event ring buffer poll failed: {e}; no more kernel events");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                batch.push(Event::try_from(&*item));
+                if batch.len() >= MAX_BATCH {
+                    break;
+                }
+            }
+            if batch.len() < MAX_BATCH {
+                guard.clear_ready();
+            }
+            drop(guard);
+            if !batch.is_empty() && tx.send(batch).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((rx, task))
+}

@@ -1,0 +1,183 @@
+//! Tracepoint field offsets from tracefs.
+//!
+//! Offsets differ between kernels and configurations, so they are read from
+//! `<tracefs>/events/<group>/<event>/format` at start-up and handed to the
+//! kernel programs as a global (DESIGN §2); nothing is hard-coded.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use sigwake_common::TracepointOffsets;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TracefsError {
+    /// Neither mount point has events and mounting tracefs failed.
+    #[error(
+        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({0}); \
+         mount it with `mount -t tracefs nodev /sys/kernel/tracing` (needs root)"
+    )]
+    NotMounted(#[source] std::io::Error),
+    /// A format file could not be read.
+    #[error("reading {path}: {source}; is the tracepoint compiled into this kernel?")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The format file lacks a field the programs need.
+    #[error("tracepoint {event} has no field `{field}` (this kernel's format differs from what sigwake knows)")]
+    MissingField { event: String, field: String },
+    /// A field has a size the programs do not read.
+    #[error("tracepoint {event} field `{field}` is {size} bytes; sigwake reads {expected}")]
+    FieldSize { event: String, field: String, size: u32, expected: u32 },
+}
+
+/// One `field:` line of a format file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// Parses the `field:` lines of a tracepoint format file into name → field.
+pub fn parse_format(text: &str) -> HashMap<String, Field> {
+    let mut fields = HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("field:") else { continue };
+        let mut decl = None;
+        let mut offset = None;
+        let mut size = None;
+        for part in rest.split(';') {
+            let part = part.trim();
+            if let Some(v) = part.strip_prefix("offset:") {
+                offset = v.parse().ok();
+            } else if let Some(v) = part.strip_prefix("size:") {
+                size = v.parse().ok();
+            } else if !part.is_empty() && !part.contains(':') && decl.is_none() {
+                decl = Some(part);
+            }
+        }
+        let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else { continue };
+        // "char comm[16]" -> "comm"; "const char * buf" -> "buf"
+        let name = decl.rsplit([' ', '*']).next().unwrap_or(decl);
+        let name = name.split('[').next().unwrap_or(name);
+        fields.insert(name.to_string(), Field { offset, size });
+    }
+    fields
+}
+
+/// The tracefs mount point, mounting it if neither usual place has events.
+pub fn tracefs_root() -> Result<PathBuf, TracefsError> {
+    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if Path::new(dir).join("events").is_dir() {
+            return Ok(PathBuf::from(dir));
+        }
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: valid NUL-terminated strings; a failed mount only returns -1.
+    let rc = unsafe {
+        libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(TracefsError::NotMounted(std::io::Error::last_os_error()));
+    }
+    Ok(PathBuf::from("/sys/kernel/tracing"))
+}
+
+struct Format {
+    event: String,
+    fields: HashMap<String, Field>,
+}
+
+impl Format {
+    fn read(root: &Path, group: &str, event: &str) -> Result<Self, TracefsError> {
+        let path = root.join("events").join(group).join(event).join("format");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| TracefsError::Read { path: path.clone(), source })?;
+        Ok(Format { event: format!("{group}:{event}"), fields: parse_format(&text) })
+    }
+
+    /// Offset of `name`, checking that it is `size` bytes wide (the width
+    /// the kernel program reads).
+    fn offset(&self, name: &str, size: u32) -> Result<u32, TracefsError> {
+        let field = self.fields.get(name).ok_or_else(|| TracefsError::MissingField {
+            event: self.event.clone(),
+            field: name.to_string(),
+        })?;
+        if field.size != size {
+            return Err(TracefsError::FieldSize {
+                event: self.event.clone(),
+                field: name.to_string(),
+                size: field.size,
+                expected: size,
+            });
+        }
+        Ok(field.offset)
+    }
+}
+
+/// Reads every offset the kernel programs use.
+pub fn read_offsets(root: &Path) -> Result<TracepointOffsets, TracefsError> {
+    let generate = Format::read(root, "signal", "signal_generate")?;
+    let deliver = Format::read(root, "signal", "signal_deliver")?;
+    let enter_write = Format::read(root, "syscalls", "sys_enter_write")?;
+    let exit_write = Format::read(root, "syscalls", "sys_exit_write")?;
+    let exit = Format::read(root, "sched", "sched_process_exit")?;
+    Ok(TracepointOffsets {
+        gen_sig: generate.offset("sig", 4)?,
+        gen_code: generate.offset("code", 4)?,
+        gen_comm: generate.offset("comm", 16)?,
+        gen_pid: generate.offset("pid", 4)?,
+        gen_group: generate.offset("group", 4)?,
+        gen_result: generate.offset("result", 4)?,
+        deliver_sig: deliver.offset("sig", 4)?,
+        deliver_code: deliver.offset("code", 4)?,
+        deliver_sa_handler: deliver.offset("sa_handler", 8)?,
+        deliver_sa_flags: deliver.offset("sa_flags", 8)?,
+        write_fd: enter_write.offset("fd", 8)?,
+        write_count: enter_write.offset("count", 8)?,
+        write_ret: exit_write.offset("ret", 8)?,
+        exit_pid: exit.offset("pid", 4)?,
+        exit_group_dead: exit.offset("group_dead", 1)?,
+        _pad0: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GENERATE: &str = "name: signal_generate
+ID: 261
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:int sig;\toffset:8;\tsize:4;\tsigned:1;
+\tfield:char comm[16];\toffset:20;\tsize:16;\tsigned:0;
+\tfield:pid_t pid;\toffset:36;\tsize:4;\tsigned:1;
+\tfield:const char * buf;\toffset:24;\tsize:8;\tsigned:0;
+
+print fmt: \"sig=%d\", REC->sig
+";
+
+    #[test]
+    fn parses_fields_arrays_and_pointers() {
+        let f = parse_format(GENERATE);
+        assert_eq!(f["sig"], Field { offset: 8, size: 4 });
+        assert_eq!(f["comm"], Field { offset: 20, size: 16 });
+        assert_eq!(f["pid"], Field { offset: 36, size: 4 });
+        assert_eq!(f["buf"], Field { offset: 24, size: 8 });
+        assert_eq!(f["common_pid"], Field { offset: 4, size: 4 });
+    }
+
+    #[test]
+    fn missing_and_wrong_size_fields_are_errors() {
+        let fmt = Format { event: "signal:signal_generate".into(), fields: parse_format(GENERATE) };
+        assert!(matches!(fmt.offset("result", 4), Err(TracefsError::MissingField { .. })));
+        let err = fmt.offset("sig", 8).unwrap_err();
+        assert!(err.to_string().contains("is 4 bytes; sigwake reads 8"), "{err}");
+    }
+}

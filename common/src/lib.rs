@@ -1,0 +1,179 @@
+//! Wire types shared by the sigwake kernel programs (`sigwake-ebpf`) and the
+//! agent. Everything here is `#[repr(C)]`, fixed width, with explicit padding,
+//! so both sides agree on the layout byte for byte.
+#![no_std]
+
+/// Stable event kinds. Discriminants are never reused; a new kind gets a new
+/// number and old agents count it as an unknown-kind decode error.
+pub mod kind {
+    /// `signal:signal_generate`: a signal was sent (any result).
+    pub const SIGNAL_GENERATE: u32 = 1;
+    /// `signal:signal_deliver` with a user handler: the thread enters a handler.
+    pub const SIGNAL_DELIVER: u32 = 2;
+    /// A `write(2)` issued from inside a signal handler returned.
+    pub const HANDLER_WRITE: u32 = 3;
+    /// `rt_sigreturn(2)`: the thread left its signal handler.
+    pub const HANDLER_RETURN: u32 = 4;
+    /// `sched:sched_process_exit` with `group_dead`: a watched or
+    /// previously-seen process exited.
+    pub const PROCESS_EXIT: u32 = 5;
+}
+
+/// `signal_generate.result` values (`enum trace_signal_result` in
+/// include/trace/events/signal.h). Stable kernel ABI since 3.8.
+pub mod generate_result {
+    pub const DELIVERED: i32 = 0;
+    pub const IGNORED: i32 = 1;
+    pub const ALREADY_PENDING: i32 = 2;
+    pub const OVERFLOW_FAIL: i32 = 3;
+    pub const LOSE_INFO: i32 = 4;
+}
+
+/// One event on the ring buffer. The fields a kind does not use are zero.
+///
+/// | field    | GENERATE             | DELIVER        | HANDLER_WRITE         | HANDLER_RETURN | PROCESS_EXIT |
+/// |----------|----------------------|----------------|-----------------------|----------------|--------------|
+/// | pid/tid  | sender               | receiver       | writer                | thread         | exiting      |
+/// | target   | target tid           |                |                       |                |              |
+/// | sig      | signal               | signal         | innermost handler sig | signal         |              |
+/// | arg0     | code                 | code           | fd                    | handler depth  |              |
+/// | arg1     | result               | sa_flags       | byte count            | ns in handler  |              |
+/// | arg2     | group (1 = process)  | sa_handler     | return value (i64)    |                |              |
+/// | comm2    | target comm          |                |                       |                |              |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawEvent {
+    /// One of [`kind`].
+    pub kind: u32,
+    pub sig: i32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Thread-group id (the process id) of the current task.
+    pub pid: u32,
+    /// Thread id of the current task.
+    pub tid: u32,
+    /// Target thread id of a generated signal.
+    pub target: i32,
+    pub _pad0: u32,
+    pub arg0: i64,
+    pub arg1: i64,
+    pub arg2: i64,
+    /// Command name of the current task.
+    pub comm: [u8; 16],
+    /// Command name of the target task (GENERATE only).
+    pub comm2: [u8; 16],
+}
+
+pub const RAW_EVENT_SIZE: usize = 88;
+const _: () = assert!(core::mem::size_of::<RawEvent>() == RAW_EVENT_SIZE);
+
+/// Tracepoint field offsets, read from tracefs by the agent at load time and
+/// passed in as a global, because they differ between kernels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointOffsets {
+    pub gen_sig: u32,
+    pub gen_code: u32,
+    pub gen_comm: u32,
+    pub gen_pid: u32,
+    pub gen_group: u32,
+    pub gen_result: u32,
+    pub deliver_sig: u32,
+    pub deliver_code: u32,
+    pub deliver_sa_handler: u32,
+    pub deliver_sa_flags: u32,
+    pub write_fd: u32,
+    pub write_count: u32,
+    pub write_ret: u32,
+    pub exit_pid: u32,
+    pub exit_group_dead: u32,
+    pub _pad0: u32,
+}
+
+impl TracepointOffsets {
+    /// Placeholder the programs are compiled with; the loader always
+    /// overrides it (an all-zero table would read `common_type`).
+    pub const ZERO: TracepointOffsets = TracepointOffsets {
+        gen_sig: 0,
+        gen_code: 0,
+        gen_comm: 0,
+        gen_pid: 0,
+        gen_group: 0,
+        gen_result: 0,
+        deliver_sig: 0,
+        deliver_code: 0,
+        deliver_sa_handler: 0,
+        deliver_sa_flags: 0,
+        write_fd: 0,
+        write_count: 0,
+        write_ret: 0,
+        exit_pid: 0,
+        exit_group_dead: 0,
+        _pad0: 0,
+    };
+}
+
+/// Per-load knobs, passed in as one global so the loader sets them together.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Bit `n` set: report signal `n` (1..=64). Signals outside the mask are
+    /// not reported and do not open a handler window.
+    pub signal_mask: u64,
+    /// A handler window older than this is treated as closed (a handler that
+    /// left with `siglongjmp` never calls `rt_sigreturn`).
+    pub handler_window_ns: u64,
+    /// 1: report only watched processes (WATCHED_PIDS) on the signal path.
+    /// 0: report every process (trace and auto-discovery).
+    pub watched_only: u32,
+    /// 1: report successful handler writes too (auto-discovery of wakeup
+    /// fds); 0: only failed ones.
+    pub report_ok_writes: u32,
+}
+
+impl Config {
+    pub const DEFAULT: Config = Config {
+        signal_mask: u64::MAX,
+        handler_window_ns: 5_000_000_000,
+        watched_only: 0,
+        report_ok_writes: 1,
+    };
+}
+
+/// Nested handlers deeper than this keep only the innermost signals.
+pub const MAX_HANDLER_DEPTH: usize = 4;
+
+/// Per-thread handler window, keyed by tid in IN_HANDLER.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandlerWindow {
+    /// Entry time of the innermost handler.
+    pub entered_ns: u64,
+    /// Signals of the nested handlers, innermost at `depth - 1`.
+    pub sigs: [i32; MAX_HANDLER_DEPTH],
+    pub depth: u32,
+    /// fd and count of the write in flight (set at sys_enter_write).
+    pub write_fd: i32,
+    pub write_count: u64,
+}
+
+/// Kernel-side counters, one slot each in the per-CPU COUNTERS array.
+pub mod counter {
+    /// Ring buffer full: an event could not be reserved.
+    pub const RINGBUF_LOST: u32 = 0;
+    /// IN_HANDLER full: a handler window could not be tracked.
+    pub const HANDLER_MAP_FULL: u32 = 1;
+    /// Handler windows discarded as stale (no rt_sigreturn seen).
+    pub const STALE_WINDOWS: u32 = 2;
+    pub const COUNT: u32 = 4;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all are repr(C), Copy, made only of integers, with explicit
+    // padding: every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::RawEvent {}
+    unsafe impl aya::Pod for super::TracepointOffsets {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::HandlerWindow {}
+}

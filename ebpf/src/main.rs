@@ -1,0 +1,343 @@
+//! sigwake kernel programs.
+//!
+//! The signal path (`signal_generate`, `signal_deliver`, `rt_sigreturn`,
+//! process exit) is rare and reports to the ring buffer. The write path
+//! (`sys_enter_write`, `sys_exit_write`) runs on every write(2) on the host,
+//! so it does exactly one hash lookup on the current tid and returns unless
+//! that thread is inside a signal handler (an IN_HANDLER window opened by
+//! `signal_deliver` and closed by `rt_sigreturn`).
+//!
+//! # Minimum kernel version
+//! 5.8 (BPF ring buffer). All hooks are stable tracepoints; their field
+//! offsets come from tracefs through the OFFSETS global.
+#![no_std]
+#![no_main]
+
+use aya_log_ebpf::warn;
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use sigwake_common::{
+    Config, HandlerWindow, MAX_HANDLER_DEPTH, RawEvent, TracepointOffsets, counter, kind,
+};
+
+#[unsafe(no_mangle)]
+static OFFSETS: Global<TracepointOffsets> = Global::new(TracepointOffsets::ZERO);
+
+#[unsafe(no_mangle)]
+static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
+
+/// Events to the agent. 4 MiB holds ~43k events: at 100k signals/s the
+/// agent may stall ~0.4 s before anything is lost (and losses are counted).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// tid -> the signal handler(s) the thread is running.
+#[map]
+static IN_HANDLER: HashMap<u32, HandlerWindow> = HashMap::with_max_entries(16384, 0);
+
+/// tgid -> flags, maintained by the agent from its actor registry.
+#[map]
+static WATCHED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
+
+/// tgids that ran a signal handler, so that their exit is reported even when
+/// nothing registered them.
+#[map]
+static SEEN_PIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+const SIG_DFL: u64 = 0;
+const SIG_IGN: u64 = 1;
+
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel checks the address; offset comes from
+    // the tracepoint's own format file.
+    unsafe { ctx.read_at::<T>(offset as usize) }.map_err(|e| e as i64)
+}
+
+#[inline(always)]
+fn current() -> (u32, u32) {
+    let id = bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+#[inline(always)]
+fn signal_enabled(cfg: &Config, sig: i32) -> bool {
+    (1..=64).contains(&sig) && cfg.signal_mask & (1u64 << (sig - 1)) != 0
+}
+
+#[inline(always)]
+fn is_watched(tgid: u32) -> bool {
+    // SAFETY: value is a plain u32 we only test for presence.
+    unsafe { WATCHED_PIDS.get(&tgid) }.is_some()
+}
+
+/// Reserve, fill and submit one event; a full ring buffer is counted.
+#[inline(always)]
+fn emit(ev: RawEvent) {
+    match EVENTS.reserve::<RawEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ev);
+            entry.submit(0);
+        }
+        None => bump(counter::RINGBUF_LOST),
+    }
+}
+
+#[inline(always)]
+fn base_event(kind: u32, sig: i32) -> RawEvent {
+    let (pid, tid) = current();
+    RawEvent {
+        kind,
+        sig,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid,
+        tid,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        ..RawEvent::default()
+    }
+}
+
+// ---------------------------------------------------------------- signals
+
+#[tracepoint]
+pub fn signal_generate(ctx: TracePointContext) -> u32 {
+    let _ = try_signal_generate(&ctx);
+    0
+}
+
+fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i64> {
+    let off = OFFSETS.load();
+    let cfg = CONFIG.load();
+    let sig: i32 = read(ctx, off.gen_sig)?;
+    if !signal_enabled(&cfg, sig) {
+        return Ok(());
+    }
+    // `pid` is the target *thread*; for kill(2) it is the thread-group id.
+    let target: i32 = read(ctx, off.gen_pid)?;
+    let (pid, _) = current();
+    if cfg.watched_only != 0 && !is_watched(target as u32) && !is_watched(pid) {
+        return Ok(());
+    }
+    let mut ev = base_event(kind::SIGNAL_GENERATE, sig);
+    ev.target = target;
+    ev.arg0 = read::<i32>(ctx, off.gen_code)? as i64;
+    ev.arg1 = read::<i32>(ctx, off.gen_result)? as i64;
+    ev.arg2 = read::<i32>(ctx, off.gen_group)? as i64;
+    ev.comm2 = read(ctx, off.gen_comm)?;
+    emit(ev);
+    Ok(())
+}
+
+/// Fires in get_signal() when the current thread dequeues a signal, for a
+/// handler, SIG_DFL or SIG_IGN alike (kernel/signal.c). For a user handler
+/// the thread is about to run it: open its handler window.
+#[tracepoint]
+pub fn signal_deliver(ctx: TracePointContext) -> u32 {
+    let _ = try_signal_deliver(&ctx);
+    0
+}
+
+fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
+    let off = OFFSETS.load();
+    let cfg = CONFIG.load();
+    let sig: i32 = read(ctx, off.deliver_sig)?;
+    if !signal_enabled(&cfg, sig) {
+        return Ok(());
+    }
+    let (pid, tid) = current();
+    if cfg.watched_only != 0 && !is_watched(pid) {
+        return Ok(());
+    }
+    let handler: u64 = read(ctx, off.deliver_sa_handler)?;
+    let mut ev = base_event(kind::SIGNAL_DELIVER, sig);
+    ev.arg0 = read::<i32>(ctx, off.deliver_code)? as i64;
+    ev.arg1 = read::<u64>(ctx, off.deliver_sa_flags)? as i64;
+    ev.arg2 = handler as i64;
+    let now = ev.ts_ns;
+    emit(ev);
+
+    if handler == SIG_DFL || handler == SIG_IGN {
+        return Ok(());
+    }
+    let mut window = HandlerWindow {
+        entered_ns: now,
+        write_fd: -1,
+        ..HandlerWindow::default()
+    };
+    // SAFETY: read-only copy of the thread's own entry.
+    if let Some(prev) = unsafe { IN_HANDLER.get(&tid) } {
+        if now.wrapping_sub(prev.entered_ns) <= cfg.handler_window_ns {
+            window = *prev;
+            window.entered_ns = now;
+            window.write_fd = -1;
+        } else {
+            bump(counter::STALE_WINDOWS);
+        }
+    }
+    let depth = window.depth as usize;
+    if depth < MAX_HANDLER_DEPTH {
+        window.sigs[depth] = sig;
+        window.depth += 1;
+    } else {
+        // Deeper nesting: keep the innermost signal on top.
+        window.sigs[MAX_HANDLER_DEPTH - 1] = sig;
+    }
+    if IN_HANDLER.insert(&tid, &window, 0).is_err() {
+        bump(counter::HANDLER_MAP_FULL);
+        warn!(ctx, "sigwake: handler window map full; tid {} not tracked", tid);
+    }
+    let _ = SEEN_PIDS.insert(&pid, &1, 0);
+    Ok(())
+}
+
+/// rt_sigreturn(2) is how a handler returns to the interrupted code; it
+/// closes the innermost handler window of the thread.
+#[tracepoint]
+pub fn sys_enter_rt_sigreturn(_ctx: TracePointContext) -> u32 {
+    let _ = try_sys_enter_rt_sigreturn();
+    0
+}
+
+fn try_sys_enter_rt_sigreturn() -> Result<(), i64> {
+    let (_, tid) = current();
+    let Some(window) = IN_HANDLER.get_ptr_mut(&tid) else {
+        return Ok(());
+    };
+    // SAFETY: the entry belongs to the current thread; only it updates it.
+    let window = unsafe { &mut *window };
+    let depth = window.depth as usize;
+    let sig = if (1..=MAX_HANDLER_DEPTH).contains(&depth) {
+        window.sigs[depth - 1]
+    } else {
+        0
+    };
+    let mut ev = base_event(kind::HANDLER_RETURN, sig);
+    ev.arg0 = depth as i64;
+    ev.arg1 = ev.ts_ns.wrapping_sub(window.entered_ns) as i64;
+    if depth <= 1 {
+        let _ = IN_HANDLER.remove(&tid);
+    } else {
+        window.depth -= 1;
+        window.write_fd = -1;
+    }
+    emit(ev);
+    Ok(())
+}
+
+// ------------------------------------------------------------- write path
+
+#[tracepoint]
+pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
+    let (_, tid) = current();
+    // Hot path: one lookup, and out for every thread not in a handler.
+    let Some(window) = IN_HANDLER.get_ptr_mut(&tid) else {
+        return 0;
+    };
+    let off = OFFSETS.load();
+    let (Ok(fd), Ok(count)) = (read::<u64>(&ctx, off.write_fd), read::<u64>(&ctx, off.write_count))
+    else {
+        return 0;
+    };
+    // SAFETY: the entry belongs to the current thread.
+    unsafe {
+        (*window).write_fd = fd as i32;
+        (*window).write_count = count;
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
+    let (_, tid) = current();
+    let Some(window) = IN_HANDLER.get_ptr_mut(&tid) else {
+        return 0;
+    };
+    let _ = try_sys_exit_write(&ctx, tid, window);
+    0
+}
+
+fn try_sys_exit_write(ctx: &TracePointContext, tid: u32, window: *mut HandlerWindow) -> Result<(), i64> {
+    // SAFETY: the entry belongs to the current thread.
+    let window = unsafe { &mut *window };
+    if window.write_fd < 0 {
+        return Ok(());
+    }
+    let cfg = CONFIG.load();
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(window.entered_ns) > cfg.handler_window_ns {
+        let _ = IN_HANDLER.remove(&tid);
+        bump(counter::STALE_WINDOWS);
+        return Ok(());
+    }
+    let fd = window.write_fd;
+    let count = window.write_count;
+    window.write_fd = -1;
+    let ret: i64 = read(ctx, OFFSETS.load().write_ret)?;
+    if ret >= 0 && cfg.report_ok_writes == 0 {
+        return Ok(());
+    }
+    let depth = window.depth as usize;
+    let sig = if (1..=MAX_HANDLER_DEPTH).contains(&depth) {
+        window.sigs[depth - 1]
+    } else {
+        0
+    };
+    let mut ev = base_event(kind::HANDLER_WRITE, sig);
+    ev.ts_ns = now;
+    ev.arg0 = fd as i64;
+    ev.arg1 = count as i64;
+    ev.arg2 = ret;
+    emit(ev);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ exits
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_process_exit(&ctx);
+    0
+}
+
+fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let (pid, tid) = current();
+    let _ = IN_HANDLER.remove(&tid);
+    let group_dead: u8 = read(ctx, OFFSETS.load().exit_group_dead)?;
+    if group_dead == 0 {
+        return Ok(());
+    }
+    // SAFETY: presence test only.
+    let seen = unsafe { SEEN_PIDS.get(&pid) }.is_some();
+    if !seen && !is_watched(pid) {
+        return Ok(());
+    }
+    let _ = SEEN_PIDS.remove(&pid);
+    emit(base_event(kind::PROCESS_EXIT, 0));
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
