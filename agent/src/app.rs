@@ -68,6 +68,17 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
     spawn_kernel_logger(&mut probes);
     let (mut batches, _reader) =
         source::spawn_ringbuf_reader(probes.take_events()?).context("polling the event ring buffer")?;
+    // The kernel reports exits of watched processes; mark the --pid ones
+    // before checking which are alive, so that no exit falls in between.
+    let mut watched = probes.take_watched_pids()?;
+    for pid in &args.pids {
+        watched.insert(pid, 0, 0).with_context(|| format!("watching pid {pid}"))?;
+    }
+    // With --until-exit: the --pid processes still alive.
+    let mut alive: Vec<u32> = args.pids.iter().copied().filter(|p| procinfo::start_time(*p).is_some()).collect();
+    if args.until_exit && alive.is_empty() {
+        return Ok(());
+    }
     let filter = TraceFilter { pids: args.pids, signals: args.signals, only_drops: args.only_drops };
     let clock = Clock::now();
     let stdout = std::io::stdout();
@@ -102,6 +113,9 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
                             continue;
                         }
                     };
+                    if let EventBody::ProcessExit(e) = &ev.body {
+                        alive.retain(|p| *p != e.task.pid);
+                    }
                     let target_pid = match &ev.body {
                         EventBody::SignalGenerate(g) => procinfo::tgid_of(g.target_tid),
                         _ => None,
@@ -118,7 +132,7 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
                         return Ok(());
                     }
                 }
-                if out.flush().is_err() {
+                if out.flush().is_err() || (args.until_exit && alive.is_empty()) {
                     return Ok(());
                 }
             }

@@ -51,6 +51,9 @@ pub struct TraceArgs {
     /// Show only losses: failed handler (wakeup) writes, and signals the kernel merged or could not queue.
     #[arg(long)]
     pub only_drops: bool,
+    /// Stop once every --pid process has exited (events before the exit are all printed first).
+    #[arg(long, requires = "pids")]
+    pub until_exit: bool,
 }
 
 #[derive(Debug, Args)]

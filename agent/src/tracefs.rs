@@ -15,10 +15,13 @@ use sigwake_common::TracepointOffsets;
 pub enum TracefsError {
     /// Neither mount point has events and mounting tracefs failed.
     #[error(
-        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({0}); \
+        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed; \
          mount it with `mount -t tracefs nodev /sys/kernel/tracing` (needs root)"
     )]
     NotMounted(#[source] std::io::Error),
+    /// tracefs is there but this user may not read it.
+    #[error("cannot read tracefs at {0}: permission denied; sigwake needs root (or CAP_BPF and CAP_PERFMON with read access to tracefs)")]
+    Permission(PathBuf),
     /// A format file could not be read.
     #[error("reading {path}: {source}; is the tracepoint compiled into this kernel?")]
     Read {
@@ -71,8 +74,12 @@ pub fn parse_format(text: &str) -> HashMap<String, Field> {
 /// The tracefs mount point, mounting it if neither usual place has events.
 pub fn tracefs_root() -> Result<PathBuf, TracefsError> {
     for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
-        if Path::new(dir).join("events").is_dir() {
-            return Ok(PathBuf::from(dir));
+        match std::fs::metadata(Path::new(dir).join("events")) {
+            Ok(m) if m.is_dir() => return Ok(PathBuf::from(dir)),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(TracefsError::Permission(PathBuf::from(dir)));
+            }
+            _ => {}
         }
     }
     let target = c"/sys/kernel/tracing";

@@ -1,1 +1,196 @@
-fn main() {}
+//! `cargo xtask setup | run | test`: orchestration only. Every step is
+//! idempotent, so `run` and `test` call `setup` first and a warm machine
+//! pays a few file checks.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "sigwake developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Make this machine ready: rust-src, bpf-linker (against rustc's LLVM), the Python test venv.
+    Setup,
+    /// Set up, build the agent (release) and run `sigwake run` as root; extra args go to sigwake.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the unit tests and the privileged end-to-end tests (needs root).
+    Test {
+        /// Extra arguments for the end-to-end test binary (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup().map(|_| ()),
+        Task::Run { args } => run(&args),
+        Task::Test { args } => test(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+}
+
+fn step(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+fn output_ok(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output_ok(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+struct Env {
+    python: PathBuf,
+}
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn setup() -> Result<Env> {
+    let root = workspace_root();
+
+    // 1. rust-src, for -Z build-std=core on the BPF target.
+    let sysroot = output_ok(Command::new("rustc").args(["--print", "sysroot"]))
+        .context("running rustc; is the Rust toolchain installed (rustup)?")?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        step("installing rust-src (needed to build core for the BPF target)");
+        status(Command::new("rustup").args(["component", "add", "rust-src"]))
+            .context("`rustup component add rust-src` failed; it needs network access to the Rust distribution server")?;
+    }
+
+    // 2. bpf-linker built against rustc's own LLVM (DESIGN §3).
+    let have = output_ok(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !have.contains(BPF_LINKER_VERSION) {
+        step(&format!("building bpf-linker {BPF_LINKER_VERSION} against rustc's LLVM (about a minute)"));
+        let llvm = std::fs::read_dir(sysroot.join("lib"))
+            .context("reading the toolchain's lib directory")?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+            .context("rustc's libLLVM.so.* not found in the toolchain; reinstall the stable toolchain with rustup")?;
+        let prefix = root.join("target/llvm-prefix");
+        std::fs::create_dir_all(prefix.join("lib"))?;
+        let link = prefix.join("lib/libLLVM.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link).context("linking libLLVM.so")?;
+        let major = llvm
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("libLLVM.so."))
+            .and_then(|v| v.split('.').next())
+            .context("cannot read the LLVM version from the library name")?
+            .to_string();
+        status(
+            Command::new("cargo")
+                .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--no-default-features"])
+                .args(["--features", &format!("llvm-{major}")])
+                .env("LLVM_PREFIX", &prefix),
+        )
+        .context("building bpf-linker failed; it needs crates.io and a C++ compiler (apt-get install g++)")?;
+    }
+
+    // 3. Python venv with the test fixtures' dependencies.
+    let venv = root.join(".venv");
+    let python = venv.join("bin/python");
+    let requirements = root.join("tests/requirements.txt");
+    let stamp = venv.join(".requirements.installed");
+    let wanted = std::fs::read_to_string(&requirements).context("reading tests/requirements.txt")?;
+    let installed = std::fs::read_to_string(&stamp).unwrap_or_default();
+    if !python.exists() || installed != wanted {
+        step("creating the Python venv for the test fixtures (.venv)");
+        if !python.exists() {
+            status(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+                .context("python3 -m venv failed; install Python 3 with venv (apt-get install python3-venv)")?;
+        }
+        status(Command::new(&python).args(["-m", "pip", "install", "--quiet", "-r"]).arg(&requirements))
+            .context("pip install failed; it needs access to PyPI")?;
+        std::fs::write(&stamp, wanted)?;
+    }
+
+    // 4. Kernel features the agent needs: checked here so that a machine
+    // that cannot run it says so before anything is built.
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        step("warning: /sys/kernel/btf/vmlinux is missing: this kernel has no BTF; the agent's tracepoint programs still load, BTF-typed hooks will not");
+    }
+    Ok(Env { python })
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{what} loads eBPF programs and needs root: run it with sudo (or as root)");
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<()> {
+    setup()?;
+    require_root("`cargo xtask run`")?;
+    status(cargo().current_dir(workspace_root()).args(["build", "--release", "--package", "sigwake"]))?;
+    let bin = workspace_root().join("target/release/sigwake");
+    let mut args = args.to_vec();
+    if args.first().is_none_or(|a| a.starts_with('-')) {
+        args.insert(0, "run".into());
+    }
+    status(Command::new(bin).args(&args))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let env = setup()?;
+    let root = workspace_root();
+    step("unit tests");
+    status(cargo().current_dir(&root).args(["test", "--workspace", "--exclude", "sigwake-ebpf", "--exclude", "sigwake-tests"]))?;
+    // The end-to-end tests must run, not skip: without root they cannot.
+    require_root("the end-to-end tests")?;
+    step("privileged end-to-end tests");
+    status(cargo().current_dir(&root).args(["build", "--package", "sigwake"]))?;
+    status(
+        cargo()
+            .current_dir(&root)
+            .args(["test", "--package", "sigwake-tests", "--"])
+            .args(args)
+            .env("SIGWAKE_BIN", root.join("target/debug/sigwake"))
+            .env("SIGWAKE_PYTHON", &env.python)
+            .env("SIGWAKE_FIXTURES", root.join("tests/fixtures")),
+    )
+}

@@ -1,0 +1,274 @@
+//! Harness for the privileged end-to-end tests: spawn the real agent and
+//! real Python fixtures, collect their output lines, and wait on
+//! conditions with deadlines. Failures panic with what was seen.
+//!
+//! Run through `cargo xtask test` (as root): it sets SIGWAKE_BIN,
+//! SIGWAKE_PYTHON and SIGWAKE_FIXTURES.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+fn env_path(name: &str) -> PathBuf {
+    std::env::var_os(name).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{name} is not set: run the end-to-end tests with `cargo xtask test` (as root)")
+    })
+}
+
+pub fn sigwake_bin() -> PathBuf {
+    env_path("SIGWAKE_BIN")
+}
+
+pub fn python() -> PathBuf {
+    env_path("SIGWAKE_PYTHON")
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    env_path("SIGWAKE_FIXTURES")
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the agent's `mono_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A line and the CLOCK_MONOTONIC time the harness read it.
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub text: String,
+    pub read_mono_ns: u64,
+}
+
+impl Line {
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_str(&self.text).ok()
+    }
+}
+
+/// Lines of a pipe, collected by a thread as they arrive.
+#[derive(Clone, Default)]
+pub struct Lines {
+    inner: Arc<Mutex<(Vec<Line>, bool)>>,
+}
+
+impl Lines {
+    fn collect(pipe: impl Read + Send + 'static) -> Self {
+        let lines = Lines::default();
+        let sink = lines.inner.clone();
+        thread::spawn(move || {
+            for text in BufReader::new(pipe).lines() {
+                let Ok(text) = text else { break };
+                let read_mono_ns = monotonic_ns();
+                sink.lock().unwrap().0.push(Line { text, read_mono_ns });
+            }
+            sink.lock().unwrap().1 = true;
+        });
+        lines
+    }
+
+    pub fn snapshot(&self) -> Vec<Line> {
+        self.inner.lock().unwrap().0.clone()
+    }
+
+    pub fn closed(&self) -> bool {
+        self.inner.lock().unwrap().1
+    }
+
+    pub fn json(&self) -> Vec<Value> {
+        self.snapshot().iter().filter_map(Line::json).collect()
+    }
+
+    /// The first line matching `pred`, waiting up to `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Line) -> bool) -> Line {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.snapshot().into_iter().find(|l| pred(l)) {
+                return l;
+            }
+            if Instant::now() > deadline || self.closed() {
+                if let Some(l) = self.snapshot().into_iter().find(|l| pred(l)) {
+                    return l;
+                }
+                panic!(
+                    "timed out after {timeout:?} (or the stream closed) waiting for {what}; lines so far:\n{}",
+                    self.snapshot().iter().map(|l| l.text.as_str()).collect::<Vec<_>>().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The first JSON line where `pred` holds.
+    pub fn wait_json(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for(what, timeout, |l| l.json().is_some_and(|v| pred(&v))).json().unwrap()
+    }
+
+    pub fn wait_closed(&self, what: &str, timeout: Duration) {
+        wait_until(what, timeout, || self.closed());
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds; panics after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A child process with collected stdout and stderr; killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name} ({cmd:?}): {e}"));
+        let stdout = Lines::collect(child.stdout.take().unwrap());
+        let stderr = Lines::collect(child.stderr.take().unwrap());
+        let stdin = child.stdin.take();
+        Proc { name: name.to_string(), child, stdin, stdout, stderr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child, which we have not reaped.
+        let rc = unsafe { libc::kill(self.pid() as i32, sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}) failed: {}", self.pid(), std::io::Error::last_os_error());
+    }
+
+    pub fn write_stdin(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(text.as_bytes()).expect("writing to fixture stdin");
+        stdin.flush().unwrap();
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin.take();
+    }
+
+    /// Waits for exit; returns the exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not exit within {timeout:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr.snapshot().iter().map(|l| l.text.as_str()).collect::<Vec<_>>().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.snapshot().iter().map(|l| l.text.as_str()).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// How long an agent may take to load and attach.
+pub const AGENT_START: Duration = Duration::from_secs(30);
+/// How long an event may take to show up.
+pub const EVENT: Duration = Duration::from_secs(10);
+
+/// `sigwake trace --format json ARGS`, returned once attached.
+pub fn trace(args: &[&str]) -> Proc {
+    let mut cmd = Command::new(sigwake_bin());
+    cmd.arg("trace").args(args).env("RUST_LOG", "info");
+    let p = Proc::spawn("sigwake trace", &mut cmd);
+    p.stderr.wait_for("sigwake trace to attach", AGENT_START, |l| l.text.contains("tracing; stop with"));
+    p
+}
+
+/// Stops an agent with SIGINT and checks it exits cleanly.
+pub fn stop_agent(agent: &mut Proc) {
+    agent.signal(libc::SIGINT);
+    let st = agent.wait_exit(Duration::from_secs(15));
+    assert!(st.success(), "{} exited with {st}; stderr:\n{}", agent.name, agent.stderr_text());
+}
+
+/// A Python fixture from tests/fixtures, returned with its ready line.
+pub fn fixture(script: &str, args: &[&str]) -> (Proc, Value) {
+    let mut cmd = Command::new(python());
+    cmd.arg(fixtures_dir().join(script)).args(args).current_dir(fixtures_dir());
+    let p = Proc::spawn(script, &mut cmd);
+    let ready = p.stdout.wait_json(&format!("{script} ready"), Duration::from_secs(30), |v| v["ready"] == true);
+    (p, ready)
+}
+
+/// Drop events (what `--only-drops` prints) for `pid`.
+pub fn drops_for(lines: &Lines, pid: u32) -> Vec<Value> {
+    lines.json().into_iter().filter(|v| v["event"] == "wakeup_write_failed" && v["pid"] == pid).collect()
+}
+
+/// A minimal HTTP/1.1 GET; returns (status, content-type, body).
+pub fn http_get(addr: &str, path: &str, accept: Option<&str>) -> std::io::Result<(u16, String, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let ctype = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    Ok((status, ctype, body.to_string()))
+}
+
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Sum of the samples of `family` (e.g. `sigwake_wakeup_writes_dropped_total`)
+/// whose label text contains every one of `labels`.
+pub fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

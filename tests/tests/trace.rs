@@ -1,0 +1,161 @@
+//! `sigwake trace` against real processes: the seed's starved trio loop,
+//! the controls that must report nothing, and signal_generate results.
+
+use std::time::Duration;
+
+use sigwake_tests::*;
+
+/// Sends `n` SIGINTs, `gap` apart.
+fn sigints(p: &Proc, n: usize, gap: Duration) {
+    for _ in 0..n {
+        p.signal(libc::SIGINT);
+        std::thread::sleep(gap);
+    }
+}
+
+#[test]
+fn starved_trio_loop_dropped_sigint_is_reported_with_fd_and_signal() {
+    let mut drops = trace(&["--only-drops"]);
+    let (mut actor, ready) = fixture("trio_actor.py", &["--hog-seconds", "4"]);
+    let pid = actor.pid();
+    actor.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
+
+    // trio's wakeup socket takes 6 bytes (DESIGN §1); 12 SIGINTs overflow it.
+    sigints(&actor, 12, Duration::from_millis(20));
+
+    let first = drops.stdout.wait_for("a dropped wakeup for the starved actor", EVENT, |l| {
+        l.json().is_some_and(|v| v["event"] == "wakeup_write_failed" && v["pid"] == pid)
+    });
+    let ev = first.json().unwrap();
+    assert_eq!(ev["tid"], ready["main_tid"], "the handler runs on the main thread: {ev}");
+    assert_eq!(ev["fd"], ready["wakeup_fd"], "the failed write is to trio's wakeup fd: {ev}");
+    assert_eq!(ev["signal"], "SIGINT");
+    assert_eq!(ev["errno"], libc::EAGAIN);
+    assert_eq!(ev["bytes"], 1);
+    let latency_ms = (first.read_mono_ns - ev["mono_ns"].as_u64().unwrap()) as f64 / 1e6;
+    eprintln!("failed write -> trace line read by the test: {latency_ms:.3} ms");
+
+    // Once the hog lets go, trio runs and the (delayed) SIGINT lands.
+    actor.stdout.wait_json("KeyboardInterrupt after the hog", Duration::from_secs(20), |v| v["interrupted"] == true);
+    actor.wait_exit(EVENT);
+    let all = drops_for(&drops.stdout, pid);
+    assert!(
+        (1..=12).contains(&all.len()),
+        "between 1 and 12 drops expected for 12 SIGINTs into a 6-byte socket, got {}: {all:?}",
+        all.len()
+    );
+    assert!(all.iter().all(|v| v["fd"] == ready["wakeup_fd"] && v["tid"] == ready["main_tid"]));
+    stop_agent(&mut drops);
+}
+
+#[test]
+fn healthy_trio_loop_reports_no_drop_and_exits_on_sigint() {
+    let (mut actor, ready) = fixture("trio_actor.py", &[]);
+    let pid = actor.pid().to_string();
+    let mut all = trace(&["--pid", &pid, "--until-exit"]);
+    let mut drops = trace(&["--only-drops", "--pid", &pid, "--until-exit"]);
+    actor.signal(libc::SIGINT);
+    actor.stdout.wait_json("KeyboardInterrupt", EVENT, |v| v["interrupted"] == true);
+    actor.wait_exit(EVENT);
+
+    // Positive evidence the agent watched it: the wakeup write succeeded.
+    let ok = all.stdout.wait_json("the successful wakeup write", EVENT, |v| v["event"] == "handler_write");
+    assert_eq!(ok["fd"], ready["wakeup_fd"]);
+    assert_eq!(ok["written"], 1);
+    all.wait_exit(EVENT);
+    // --until-exit: the trace ends after the exit event, so everything
+    // before it has been printed.
+    assert!(drops.wait_exit(EVENT).success(), "{}", drops.stderr_text());
+    assert_eq!(drops.stdout.snapshot().len(), 0, "no drops expected: {:?}", drops.stdout.snapshot());
+    assert!(all.stdout.json().iter().all(|v| v["event"] != "wakeup_write_failed"));
+}
+
+#[test]
+fn ordinary_eagain_writes_outside_handlers_report_nothing() {
+    let (mut writer, _) = fixture("eagain_writer.py", &[]);
+    let pid = writer.pid().to_string();
+    let mut all = trace(&["--pid", &pid, "--until-exit"]);
+    let mut drops = trace(&["--only-drops", "--pid", &pid, "--until-exit"]);
+    writer.write_stdin("200\n");
+    let first = writer.stdout.wait_json("a round of writes", EVENT, |v| v.get("eagain").is_some());
+    assert!(first["eagain"].as_u64().unwrap() > 0, "the pipe should be full: {first}");
+    // A handler runs in this process too (SIGUSR1, no wakeup fd), and
+    // more EAGAIN writes follow it: still not handler writes.
+    writer.signal(libc::SIGUSR1);
+    all.stdout.wait_json("SIGUSR1 handler entry", EVENT, |v| v["event"] == "signal_deliver" && v["signal"] == "SIGUSR1");
+    writer.write_stdin("200\n");
+    writer.stdout.wait_json("second round", EVENT, |v| v["usr1"] == 1);
+    writer.close_stdin();
+    writer.wait_exit(EVENT);
+    assert!(all.wait_exit(EVENT).success(), "{}", all.stderr_text());
+    assert!(drops.wait_exit(EVENT).success(), "{}", drops.stderr_text());
+    assert_eq!(drops.stdout.snapshot().len(), 0, "no drops expected: {:?}", drops.stdout.snapshot());
+    assert!(
+        all.stdout.json().iter().all(|v| v["event"] != "handler_write" && v["event"] != "wakeup_write_failed"),
+        "no handler writes expected: {:?}",
+        all.stdout.json()
+    );
+}
+
+#[test]
+fn second_sigint_to_a_process_blocking_it_is_already_pending() {
+    let (mut target, _) = fixture("signal_target.py", &["--block", "SIGINT"]);
+    let pid = target.pid();
+    let mut t = trace(&["--pid", &pid.to_string(), "--signal", "INT", "--until-exit"]);
+    target.signal(libc::SIGINT);
+    t.stdout.wait_json("first SIGINT generated", EVENT, |v| v["event"] == "signal_generate");
+    target.signal(libc::SIGINT);
+    let second = t.stdout.wait_json("second SIGINT already pending", EVENT, |v| {
+        v["event"] == "signal_generate" && v["result"] == "already_pending"
+    });
+    assert_eq!(second["target_pid"], pid);
+    let gens: Vec<_> = t.stdout.json().into_iter().filter(|v| v["event"] == "signal_generate").collect();
+    assert_eq!(gens[0]["result"], "delivered", "the first one is queued: {gens:?}");
+    target.close_stdin();
+    target.wait_exit(EVENT);
+    assert!(t.wait_exit(EVENT).success());
+}
+
+#[test]
+fn sigint_to_a_process_ignoring_it_is_ignored() {
+    let (mut target, _) = fixture("signal_target.py", &["--ignore", "SIGINT"]);
+    let pid = target.pid();
+    let mut t = trace(&["--pid", &pid.to_string(), "--until-exit"]);
+    target.signal(libc::SIGINT);
+    let ev = t.stdout.wait_json("SIGINT ignored", EVENT, |v| v["event"] == "signal_generate" && v["signal"] == "SIGINT");
+    assert_eq!(ev["result"], "ignored", "{ev}");
+    assert_eq!(ev["target_comm"], "python");
+    target.close_stdin();
+    target.wait_exit(EVENT);
+    assert!(t.wait_exit(EVENT).success());
+}
+
+#[test]
+fn text_format_prints_a_table() {
+    let (mut target, _) = fixture("signal_target.py", &["--ignore", "SIGUSR2"]);
+    let pid = target.pid();
+    let mut t = trace(&["--format", "text", "--pid", &pid.to_string(), "--until-exit"]);
+    t.stdout.wait_for("table header", EVENT, |l| l.text.starts_with("TIME "));
+    target.signal(libc::SIGUSR2);
+    let row = t.stdout.wait_for("SIGUSR2 row", EVENT, |l| l.text.contains("SIGUSR2"));
+    assert!(row.text.contains("signal_generate") && row.text.contains("result=ignored"), "{}", row.text);
+    target.close_stdin();
+    target.wait_exit(EVENT);
+    t.wait_exit(EVENT);
+}
+
+#[test]
+fn without_privileges_the_agent_names_the_cause_and_fails() {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all"])
+        .arg(sigwake_bin())
+        .arg("trace")
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must fail without privileges; stderr: {stderr}");
+    assert!(
+        stderr.contains("permission denied") && stderr.contains("needs root"),
+        "the error must name the cause: {stderr}"
+    );
+}
