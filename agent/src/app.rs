@@ -4,19 +4,23 @@
 
 use std::{
     io::Write as _,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
 use anyhow::Context as _;
-use sigwake_common::Config;
+use sigwake_common::Config as KernelConfig;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    cli::{Format, RunArgs, TraceArgs},
+    cli::{ActorsArgs, Format, RunArgs, TraceArgs},
+    config::{Config, Overrides},
+    discovery::Discovery,
     events::EventBody,
     http::{self, HttpState},
-    metrics::{Metrics, NO_ACTOR},
+    metrics::Metrics,
+    registration,
+    registry::{RealProc, Registry, WatchedSink},
     probes::Probes,
     procinfo::{self, Clock},
     source,
@@ -33,7 +37,7 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
     })
 }
 
-fn load_probes(config: Config) -> anyhow::Result<Probes> {
+fn load_probes(config: KernelConfig) -> anyhow::Result<Probes> {
     let probes = Probes::load(config)?;
     let hooks: Vec<_> = probes.hooks().iter().map(|h| h.attach_point.as_str()).collect();
     tracing::info!("{} hooks attached: {}", hooks.len(), hooks.join(", "));
@@ -59,7 +63,7 @@ fn spawn_kernel_logger(probes: &mut Probes) {
 }
 
 pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
-    let mut config = Config::DEFAULT;
+    let mut config = KernelConfig::DEFAULT;
     if !args.signals.is_empty() {
         // Filter in the kernel too: fewer events cross the ring buffer.
         config.signal_mask = args.signals.iter().fold(0u64, |m, s| m | 1u64 << (s.0 - 1));
@@ -144,22 +148,52 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    if let Some(path) = &args.config {
-        anyhow::bail!(
-            "--config {}: configuration files are not supported by this version yet; run without it",
-            path.display()
-        );
-    }
-    let listener = http::bind(args.listen).await?;
-    let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(HttpState { metrics: metrics.clone(), ready: false.into() });
-    let server = tokio::spawn(http::serve(listener, state.clone()));
-    tracing::info!("serving /metrics, /healthz and /readyz on http://{}", args.listen);
+/// The kernel's WATCHED_PIDS map as the registry's watched-set mirror.
+struct KernelWatched(aya::maps::HashMap<aya::maps::MapData, u32, u32>);
 
-    let mut probes = load_probes(Config::DEFAULT)?;
+impl WatchedSink for KernelWatched {
+    fn watch(&mut self, pid: u32) {
+        if let Err(e) = self.0.insert(pid, 0, 0) {
+            tracing::warn!("cannot add pid {pid} to the kernel's watched set: {e}");
+        }
+    }
+    fn unwatch(&mut self, pid: u32) {
+        let _ = self.0.remove(&pid);
+    }
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        listen: args.listen,
+        socket: args.socket.clone(),
+        state_dir: args.state_dir.clone(),
+        dry_run: args.dry_run,
+        no_discovery: args.no_discovery,
+    };
+    let config = match &args.config {
+        Some(path) => Config::load(path, &overrides)?,
+        None => Config::defaults(&overrides),
+    };
+    let listener = http::bind(config.listen).await?;
+    let (socket, _socket_guard) = registration::bind(&config.socket).await?;
+    let metrics = Arc::new(Metrics::with_actor_label_cap(config.max_actor_labels));
+
+    let mut probes = load_probes(KernelConfig::DEFAULT)?;
     spawn_kernel_logger(&mut probes);
     metrics.attached_programs.set(probes.hooks().len() as i64);
+    let watched = KernelWatched(probes.take_watched_pids()?);
+    let registry = Arc::new(Mutex::new(Registry::new(Box::new(watched), Box::new(RealProc), config.max_actors)));
+    let mut discovery = Discovery::new(config.selectors.clone(), config.discovery);
+    discovery.scan(&mut lock(&registry));
+
+    let state = Arc::new(HttpState { metrics: metrics.clone(), ready: false.into(), registry: registry.clone() });
+    let server = tokio::spawn(http::serve(listener, state.clone()));
+    tokio::spawn(registration::serve(socket, registry.clone()));
+    tracing::info!(
+        "serving /metrics, /healthz, /readyz and /actors on http://{}; registration socket {}",
+        config.listen,
+        config.socket.display()
+    );
     let (mut batches, _reader) =
         source::spawn_ringbuf_reader(probes.take_events()?).context("polling the event ring buffer")?;
     state.ready.store(true, Ordering::Release);
@@ -170,25 +204,40 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             why = &mut shutdown => { tracing::info!("{}: detaching and stopping", why?); break; }
-            _ = tick.tick() => metrics.update_kernel_counters(probes.counters()),
+            _ = tick.tick() => {
+                let mut reg = lock(&registry);
+                discovery.scan(&mut reg);
+                reg.sweep();
+                metrics.set_actor_counts(&reg.counts());
+                drop(reg);
+                metrics.update_kernel_counters(probes.counters());
+                metrics.update_bpf_stats(&probes.program_stats());
+                metrics.update_process();
+            }
             batch = batches.recv() => {
                 let Some(batch) = batch else { break };
+                let mut reg = lock(&registry);
                 for item in batch {
-                    match item {
-                        Ok(ev) => {
-                            metrics.observe(&ev, NO_ACTOR);
-                            if let EventBody::HandlerWrite(w) = &ev.body
-                                && w.is_dropped_wakeup()
-                            {
-                                tracing::warn!(
-                                    pid = w.task.pid, tid = w.task.tid, fd = w.fd,
-                                    signal = %w.signal, errno = w.errno().unwrap_or(0),
-                                    "signal handler could not write its wakeup byte: the event loop did not see {}",
-                                    w.signal
-                                );
-                            }
-                        }
-                        Err(e) => metrics.decode_error(e.reason()),
+                    let ev = match item {
+                        Ok(ev) => ev,
+                        Err(e) => { metrics.decode_error(e.reason()); continue; }
+                    };
+                    if let EventBody::HandlerWrite(w) = &ev.body {
+                        discovery.on_handler_write(&mut reg, w);
+                    }
+                    let actor = reg.observe(&ev);
+                    let runtime = reg.get(ev.subject_pid()).map_or("unknown", |a| a.runtime.as_str());
+                    metrics.observe(&ev, actor.as_deref(), runtime);
+                    if let EventBody::HandlerWrite(w) = &ev.body
+                        && w.is_dropped_wakeup()
+                    {
+                        tracing::warn!(
+                            pid = w.task.pid, tid = w.task.tid, fd = w.fd,
+                            signal = %w.signal, errno = w.errno().unwrap_or(0),
+                            actor = actor.as_deref().unwrap_or("-"),
+                            "signal handler could not write its wakeup byte: the event loop did not see {}",
+                            w.signal
+                        );
                     }
                 }
             }
@@ -199,5 +248,43 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     state.ready.store(false, Ordering::Release);
     drop(probes);
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `sigwake actors`: asks the running agent over its socket.
+pub fn actors(args: ActorsArgs) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut stream = std::os::unix::net::UnixStream::connect(&args.socket).with_context(|| {
+        format!(
+            "connecting to the agent at {}; is `sigwake run` running (or does it use another --socket)?",
+            args.socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"{\"op\":\"list\"}\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).context("reading the agent's reply")?;
+    let reply: serde_json::Value = serde_json::from_str(&line).context("the agent's reply is not JSON")?;
+    if reply["ok"] != true {
+        anyhow::bail!("the agent refused: {}", reply["error"]);
+    }
+    let actors = reply["actors"].as_array().cloned().unwrap_or_default();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&actors)?);
+        return Ok(());
+    }
+    println!("{:<24} {:<8} {:<10} {:<15} {:<11} {:<9} {:<6} {:<16} PARENT", "NAME", "PID", "RUNTIME", "STATE", "SOURCE", "POLICY", "DROPS", "LAST SEEN");
+    for a in actors {
+        let s = |k: &str| a[k].as_str().map(str::to_string).unwrap_or_else(|| if a[k].is_null() { "-".into() } else { a[k].to_string() });
+        println!(
+            "{:<24} {:<8} {:<10} {:<15} {:<11} {:<9} {:<6} {:<16} {}",
+            s("name"), s("pid"), s("runtime"), s("state"), s("source"), s("policy"), s("drops"),
+            s("last_seen").get(11..19).unwrap_or("-"), s("parent")
+        );
+    }
     Ok(())
 }

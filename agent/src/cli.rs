@@ -24,8 +24,10 @@ pub struct Cli {
 pub enum Command {
     /// Stream signal events, one JSON object per line (or a table with --format text).
     Trace(TraceArgs),
-    /// Run the agent: the same pipeline, with a Prometheus /metrics endpoint, until SIGINT or SIGTERM.
+    /// Run the agent: registry, detection, escalation, /metrics; until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// List the actors a running agent knows (those you could signal; root sees all).
+    Actors(ActorsArgs),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -58,12 +60,34 @@ pub struct TraceArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Address for /metrics, /healthz and /readyz [default: 127.0.0.1:9464]
-    #[arg(long, env = "SIGWAKE_LISTEN", default_value = "127.0.0.1:9464")]
-    pub listen: SocketAddr,
-    /// Optional TOML configuration file (see examples/sigwake.toml).
+    /// Address for /metrics, /healthz, /readyz, /actors and /incidents [default: 127.0.0.1:9464]
+    #[arg(long, env = "SIGWAKE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Optional TOML configuration file (see examples/sigwake.toml); flags override it.
     #[arg(long, env = "SIGWAKE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Registration socket [default: /run/sigwake/registry.sock]
+    #[arg(long, env = "SIGWAKE_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Where the audit log, incident state and diagnostics go [default: /var/lib/sigwake]
+    #[arg(long, env = "SIGWAKE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Log what escalation would do; signal nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not record self-pipe event loops nobody registered.
+    #[arg(long)]
+    pub no_discovery: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ActorsArgs {
+    /// The agent's registration socket.
+    #[arg(long, env = "SIGWAKE_SOCKET", default_value = "/run/sigwake/registry.sock")]
+    pub socket: PathBuf,
+    /// Print the JSON objects instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_signal(text: &str) -> Result<crate::events::Signal, String> {

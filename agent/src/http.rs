@@ -24,6 +24,7 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// True once every kernel program is attached.
     pub ready: AtomicBool,
+    pub registry: Arc<std::sync::Mutex<crate::registry::Registry>>,
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -34,6 +35,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/actors", get(actors))
         .with_state(state)
 }
 
@@ -47,6 +49,16 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Result<()> {
     axum::serve(listener, router(state)).await
+}
+
+/// Every actor the registry holds (live and recently exited), as JSON.
+async fn actors(State(state): State<Arc<HttpState>>) -> Response {
+    let mut list: Vec<crate::registry::Actor> = {
+        let reg = state.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.all().cloned().collect()
+    };
+    list.sort_by_key(|a| a.pid);
+    axum::Json(list).into_response()
 }
 
 async fn readyz(State(state): State<Arc<HttpState>>) -> Response {

@@ -10,11 +10,17 @@
 
 pub mod app;
 pub mod cli;
+pub mod config;
+pub mod discovery;
+pub mod diagnostics;
 pub mod events;
 pub mod http;
 pub mod metrics;
+pub mod pidfd;
 pub mod probes;
 pub mod procinfo;
+pub mod registration;
+pub mod registry;
 pub mod source;
 pub mod trace;
 pub mod tracefs;

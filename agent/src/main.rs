@@ -10,6 +10,9 @@ fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
+    if let cli::Command::Actors(args) = cli.command {
+        return report(app::actors(args));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -21,8 +24,13 @@ fn main() -> ExitCode {
         match cli.command {
             cli::Command::Trace(args) => app::trace(args).await,
             cli::Command::Run(args) => app::run(args).await,
+            cli::Command::Actors(_) => unreachable!("handled above"),
         }
     });
+    report(result)
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

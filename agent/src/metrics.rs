@@ -3,12 +3,21 @@
 //! Labels are bounded: actor name (capped by the registry), signal name,
 //! result, errno name — never pid, tid or comm.
 
-use std::sync::atomic::AtomicU64;
+use std::{
+    collections::HashSet,
+    sync::{Mutex, atomic::AtomicU64},
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
-    registry::Registry,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::Histogram,
+        info::Info,
+    },
+    registry::{Registry, Unit},
 };
 
 use crate::{
@@ -19,15 +28,90 @@ use crate::{
 
 /// Actor label for processes the registry does not know.
 pub const NO_ACTOR: &str = "none";
+/// Actor label for names beyond the cardinality cap.
+pub const OTHER_ACTORS: &str = "_other";
+
+type GaugeF64 = Gauge<f64, AtomicU64>;
+type CounterF64 = Counter<f64, AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActorLabel {
+    pub actor: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+    pub runtime: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActorRuntimeLabels {
+    pub actor: String,
+    pub runtime: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuntimeLabels {
+    pub runtime: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EscalationLabels {
+    pub actor: String,
+    pub tier: String,
+    pub action: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabels {
+    pub program: String,
+}
+
+/// Caps the distinct actor label values; later names fold into `_other`.
+pub struct ActorLabelGuard {
+    max: usize,
+    known: Mutex<HashSet<String>>,
+    folded: Counter,
+}
+
+impl ActorLabelGuard {
+    pub fn label(&self, actor: Option<&str>) -> String {
+        let Some(name) = actor else { return NO_ACTOR.to_string() };
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.contains(name) {
+            return name.to_string();
+        }
+        if known.len() < self.max {
+            known.insert(name.to_string());
+            return name.to_string();
+        }
+        self.folded.inc();
+        OTHER_ACTORS.to_string()
+    }
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+        .into_iter()
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GeneratedLabels {
+    pub actor: String,
     pub signal: String,
     pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveredLabels {
+    pub actor: String,
     pub signal: String,
     pub disposition: String,
 }
@@ -35,6 +119,7 @@ pub struct DeliveredLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropLabels {
     pub actor: String,
+    pub runtime: String,
     pub signal: String,
     pub errno: String,
 }
@@ -51,6 +136,21 @@ pub struct ReasonLabels {
 
 pub struct Metrics {
     registry: Registry,
+    pub actor_labels: ActorLabelGuard,
+    pub actors: Family<StateLabels, Gauge>,
+    pub wakeup_fill_ratio: Family<ActorLabel, GaugeF64>,
+    pub starvation_incidents: Family<ActorRuntimeLabels, Counter>,
+    pub incidents_active: Gauge,
+    pub starvation_duration: Family<RuntimeLabels, Histogram>,
+    pub escalation_actions: Family<EscalationLabels, Counter>,
+    pub detection_latency: Family<StageLabels, Histogram>,
+    pub bpf_run_count: Family<ProgramLabels, Counter>,
+    pub bpf_run_time: Family<ProgramLabels, CounterF64>,
+    last_bpf: Mutex<std::collections::HashMap<String, (u64, u64)>>,
+    process_cpu: CounterF64,
+    last_cpu_ticks: Mutex<u64>,
+    process_rss: Gauge,
+    process_fds: Gauge,
     pub signals_generated: Family<GeneratedLabels, Counter>,
     pub signals_delivered: Family<DeliveredLabels, Counter>,
     pub wakeup_writes_dropped: Family<DropLabels, Counter>,
@@ -68,7 +168,78 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("sigwake");
+        Self::with_actor_label_cap(200)
+    }
+
+    pub fn with_actor_label_cap(max_actor_labels: usize) -> Self {
+        let mut root = Registry::default();
+        let process_cpu = CounterF64::default();
+        root.register_with_unit("process_cpu", "Total user and system CPU time spent", Unit::Seconds, process_cpu.clone());
+        let process_rss = Gauge::default();
+        root.register_with_unit("process_resident_memory", "Resident memory size", Unit::Bytes, process_rss.clone());
+        let process_fds = Gauge::default();
+        root.register("process_open_fds", "Number of open file descriptors", process_fds.clone());
+        let process_start = GaugeF64::default();
+        process_start.set(process_start_time().unwrap_or(0.0));
+        root.register_with_unit("process_start_time", "Start time of the process since the Unix epoch", Unit::Seconds, process_start);
+        let registry = root.sub_registry_with_prefix("sigwake");
+        let folded = Counter::default();
+        registry.register(
+            "actor_labels_folded",
+            "Actor label values folded into actor=\"_other\" because the distinct-actor cap was reached",
+            folded.clone(),
+        );
+        let actors = Family::default();
+        registry.register("actors", "Actors in the registry, by state and runtime", actors.clone());
+        let wakeup_fill_ratio = Family::default();
+        registry.register(
+            "actor_wakeup_fill_ratio",
+            "Undrained bytes in the actor's wakeup fd as a fraction of its capacity (1 = full: signals are being lost)",
+            wakeup_fill_ratio.clone(),
+        );
+        let starvation_incidents = Family::default();
+        registry.register(
+            "starvation_incidents",
+            "Confirmed loop starvations (a stop signal the loop did not act on within the confirm window)",
+            starvation_incidents.clone(),
+        );
+        let incidents_active = Gauge::default();
+        registry.register("starvation_incidents_active", "Starvation incidents not yet resolved", incidents_active.clone());
+        let starvation_duration = Family::<RuntimeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0].into_iter())
+        });
+        registry.register_with_unit(
+            "starvation_duration",
+            "Time from the first dropped wakeup to the incident's end (recovery, exit or kill)",
+            Unit::Seconds,
+            starvation_duration.clone(),
+        );
+        let escalation_actions = Family::default();
+        registry.register(
+            "escalation_actions",
+            "Escalation steps taken, by tier, action and outcome (ok, failed, skipped, dry_run)",
+            escalation_actions.clone(),
+        );
+        let detection_latency = Family::<StageLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register_with_unit(
+            "detection_latency",
+            "Latency by stage: event (failed write to agent), confirm (first drop to starving confirmed), action (confirmed to first action)",
+            Unit::Seconds,
+            detection_latency.clone(),
+        );
+        let bpf_run_count = Family::default();
+        registry.register(
+            "bpf_program_run_count",
+            "Runs of each kernel program (needs sysctl kernel.bpf_stats_enabled=1)",
+            bpf_run_count.clone(),
+        );
+        let bpf_run_time = Family::default();
+        registry.register_with_unit(
+            "bpf_program_run_time",
+            "Time spent in each kernel program (needs sysctl kernel.bpf_stats_enabled=1)",
+            Unit::Seconds,
+            bpf_run_time.clone(),
+        );
         let signals_generated = Family::default();
         registry.register(
             "signals_generated",
@@ -144,7 +315,22 @@ impl Metrics {
             Info::new(vec![("version", env!("CARGO_PKG_VERSION").to_string())]),
         );
         Metrics {
-            registry,
+            registry: root,
+            actor_labels: ActorLabelGuard { max: max_actor_labels, known: Mutex::new(HashSet::new()), folded },
+            actors,
+            wakeup_fill_ratio,
+            starvation_incidents,
+            incidents_active,
+            starvation_duration,
+            escalation_actions,
+            detection_latency,
+            bpf_run_count,
+            bpf_run_time,
+            last_bpf: Default::default(),
+            process_cpu,
+            last_cpu_ticks: Mutex::new(0),
+            process_rss,
+            process_fds,
             signals_generated,
             signals_delivered,
             wakeup_writes_dropped,
@@ -162,13 +348,14 @@ impl Metrics {
     }
 
     /// Counts one decoded event. `actor` is the registry's name for the
-    /// subject process, or [`NO_ACTOR`].
-    pub fn observe(&self, ev: &Event, actor: &str) {
+    /// subject process (None: not an actor), `runtime` its runtime.
+    pub fn observe(&self, ev: &Event, actor: Option<&str>, runtime: &str) {
         self.events.inc();
         match &ev.body {
             EventBody::SignalGenerate(g) => {
                 self.signals_generated
                     .get_or_create(&GeneratedLabels {
+                        actor: self.actor_labels.label(actor),
                         signal: g.signal.name(),
                         result: g.result.as_str().into(),
                     })
@@ -177,6 +364,7 @@ impl Metrics {
             EventBody::SignalDeliver(d) => {
                 self.signals_delivered
                     .get_or_create(&DeliveredLabels {
+                        actor: self.actor_labels.label(actor),
                         signal: d.signal.name(),
                         disposition: d.disposition.as_str().into(),
                     })
@@ -184,9 +372,12 @@ impl Metrics {
             }
             EventBody::HandlerWrite(w) => match w.errno() {
                 Some(errno) => {
+                    let latency = crate::procinfo::monotonic_ns().saturating_sub(ev.mono_ns) as f64 / 1e9;
+                    self.detection_latency.get_or_create(&StageLabels { stage: "event".into() }).observe(latency);
                     self.wakeup_writes_dropped
                         .get_or_create(&DropLabels {
-                            actor: actor.to_string(),
+                            actor: self.actor_labels.label(actor),
+                            runtime: runtime.to_string(),
                             signal: w.signal.name(),
                             errno: errno_name(errno),
                         })
@@ -217,6 +408,53 @@ impl Metrics {
         *last = now;
     }
 
+    /// Sets the actors-by-state gauge from registry counts; every known
+    /// state/runtime pair is written so that emptied states read 0.
+    pub fn set_actor_counts(&self, counts: &std::collections::HashMap<(crate::registry::ActorState, crate::registry::Runtime), i64>) {
+        use crate::registry::{ActorState, Runtime};
+        for state in ActorState::ALL {
+            for runtime in [Runtime::Trio, Runtime::Asyncio, Runtime::Other, Runtime::Unknown] {
+                let n = counts.get(&(state, runtime)).copied().unwrap_or(0);
+                let labels = StateLabels { state: state.as_str().into(), runtime: runtime.as_str().into() };
+                if n > 0 || self.actors.get(&labels).is_some() {
+                    self.actors.get_or_create(&labels).set(n);
+                }
+            }
+        }
+    }
+
+    /// Adds the kernel's per-program run counts and times since the last call.
+    pub fn update_bpf_stats(&self, stats: &std::collections::HashMap<&'static str, (u64, u64)>) {
+        let mut last = self.last_bpf.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, &(count, ns)) in stats {
+            let (lc, lns) = last.get(*name).copied().unwrap_or((0, 0));
+            let labels = ProgramLabels { program: name.to_string() };
+            self.bpf_run_count.get_or_create(&labels).inc_by(count.saturating_sub(lc));
+            self.bpf_run_time.get_or_create(&labels).inc_by(ns.saturating_sub(lns) as f64 / 1e9);
+            last.insert(name.to_string(), (count, ns));
+        }
+    }
+
+    /// Reads this process's CPU time, RSS and open fds from /proc/self.
+    pub fn update_process(&self) {
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+            && let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..])
+        {
+            let f: Vec<&str> = after.split_whitespace().collect();
+            let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let mut last = self.last_cpu_ticks.lock().unwrap_or_else(|e| e.into_inner());
+            self.process_cpu.inc_by(ticks.saturating_sub(*last) as f64 / clock_ticks_per_second());
+            *last = ticks;
+            let rss_pages: i64 = f.get(21).and_then(|v| v.parse().ok()).unwrap_or(0);
+            // SAFETY: sysconf has no preconditions.
+            self.process_rss.set(rss_pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64);
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.process_fds.set(dir.count() as i64);
+        }
+    }
+
     /// OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -231,6 +469,20 @@ impl Metrics {
     pub fn start_time_seconds(&self) -> f64 {
         self.start_time.get()
     }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Start time of this process, Unix seconds.
+fn process_start_time() -> Option<f64> {
+    let ticks = crate::procinfo::start_time(std::process::id())? as f64;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: f64 = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
+    Some(btime + ticks / clock_ticks_per_second())
 }
 
 impl Default for Metrics {
@@ -257,17 +509,17 @@ mod tests {
     #[test]
     fn drops_are_counted_by_actor_signal_and_errno() {
         let m = Metrics::new();
-        m.observe(&dropped_wakeup(1, 3, 0), "fetcher");
-        m.observe(&dropped_wakeup(1, 3, 0), "fetcher");
-        m.observe(&dropped_wakeup(2, 3, 0), NO_ACTOR);
+        m.observe(&dropped_wakeup(1, 3, 0), Some("fetcher"), "trio");
+        m.observe(&dropped_wakeup(1, 3, 0), Some("fetcher"), "trio");
+        m.observe(&dropped_wakeup(2, 3, 0), None, "unknown");
         let text = m.encode();
         assert_eq!(
-            sample_value(&text, r#"sigwake_wakeup_writes_dropped_total{actor="fetcher",signal="SIGINT",errno="EAGAIN"}"#),
+            sample_value(&text, r#"sigwake_wakeup_writes_dropped_total{actor="fetcher",runtime="trio",signal="SIGINT",errno="EAGAIN"}"#),
             Some(2.0),
             "{text}"
         );
         assert_eq!(
-            sample_value(&text, r#"sigwake_wakeup_writes_dropped_total{actor="none",signal="SIGINT",errno="EAGAIN"}"#),
+            sample_value(&text, r#"sigwake_wakeup_writes_dropped_total{actor="none",runtime="unknown",signal="SIGINT",errno="EAGAIN"}"#),
             Some(1.0)
         );
         assert!(text.ends_with("# EOF\n"));
@@ -278,19 +530,44 @@ mod tests {
         let m = Metrics::new();
         let mut g = raw(kind::SIGNAL_GENERATE, 2, 1, 1);
         g.arg1 = 2;
-        m.observe(&Event::try_from(&g).unwrap(), NO_ACTOR);
+        m.observe(&Event::try_from(&g).unwrap(), None, "unknown");
         let mut d = raw(kind::SIGNAL_DELIVER, 15, 1, 1);
         d.arg2 = 0x1000;
-        m.observe(&Event::try_from(&d).unwrap(), NO_ACTOR);
+        m.observe(&Event::try_from(&d).unwrap(), Some("w"), "trio");
         let text = m.encode();
         assert_eq!(
-            sample_value(&text, r#"sigwake_signals_generated_total{signal="SIGINT",result="already_pending"}"#),
+            sample_value(&text, r#"sigwake_signals_generated_total{actor="none",signal="SIGINT",result="already_pending"}"#),
             Some(1.0)
         );
         assert_eq!(
-            sample_value(&text, r#"sigwake_signals_delivered_total{signal="SIGTERM",disposition="handler"}"#),
+            sample_value(&text, r#"sigwake_signals_delivered_total{actor="w",signal="SIGTERM",disposition="handler"}"#),
             Some(1.0)
         );
+    }
+
+    #[test]
+    fn actor_labels_beyond_the_cap_fold_into_other() {
+        let m = Metrics::with_actor_label_cap(2);
+        for name in ["a", "b", "c", "d", "a"] {
+            m.observe(&dropped_wakeup(1, 3, 0), Some(name), "trio");
+        }
+        let text = m.encode();
+        assert_eq!(
+            sample_value(&text, r#"sigwake_wakeup_writes_dropped_total{actor="_other",runtime="trio",signal="SIGINT",errno="EAGAIN"}"#),
+            Some(2.0)
+        );
+        assert_eq!(sample_value(&text, "sigwake_actor_labels_folded_total"), Some(2.0));
+        assert!(text.contains(r#"actor="a""#) && !text.contains(r#"actor="c""#));
+    }
+
+    #[test]
+    fn process_metrics_are_read() {
+        let m = Metrics::new();
+        m.update_process();
+        let text = m.encode();
+        assert!(sample_value(&text, "process_resident_memory_bytes").is_some_and(|v| v > 1e6), "{text}");
+        assert!(sample_value(&text, "process_open_fds").is_some_and(|v| v >= 3.0));
+        assert!(sample_value(&text, "process_start_time_seconds").is_some_and(|v| v > 1.7e9));
     }
 
     #[test]

@@ -257,6 +257,77 @@ pub fn http_get(addr: &str, path: &str, accept: Option<&str>) -> std::io::Result
     Ok((status, ctype, body.to_string()))
 }
 
+/// A running `sigwake run` with its own port, socket and state dir.
+pub struct RunningAgent {
+    pub proc: Proc,
+    /// host:port of its HTTP endpoint.
+    pub addr: String,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    _dir: TempDir,
+}
+
+impl RunningAgent {
+    /// Starts `sigwake run` with `extra` args and waits for /readyz.
+    pub fn start(extra: &[&str]) -> RunningAgent {
+        let dir = TempDir::new("agent");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let socket = dir.0.join("registry.sock");
+        let state_dir = dir.0.join("state");
+        let mut cmd = Command::new(sigwake_bin());
+        cmd.args(["run", "--listen", &addr])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(extra)
+            .env("RUST_LOG", "info");
+        let proc = Proc::spawn("sigwake run", &mut cmd);
+        let deadline = Instant::now() + AGENT_START;
+        while !matches!(http_get(&addr, "/readyz", None), Ok((200, _, _))) {
+            if Instant::now() > deadline || proc.stderr.closed() {
+                panic!("sigwake run did not become ready; stderr:\n{}", proc.stderr_text());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        RunningAgent { proc, addr, socket, state_dir, _dir: dir }
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(&self.addr, "/metrics", Some("application/openmetrics-text")).expect("GET /metrics").2
+    }
+
+    pub fn get_json(&self, path: &str) -> Value {
+        let (status, _, body) = http_get(&self.addr, path, None).expect("GET");
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"))
+    }
+
+    pub fn stop(mut self) {
+        stop_agent(&mut self.proc);
+    }
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("sigwake-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("creating a temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A TCP port free on loopback right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

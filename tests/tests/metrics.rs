@@ -6,20 +6,10 @@ use sigwake_tests::*;
 
 const DROPPED: &str = "sigwake_wakeup_writes_dropped_total";
 
-fn run_agent() -> (Proc, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut cmd = Command::new(sigwake_bin());
-    cmd.args(["run", "--listen", &addr]).env("RUST_LOG", "info");
-    let agent = Proc::spawn("sigwake run", &mut cmd);
-    wait_until("/readyz to say ready", AGENT_START, || {
-        matches!(http_get(&addr, "/readyz", None), Ok((200, _, _)))
-    });
-    (agent, addr)
-}
-
 #[test]
 fn dropped_wakeup_counter_moves_by_the_drops_caused() {
-    let (mut agent, addr) = run_agent();
+    let agent = RunningAgent::start(&[]);
+    let addr = agent.addr.clone();
     let before = http_get(&addr, "/metrics", Some("application/openmetrics-text")).unwrap().2;
     let base = metric_sum(&before, DROPPED, &[r#"signal="SIGINT""#]);
 
@@ -50,7 +40,7 @@ fn dropped_wakeup_counter_moves_by_the_drops_caused() {
     assert!(classic.contains(&format!("# TYPE {DROPPED} counter")), "{classic}");
     assert!(!classic.contains("# EOF"));
     assert_eq!(http_get(&addr, "/healthz", None).unwrap().0, 200);
-    stop_agent(&mut agent);
+    agent.stop();
 }
 
 /// Parses the text with the reference OpenMetrics parser (Python

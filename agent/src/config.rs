@@ -1,0 +1,494 @@
+//! Configuration: an optional TOML file, merged under command-line flags,
+//! validated once into [`Config`] — a plain type the rest of the agent
+//! uses without re-checking.
+//!
+//! Every error names the file, the line and the reason.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use regex::Regex;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::registry::Runtime;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+pub const DEFAULT_SOCKET: &str = "/run/sigwake/registry.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sigwake";
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    discovery: Option<bool>,
+    dry_run: Option<bool>,
+    max_actors: Option<usize>,
+    max_actor_labels: Option<usize>,
+    escalation: Option<FileEscalation>,
+    #[serde(default)]
+    policy: BTreeMap<String, Spanned<FilePolicy>>,
+    #[serde(default)]
+    selector: Vec<Spanned<FileSelector>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileEscalation {
+    max_concurrent: Option<usize>,
+    max_actions_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePolicy {
+    /// How long the loop may stay starved after a stop signal before
+    /// sigwake acts, per runtime.
+    confirm: Option<String>,
+    confirm_trio: Option<String>,
+    confirm_asyncio: Option<String>,
+    tiers: Vec<FileTier>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTier {
+    action: String,
+    timeout: Option<String>,
+    py_spy: Option<bool>,
+    command: Option<Vec<String>>,
+    url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSelector {
+    name: Option<String>,
+    exe: Option<String>,
+    cmdline: Option<String>,
+    cgroup: Option<String>,
+    uid: Option<u32>,
+    descendant_of: Option<u32>,
+    runtime: Option<Runtime>,
+    policy: Option<String>,
+}
+
+/// One step of an escalation ladder.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Capture thread states, stacks, fds, wakeup fill, py-spy dump.
+    Diagnostics { py_spy: bool },
+    /// Send a signal through the pidfd, then wait `timeout` for exit.
+    Signal { signal: i32, timeout: Duration },
+    /// Kill the actor's cgroup (when it has its own) or its descendants.
+    KillSubtree { timeout: Duration },
+    /// Run a command or POST a URL with the incident as JSON.
+    Notify { command: Option<Vec<String>>, url: Option<String> },
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Diagnostics { .. } => "diagnostics",
+            Self::Signal { signal, .. } if *signal == libc::SIGTERM => "sigterm",
+            Self::Signal { signal, .. } if *signal == libc::SIGKILL => "sigkill",
+            Self::Signal { signal, .. } if *signal == libc::SIGABRT => "sigabrt",
+            Self::Signal { .. } => "signal",
+            Self::KillSubtree { .. } => "kill_subtree",
+            Self::Notify { .. } => "notify",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    pub name: String,
+    pub confirm_trio: Duration,
+    pub confirm_asyncio: Duration,
+    pub confirm_other: Duration,
+    pub tiers: Vec<Action>,
+}
+
+impl Policy {
+    pub fn confirm_window(&self, runtime: Runtime) -> Duration {
+        match runtime {
+            Runtime::Trio => self.confirm_trio,
+            Runtime::Asyncio => self.confirm_asyncio,
+            _ => self.confirm_other,
+        }
+    }
+
+    /// The built-in `default` policy: confirm for 2 s (1 s for asyncio,
+    /// whose lost byte is already a lost callback), capture diagnostics,
+    /// SIGTERM and wait 3 s, SIGKILL and wait 2 s, then the subtree.
+    /// Anchored on tractor's 0.5 s cancel + 1.6 s hard kill and systemd's
+    /// TERM → KILL, with room for a loaded host.
+    pub fn builtin_default() -> Policy {
+        Policy {
+            name: "default".into(),
+            confirm_trio: Duration::from_secs(2),
+            confirm_asyncio: Duration::from_secs(1),
+            confirm_other: Duration::from_secs(2),
+            tiers: vec![
+                Action::Diagnostics { py_spy: true },
+                Action::Signal { signal: libc::SIGTERM, timeout: Duration::from_secs(3) },
+                Action::Signal { signal: libc::SIGKILL, timeout: Duration::from_secs(2) },
+                Action::KillSubtree { timeout: Duration::from_secs(2) },
+            ],
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Selector {
+    pub name: Option<String>,
+    pub exe: Option<String>,
+    pub cmdline: Option<Regex>,
+    pub cgroup: Option<String>,
+    pub uid: Option<u32>,
+    pub descendant_of: Option<u32>,
+    pub runtime: Option<Runtime>,
+    pub policy: Option<String>,
+}
+
+/// What a selector looks at, for one process.
+pub struct Candidate<'a> {
+    pub pid: u32,
+    pub exe: Option<&'a Path>,
+    pub cmdline: &'a [String],
+    pub cgroup: Option<&'a str>,
+    pub uid: u32,
+    /// pid, parent, grandparent … up to 1.
+    pub ancestors: &'a [u32],
+}
+
+impl Selector {
+    /// All given criteria must hold.
+    pub fn matches(&self, c: &Candidate<'_>) -> bool {
+        self.exe.as_ref().is_none_or(|e| c.exe.is_some_and(|x| x == Path::new(e)))
+            && self.cmdline.as_ref().is_none_or(|re| re.is_match(&c.cmdline.join(" ")))
+            && self.cgroup.as_ref().is_none_or(|g| {
+                c.cgroup.is_some_and(|cg| cg == g || cg.starts_with(&format!("{}/", g.trim_end_matches('/'))))
+            })
+            && self.uid.is_none_or(|u| u == c.uid)
+            && self.descendant_of.is_none_or(|d| c.pid != d && c.ancestors.contains(&d))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EscalationLimits {
+    pub max_concurrent: usize,
+    pub max_actions_per_minute: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub discovery: bool,
+    pub dry_run: bool,
+    pub max_actors: usize,
+    pub max_actor_labels: usize,
+    pub limits: EscalationLimits,
+    pub policies: BTreeMap<String, Policy>,
+    pub selectors: Vec<Selector>,
+}
+
+/// Flags that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub dry_run: bool,
+    pub no_discovery: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax or schema error, with the place.
+    #[error("{path}:{line}: {reason}")]
+    Invalid { path: PathBuf, line: usize, reason: String },
+}
+
+/// Parses a duration: `500ms`, `2s`, `1.5s`, `1m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = t.find(|c: char| c.is_ascii_alphabetic()).map_or((t, ""), |i| t.split_at(i));
+    let n: f64 = num.trim().parse().map_err(|_| format!("`{text}` is not a duration like 500ms, 2s or 1m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("`{text}`: unit must be ms, s or m")),
+    };
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err(format!("`{text}` is out of range (0 to 1h)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl Config {
+    /// Built-in defaults with the flags applied (no file).
+    pub fn defaults(over: &Overrides) -> Config {
+        Self::from_toml("", Path::new("<built-in>"), over).expect("built-in defaults are valid")
+    }
+
+    pub fn load(path: &Path, over: &Overrides) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_toml(&text, path, over)
+    }
+
+    pub fn from_toml(text: &str, path: &Path, over: &Overrides) -> Result<Config, ConfigError> {
+        let invalid = |offset: usize, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of(text, offset),
+            reason,
+        };
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            invalid(offset, e.message().to_string())
+        })?;
+        let listen = match (over.listen, &file.listen) {
+            (Some(l), _) => l,
+            (None, Some(l)) => l.parse().map_err(|_| invalid(0, format!("listen: `{l}` is not an address like 127.0.0.1:9464")))?,
+            (None, None) => DEFAULT_LISTEN.parse().expect("valid default"),
+        };
+        let mut policies = BTreeMap::new();
+        policies.insert("default".to_string(), Policy::builtin_default());
+        for (name, spanned) in &file.policy {
+            let at = spanned.span().start;
+            let p = spanned.get_ref();
+            let dur = |field: &str, v: &Option<String>, default: Duration| -> Result<Duration, ConfigError> {
+                v.as_deref()
+                    .map(parse_duration)
+                    .transpose()
+                    .map_err(|e| invalid(at, format!("policy.{name}.{field}: {e}")))
+                    .map(|d| d.unwrap_or(default))
+            };
+            let confirm = dur("confirm", &p.confirm, Duration::from_secs(2))?;
+            let mut tiers = Vec::new();
+            for (i, t) in p.tiers.iter().enumerate() {
+                let field = format!("tiers[{i}]");
+                let timeout = dur(&format!("{field}.timeout"), &t.timeout, Duration::from_secs(2))?;
+                let action = match t.action.as_str() {
+                    "diagnostics" => Action::Diagnostics { py_spy: t.py_spy.unwrap_or(true) },
+                    "sigterm" => Action::Signal { signal: libc::SIGTERM, timeout },
+                    "sigkill" => Action::Signal { signal: libc::SIGKILL, timeout },
+                    "sigabrt" => Action::Signal { signal: libc::SIGABRT, timeout },
+                    "sigint" => Action::Signal { signal: libc::SIGINT, timeout },
+                    "kill_subtree" => Action::KillSubtree { timeout },
+                    "notify" => {
+                        if t.command.is_none() && t.url.is_none() {
+                            return Err(invalid(at, format!("policy.{name}.{field}: notify needs `command` or `url`")));
+                        }
+                        if let Some(u) = &t.url
+                            && !u.starts_with("http://")
+                        {
+                            return Err(invalid(at, format!("policy.{name}.{field}: url must be http://host:port/path")));
+                        }
+                        if t.command.as_ref().is_some_and(|c| c.is_empty()) {
+                            return Err(invalid(at, format!("policy.{name}.{field}: command must not be empty")));
+                        }
+                        Action::Notify { command: t.command.clone(), url: t.url.clone() }
+                    }
+                    other => {
+                        return Err(invalid(
+                            at,
+                            format!("policy.{name}.{field}: unknown action `{other}` (diagnostics, sigterm, sigkill, sigabrt, sigint, kill_subtree, notify)"),
+                        ));
+                    }
+                };
+                tiers.push(action);
+            }
+            policies.insert(
+                name.clone(),
+                Policy {
+                    name: name.clone(),
+                    confirm_trio: dur("confirm_trio", &p.confirm_trio, confirm)?,
+                    confirm_asyncio: dur("confirm_asyncio", &p.confirm_asyncio, confirm)?,
+                    confirm_other: confirm,
+                    tiers,
+                },
+            );
+        }
+        let mut selectors = Vec::new();
+        for spanned in &file.selector {
+            let at = spanned.span().start;
+            let s = spanned.get_ref();
+            let cmdline = s
+                .cmdline
+                .as_deref()
+                .map(Regex::new)
+                .transpose()
+                .map_err(|e| invalid(at, format!("selector cmdline: bad regex: {e}")))?;
+            if s.exe.is_none() && cmdline.is_none() && s.cgroup.is_none() && s.uid.is_none() && s.descendant_of.is_none() {
+                return Err(invalid(at, "selector needs at least one of exe, cmdline, cgroup, uid, descendant_of".into()));
+            }
+            if let Some(cg) = &s.cgroup {
+                let dir = Path::new("/sys/fs/cgroup").join(cg.trim_start_matches('/'));
+                if let Err(e) = std::fs::metadata(&dir) {
+                    return Err(invalid(at, format!("selector cgroup `{cg}`: cannot read {}: {e}", dir.display())));
+                }
+            }
+            if let Some(p) = &s.policy
+                && !policies.contains_key(p)
+            {
+                return Err(invalid(at, format!("selector policy `{p}` is not defined (add a [policy.{p}] table)")));
+            }
+            selectors.push(Selector {
+                name: s.name.clone(),
+                exe: s.exe.clone(),
+                cmdline,
+                cgroup: s.cgroup.clone(),
+                uid: s.uid,
+                descendant_of: s.descendant_of,
+                runtime: s.runtime,
+                policy: s.policy.clone(),
+            });
+        }
+        let esc = file.escalation.unwrap_or_default();
+        Ok(Config {
+            listen,
+            socket: over.socket.clone().or(file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            state_dir: over.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            discovery: !over.no_discovery && file.discovery.unwrap_or(true),
+            dry_run: over.dry_run || file.dry_run.unwrap_or(false),
+            max_actors: file.max_actors.unwrap_or(10_000).clamp(1, 60_000),
+            max_actor_labels: file.max_actor_labels.unwrap_or(200).max(1),
+            limits: EscalationLimits {
+                max_concurrent: esc.max_concurrent.unwrap_or(4).max(1),
+                max_actions_per_minute: esc.max_actions_per_minute.unwrap_or(30).max(1),
+            },
+            policies,
+            selectors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("sigwake.toml"), &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_have_the_builtin_policy() {
+        let c = Config::defaults(&Overrides::default());
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.policies["default"], Policy::builtin_default());
+        assert!(c.discovery && !c.dry_run);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../examples/sigwake.toml");
+        let c = parse(text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.policies.contains_key("fast"));
+        assert!(!c.selectors.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_name_file_and_line() {
+        let err = parse("listen = \"127.0.0.1:1\"\n\n[escalation]\nmax_concurent = 3\n").unwrap_err().to_string();
+        assert!(err.starts_with("sigwake.toml:4: "), "{err}");
+        assert!(err.contains("max_concurent"), "{err}");
+    }
+
+    #[test]
+    fn bad_regex_and_unknown_policy_are_refused_with_line() {
+        let err = parse("\n[[selector]]\ncmdline = \"([a-\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("sigwake.toml:2: selector cmdline: bad regex"), "{err}");
+        let err = parse("[[selector]]\nuid = 5\npolicy = \"nope\"\n").unwrap_err().to_string();
+        assert!(err.contains("policy `nope` is not defined"), "{err}");
+        let err = parse("[[selector]]\ncgroup = \"/no/such/cgroup-xyz\"\n").unwrap_err().to_string();
+        assert!(err.contains("cannot read /sys/fs/cgroup/no/such/cgroup-xyz"), "{err}");
+        let err = parse("[[selector]]\nname = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("at least one of"), "{err}");
+    }
+
+    #[test]
+    fn policy_tiers_parse_and_bad_ones_are_refused() {
+        let c = parse(
+            "[policy.p]\nconfirm = \"500ms\"\nconfirm_trio = \"1s\"\ntiers = [{action = \"sigterm\", timeout = \"1s\"}, {action = \"notify\", command = [\"/bin/true\"]}]\n",
+        )
+        .unwrap();
+        let p = &c.policies["p"];
+        assert_eq!(p.confirm_window(Runtime::Trio), Duration::from_secs(1));
+        assert_eq!(p.confirm_window(Runtime::Asyncio), Duration::from_millis(500));
+        assert_eq!(p.tiers[0], Action::Signal { signal: libc::SIGTERM, timeout: Duration::from_secs(1) });
+        assert!(parse("[policy.p]\ntiers = [{action = \"nuke\"}]\n").unwrap_err().to_string().contains("unknown action `nuke`"));
+        assert!(parse("[policy.p]\ntiers = [{action = \"notify\"}]\n").is_err());
+        assert!(parse("[policy.p]\nconfirm = \"soon\"\ntiers = []\n").unwrap_err().to_string().contains("not a duration"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let over = Overrides { listen: Some("127.0.0.1:1".parse().unwrap()), dry_run: true, no_discovery: true, ..Default::default() };
+        let c = Config::from_toml("listen = \"127.0.0.1:2\"\ndiscovery = true\n", Path::new("f"), &over).unwrap();
+        assert_eq!(c.listen.port(), 1);
+        assert!(c.dry_run && !c.discovery);
+    }
+
+    #[test]
+    fn selectors_match_on_every_given_criterion() {
+        let s = Selector {
+            name: None,
+            exe: Some("/usr/bin/python3".into()),
+            cmdline: Some(Regex::new("worker\\.py").unwrap()),
+            cgroup: Some("/system.slice/app.service".into()),
+            uid: Some(1000),
+            descendant_of: Some(10),
+            runtime: None,
+            policy: None,
+        };
+        let cmd = vec!["python3".to_string(), "worker.py".to_string()];
+        let mut c = Candidate {
+            pid: 12,
+            exe: Some(Path::new("/usr/bin/python3")),
+            cmdline: &cmd,
+            cgroup: Some("/system.slice/app.service/sub"),
+            uid: 1000,
+            ancestors: &[12, 11, 10, 1],
+        };
+        assert!(s.matches(&c));
+        c.uid = 0;
+        assert!(!s.matches(&c));
+        c.uid = 1000;
+        c.cgroup = Some("/system.slice/app.service2");
+        assert!(!s.matches(&c));
+        c.cgroup = Some("/system.slice/app.service");
+        c.ancestors = &[12, 1];
+        assert!(!s.matches(&c));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

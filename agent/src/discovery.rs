@@ -1,0 +1,153 @@
+//! Discovery: actors nobody registered.
+//!
+//! - tractor subactors, by their `python -m tractor._child --uid "('name',
+//!   'uuid')"` command line;
+//! - config selectors (exe, cmdline regex, cgroup, uid, descendant-of);
+//! - self-pipe event loops, from a one-byte write made inside a signal
+//!   handler (observe only unless a selector gives them a policy).
+//!
+//! /proc is scanned once a second; only pids not seen before are read.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+};
+
+use crate::{
+    config::{Candidate, Selector},
+    events::HandlerWrite,
+    pidfd::ProcessHandle,
+    procinfo,
+    registry::{ActorSpec, Registry, Runtime, Source, tractor_identity},
+};
+
+pub struct Discovery {
+    selectors: Vec<Selector>,
+    self_pipe: bool,
+    /// pid → start time of processes already examined.
+    examined: HashMap<u32, u64>,
+}
+
+impl Discovery {
+    pub fn new(selectors: Vec<Selector>, self_pipe: bool) -> Self {
+        Discovery { selectors, self_pipe, examined: HashMap::new() }
+    }
+
+    /// Examines processes that appeared since the last scan.
+    pub fn scan(&mut self, registry: &mut Registry) {
+        let Ok(dir) = std::fs::read_dir("/proc") else { return };
+        let mut pids: Vec<u32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        // Parents usually have lower pids: examining them first lets a
+        // child find its parent actor.
+        pids.sort_unstable();
+        let me = std::process::id();
+        let mut still = HashMap::with_capacity(pids.len());
+        for pid in pids {
+            if pid == me {
+                continue;
+            }
+            let Some(facts) = registry.facts(pid) else { continue };
+            still.insert(pid, facts.start_time);
+            if self.examined.get(&pid) == Some(&facts.start_time) {
+                continue;
+            }
+            self.examine(registry, pid, &facts.cmdline, facts.uids[0]);
+        }
+        self.examined = still;
+    }
+
+    fn examine(&self, registry: &mut Registry, pid: u32, cmdline: &[String], uid: u32) {
+        if let Some((name, uuid)) = tractor_identity(cmdline) {
+            let mut labels = BTreeMap::new();
+            labels.insert("tractor_uuid".to_string(), uuid);
+            let spec = ActorSpec {
+                pid: Some(pid),
+                name: Some(name),
+                // tractor actors run trio (infected-asyncio ones too, on top).
+                runtime: Some(Runtime::Trio),
+                labels: Some(labels),
+                ..Default::default()
+            };
+            if let Err(e) = registry.upsert(&spec, Source::Tractor, None) {
+                tracing::debug!("tractor actor pid {pid}: {e}");
+            }
+        }
+        if self.selectors.is_empty() {
+            return;
+        }
+        let exe: Option<PathBuf> = procinfo::exe(pid);
+        let cgroup = procinfo::cgroup(pid);
+        let mut ancestors = vec![pid];
+        let mut cur = pid;
+        while let Some(ppid) = procinfo::ppid_of(cur).filter(|p| *p > 0 && ancestors.len() < 64) {
+            ancestors.push(ppid);
+            if ppid == 1 {
+                break;
+            }
+            cur = ppid;
+        }
+        let candidate = Candidate { pid, exe: exe.as_deref(), cmdline, cgroup: cgroup.as_deref(), uid, ancestors: &ancestors };
+        if let Some(sel) = self.selectors.iter().find(|s| s.matches(&candidate)) {
+            let spec = ActorSpec {
+                pid: Some(pid),
+                name: sel.name.clone(),
+                runtime: sel.runtime,
+                policy: sel.policy.clone(),
+                ..Default::default()
+            };
+            if let Err(e) = registry.upsert(&spec, Source::Selector, None) {
+                tracing::debug!("selector match pid {pid}: {e}");
+            }
+        }
+    }
+
+    /// A handler wrote one byte on the process's main thread: the self-pipe
+    /// trick. Records the loop if nothing else did.
+    pub fn on_handler_write(&self, registry: &mut Registry, w: &HandlerWrite) {
+        if !self.self_pipe || w.count != 1 || registry.get(w.task.pid).is_some() {
+            return;
+        }
+        let runtime = guess_runtime(w.task.pid, w.fd);
+        let spec = ActorSpec { pid: Some(w.task.pid), runtime: Some(runtime), wakeup_fd: Some(w.fd), ..Default::default() };
+        match registry.upsert(&spec, Source::Discovered, None) {
+            Ok(a) => tracing::info!(
+                pid = a.pid, fd = w.fd, runtime = runtime.as_str(),
+                "discovered an event loop using the self-pipe trick (`{}`), observing it", a.name
+            ),
+            Err(e) => tracing::debug!("discovering pid {}: {e}", w.task.pid),
+        }
+    }
+}
+
+/// What the process's memory map and wakeup fd say about its runtime:
+/// asyncio loads its C accelerator `_asyncio`; trio shrinks its wakeup
+/// socket's send buffer to the minimum (SO_SNDBUF=1). Reading a socket
+/// option through a pidfd_getfd duplicate never touches the queue.
+pub fn guess_runtime(pid: u32, wakeup_fd: i32) -> Runtime {
+    let exe = procinfo::exe(pid).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let python = exe.contains("python") || maps.contains("libpython");
+    if !python {
+        return Runtime::Unknown;
+    }
+    if maps.contains("/_asyncio.") {
+        return Runtime::Asyncio;
+    }
+    let small_sndbuf = ProcessHandle::open(pid, None)
+        .and_then(|h| h.get_fd(wakeup_fd))
+        .ok()
+        .and_then(|fd| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: valid fd, pointer and length for an int option.
+            let rc = unsafe {
+                libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&mut v as *mut libc::c_int).cast(), &mut len)
+            };
+            (rc == 0).then_some(v)
+        })
+        .is_some_and(|v| v < 16 * 1024);
+    if small_sndbuf { Runtime::Trio } else { Runtime::Other }
+}

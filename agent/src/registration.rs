@@ -1,0 +1,200 @@
+//! Registration socket: line-delimited JSON over a Unix socket
+//! (docs/CONTRACTS.md). Each client is authorised by SO_PEERCRED and may
+//! act only on processes it could signal itself.
+//!
+//! A client can never block or crash the agent: requests are size- and
+//! time-limited, the number of clients is capped, and each connection is
+//! its own task that touches the registry only under a short lock.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{UnixListener, UnixStream},
+    sync::Semaphore,
+};
+
+use crate::registry::{ActorSpec, Caller, Registry, RegistryError, Source};
+
+pub const MAX_REQUEST: usize = 64 * 1024;
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const MAX_CLIENTS: usize = 256;
+
+/// Removes the socket file when the agent stops.
+pub struct SocketGuard(PathBuf);
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds the socket, refusing to take over one a running agent serves.
+pub async fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketGuard)> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another sigwake agent is serving {}; stop it, or give this one another --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    // Any local user may connect; what each may do is decided per request
+    // from its SO_PEERCRED credentials.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("setting permissions on {}", path.display()))?;
+    Ok((listener, SocketGuard(path.to_path_buf())))
+}
+
+pub async fn serve(listener: UnixListener, registry: Arc<Mutex<Registry>>) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            let _ = tokio::time::timeout(Duration::from_millis(100), async {
+                let line = error_reply("busy", &format!("the agent serves at most {MAX_CLIENTS} clients at once; retry later"));
+                stream.write_all(line.as_bytes()).await
+            })
+            .await;
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = client(stream, registry).await {
+                tracing::debug!("registration client: {e}");
+            }
+        });
+    }
+}
+
+fn error_reply(code: &str, message: &str) -> String {
+    format!("{}\n", json!({"ok": false, "code": code, "error": message}))
+}
+
+async fn client(mut stream: UnixStream, registry: Arc<Mutex<Registry>>) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let caller = Caller {
+        pid: cred.pid().map(|p| p as u32).unwrap_or(0),
+        uid: cred.uid(),
+    };
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        // Answer every complete line already buffered.
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let reply = handle_line(&line[..line.len() - 1], caller, &registry);
+            tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(reply.as_bytes()))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client not reading"))??;
+        }
+        if buf.len() > MAX_REQUEST {
+            let reply = error_reply("too_large", &format!("requests are limited to {MAX_REQUEST} bytes"));
+            let _ = stream.write_all(reply.as_bytes()).await;
+            return Ok(());
+        }
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut chunk)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                let reply = error_reply("timeout", &format!("no complete request within {IDLE_TIMEOUT:?}"));
+                let _ = stream.write_all(reply.as_bytes()).await;
+                return Ok(());
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One request line → one reply line (with its newline).
+pub fn handle_line(line: &[u8], caller: Caller, registry: &Mutex<Registry>) -> String {
+    let reply = match parse(line) {
+        Ok((op, spec)) => {
+            let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
+            let result: Result<Value, RegistryError> = match op.as_str() {
+                "ping" => Ok(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})),
+                "register" => reg.upsert(&spec, Source::Socket, Some(caller)).map(|a| json!({"ok": true, "actor": a})),
+                "update" => reg.update(&spec, caller).map(|a| json!({"ok": true, "actor": a})),
+                "deregister" => reg.deregister(spec.pid.unwrap_or(caller.pid), caller).map(|()| json!({"ok": true})),
+                "list" => Ok(json!({"ok": true, "actors": reg.visible_to(caller)})),
+                other => Err(RegistryError::Invalid(format!(
+                    "unknown op `{other}`; expected register, update, deregister, list or ping"
+                ))),
+            };
+            match result {
+                Ok(v) => format!("{v}\n"),
+                Err(e) => error_reply(e.code(), &e.to_string()),
+            }
+        }
+        Err(msg) => error_reply("bad_request", &msg),
+    };
+    reply
+}
+
+fn parse(line: &[u8]) -> Result<(String, ActorSpec), String> {
+    let mut v: Value = serde_json::from_slice(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let obj = v.as_object_mut().ok_or("a request is a JSON object")?;
+    let op = match obj.remove("op") {
+        Some(Value::String(s)) => s,
+        _ => return Err("missing string field `op`".into()),
+    };
+    let spec: ActorSpec = serde_json::from_value(v).map_err(|e| format!("bad fields for `{op}`: {e}"))?;
+    Ok((op, spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::tests::registry;
+
+    fn call(r: &Mutex<Registry>, caller: Caller, line: &str) -> Value {
+        serde_json::from_str(&handle_line(line.as_bytes(), caller, r)).unwrap()
+    }
+
+    #[test]
+    fn register_list_deregister_round_trip() {
+        let (r, p, _) = registry();
+        p.add(500, 7, 1000, 1);
+        let r = Mutex::new(r);
+        let me = Caller { pid: 500, uid: 1000 };
+        let v = call(&r, me, r#"{"op":"register","name":"fetcher","runtime":"trio","labels":{"team":"a"}}"#);
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["actor"]["pid"], 500);
+        assert_eq!(v["actor"]["runtime"], "trio");
+        assert_eq!(v["actor"]["state"], "healthy");
+        assert_eq!(call(&r, me, r#"{"op":"list"}"#)["actors"][0]["name"], "fetcher");
+        assert_eq!(call(&r, me, r#"{"op":"deregister"}"#)["ok"], true);
+        assert_eq!(call(&r, me, r#"{"op":"deregister"}"#)["code"], "not_registered");
+    }
+
+    #[test]
+    fn garbage_gets_a_bad_request_reply() {
+        let (r, _, _) = registry();
+        let r = Mutex::new(r);
+        let me = Caller { pid: 1, uid: 0 };
+        for line in ["", "{", "[]", "42", r#"{"op":7}"#, r#"{"op":"explode"}"#, r#"{"op":"register","pid":"x"}"#, r#"{"op":"register","bogus":1}"#] {
+            let v = call(&r, me, line);
+            assert_eq!(v["ok"], false, "{line}: {v}");
+            assert_eq!(v["code"], "bad_request", "{line}: {v}");
+        }
+        let v = handle_line(&[0xff, 0xfe, b'{'], me, &r);
+        assert!(v.contains("bad_request"));
+    }
+}

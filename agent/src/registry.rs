@@ -1,0 +1,770 @@
+//! Actor registry: who each event belongs to.
+//!
+//! An actor is a supervised process, identified by pid *and* start time:
+//! a pid that is reused never inherits an entry. Entries come from the
+//! registration socket, config selectors, tractor command lines and
+//! auto-discovery; the watched set is mirrored into the kernel's
+//! WATCHED_PIDS map through [`WatchedSink`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    events::{Event, EventBody, Signal},
+    procinfo,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Runtime {
+    Trio,
+    Asyncio,
+    Other,
+    Unknown,
+}
+
+impl Runtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trio => "trio",
+            Self::Asyncio => "asyncio",
+            Self::Other => "other",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActorState {
+    Healthy,
+    /// A wakeup write failed; waiting to see whether the loop runs again.
+    DroppedWakeup,
+    /// Confirmed: the loop did not run within the confirm window.
+    Starving,
+    Escalating,
+    Exited,
+    /// Escalation finished the actor; kept for the record until it expires.
+    Dead,
+}
+
+impl ActorState {
+    pub const ALL: [ActorState; 6] = [
+        Self::Healthy,
+        Self::DroppedWakeup,
+        Self::Starving,
+        Self::Escalating,
+        Self::Exited,
+        Self::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::DroppedWakeup => "dropped_wakeup",
+            Self::Starving => "starving",
+            Self::Escalating => "escalating",
+            Self::Exited => "exited",
+            Self::Dead => "dead",
+        }
+    }
+
+    pub fn is_live(self) -> bool {
+        !matches!(self, Self::Exited | Self::Dead)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Socket,
+    Selector,
+    Tractor,
+    Discovered,
+}
+
+impl Source {
+    /// A stronger source may rename or re-policy an actor a weaker one made.
+    fn rank(self) -> u8 {
+        match self {
+            Self::Discovered => 0,
+            Self::Tractor => 1,
+            Self::Selector => 2,
+            Self::Socket => 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DropRecord {
+    pub time: String,
+    pub mono_ns: u64,
+    pub signal: String,
+    pub fd: i32,
+    pub errno: i32,
+}
+
+const RECENT_DROPS: usize = 16;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Actor {
+    pub name: String,
+    pub pid: u32,
+    /// Clock ticks since boot (/proc/PID/stat field 22).
+    pub start_time: u64,
+    pub uid: u32,
+    pub runtime: Runtime,
+    /// Name of the parent actor, if it is one.
+    pub parent: Option<String>,
+    pub parent_pid: Option<u32>,
+    /// Escalation policy; `None`: observe only.
+    pub policy: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Learned from the handler's writes, or given at registration.
+    pub wakeup_fd: Option<i32>,
+    pub source: Source,
+    /// uid of the socket client that registered it.
+    #[serde(skip)]
+    pub registered_by: Option<u32>,
+    pub state: ActorState,
+    pub first_seen: String,
+    pub last_seen: String,
+    #[serde(skip)]
+    pub last_seen_mono: u64,
+    pub drops: u64,
+    pub recent_drops: VecDeque<DropRecord>,
+}
+
+/// What a client (or a selector) asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorSpec {
+    pub pid: Option<u32>,
+    pub name: Option<String>,
+    pub runtime: Option<Runtime>,
+    pub parent: Option<u32>,
+    pub policy: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub wakeup_fd: Option<i32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub pid: u32,
+    pub uid: u32,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    /// The pid does not exist (or exited while being registered).
+    #[error("no process with pid {0}")]
+    NoSuchProcess(u32),
+    /// The caller could not signal that process itself.
+    #[error("uid {caller_uid} may not act on pid {pid}: only its owner or root may register it")]
+    NotPermitted { pid: u32, caller_uid: u32 },
+    /// Another client registered that process.
+    #[error("pid {pid} is already registered as `{name}` by another client")]
+    AlreadyRegistered { pid: u32, name: String },
+    /// Update or deregister of a process nobody registered.
+    #[error("pid {0} is not registered")]
+    NotRegistered(u32),
+    /// A field is out of bounds.
+    #[error("{0}")]
+    Invalid(String),
+    /// The registry is full.
+    #[error("the registry holds its maximum of {0} actors")]
+    Full(usize),
+}
+
+impl RegistryError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NoSuchProcess(_) => "no_such_process",
+            Self::NotPermitted { .. } => "not_permitted",
+            Self::AlreadyRegistered { .. } => "already_registered",
+            Self::NotRegistered(_) => "not_registered",
+            Self::Invalid(_) => "bad_request",
+            Self::Full(_) => "busy",
+        }
+    }
+}
+
+/// Where the registry mirrors its watched set (the kernel map; a fake in tests).
+pub trait WatchedSink: Send {
+    fn watch(&mut self, pid: u32);
+    fn unwatch(&mut self, pid: u32);
+}
+
+/// A sink that does nothing (trace-only use, tests).
+pub struct NoSink;
+impl WatchedSink for NoSink {
+    fn watch(&mut self, _: u32) {}
+    fn unwatch(&mut self, _: u32) {}
+}
+
+/// Facts about a live process, read from /proc; a seam for tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcFacts {
+    pub start_time: u64,
+    /// Real, effective, saved uid.
+    pub uids: [u32; 3],
+    pub ppid: u32,
+    pub comm: String,
+    pub cmdline: Vec<String>,
+}
+
+pub trait ProcReader: Send {
+    fn facts(&self, pid: u32) -> Option<ProcFacts>;
+}
+
+/// Reads the real /proc.
+pub struct RealProc;
+impl ProcReader for RealProc {
+    fn facts(&self, pid: u32) -> Option<ProcFacts> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let uids: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))?
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim().parse().ok()?;
+        Some(ProcFacts {
+            start_time: procinfo::start_time(pid)?,
+            uids: [*uids.first()?, *uids.get(1)?, *uids.get(2)?],
+            ppid,
+            comm: procinfo::comm(pid).unwrap_or_default(),
+            cmdline: procinfo::cmdline(pid).unwrap_or_default(),
+        })
+    }
+}
+
+pub const MAX_NAME: usize = 128;
+pub const MAX_LABELS: usize = 32;
+
+fn validate(spec: &ActorSpec) -> Result<(), RegistryError> {
+    if let Some(name) = &spec.name
+        && (name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control))
+    {
+        return Err(RegistryError::Invalid(format!(
+            "name must be 1-{MAX_NAME} printable characters"
+        )));
+    }
+    if let Some(labels) = &spec.labels
+        && (labels.len() > MAX_LABELS
+            || labels.iter().any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 256))
+    {
+        return Err(RegistryError::Invalid(format!(
+            "at most {MAX_LABELS} labels, keys 1-64 bytes, values up to 256 bytes"
+        )));
+    }
+    if let Some(p) = &spec.policy
+        && (p.is_empty() || p.len() > 64)
+    {
+        return Err(RegistryError::Invalid("policy name must be 1-64 bytes".into()));
+    }
+    if spec.wakeup_fd.is_some_and(|fd| fd < 0) {
+        return Err(RegistryError::Invalid("wakeup_fd must be >= 0".into()));
+    }
+    Ok(())
+}
+
+/// kill(2)'s permission rule: root, or the caller's uid is the target's
+/// real or saved uid.
+fn may_signal(caller_uid: u32, target: &ProcFacts) -> bool {
+    caller_uid == 0 || caller_uid == target.uids[0] || caller_uid == target.uids[2]
+}
+
+/// Parses tractor's `--uid "('name', 'uuid')"` from a subactor cmdline
+/// (`python -m tractor._child --uid ... --parent_addr ...`).
+pub fn tractor_identity(cmdline: &[String]) -> Option<(String, String)> {
+    let is_child = cmdline.windows(2).any(|w| w[0] == "-m" && w[1] == "tractor._child");
+    if !is_child {
+        return None;
+    }
+    let uid = cmdline.windows(2).find(|w| w[0] == "--uid").map(|w| w[1].as_str())?;
+    // ('name', 'uuid') with either quote style.
+    let inner = uid.trim().strip_prefix('(')?.strip_suffix(')')?;
+    let mut parts = inner.splitn(2, ',').map(|p| p.trim().trim_matches(['\'', '"']).to_string());
+    let name = parts.next().filter(|n| !n.is_empty())?;
+    let uuid = parts.next().unwrap_or_default();
+    Some((name, uuid))
+}
+
+pub struct Registry {
+    actors: HashMap<u32, Actor>,
+    sink: Box<dyn WatchedSink>,
+    proc: Box<dyn ProcReader>,
+    clock: procinfo::Clock,
+    max_actors: usize,
+    /// Exited/dead entries are kept this long for the record.
+    retain_exited_ns: u64,
+}
+
+impl Registry {
+    pub fn new(sink: Box<dyn WatchedSink>, proc: Box<dyn ProcReader>, max_actors: usize) -> Self {
+        Registry {
+            actors: HashMap::new(),
+            sink,
+            proc,
+            clock: procinfo::Clock::now(),
+            max_actors,
+            retain_exited_ns: 300_000_000_000,
+        }
+    }
+
+    fn now(&self) -> (u64, String) {
+        let mono = procinfo::monotonic_ns();
+        (mono, self.clock.rfc3339(mono))
+    }
+
+    /// The live actor for `pid`, if any.
+    pub fn get(&self, pid: u32) -> Option<&Actor> {
+        self.actors.get(&pid).filter(|a| a.state.is_live())
+    }
+
+    pub fn get_mut(&mut self, pid: u32) -> Option<&mut Actor> {
+        self.actors.get_mut(&pid).filter(|a| a.state.is_live())
+    }
+
+    pub fn name_of(&self, pid: u32) -> Option<&str> {
+        self.get(pid).map(|a| a.name.as_str())
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Actor> {
+        self.actors.values()
+    }
+
+    pub fn len_live(&self) -> usize {
+        self.actors.values().filter(|a| a.state.is_live()).count()
+    }
+
+    /// Actors `caller` may see: those it could signal.
+    pub fn visible_to(&self, caller: Caller) -> Vec<Actor> {
+        let mut v: Vec<Actor> = self
+            .actors
+            .values()
+            .filter(|a| caller.uid == 0 || a.uid == caller.uid)
+            .cloned()
+            .collect();
+        v.sort_by_key(|a| a.pid);
+        v
+    }
+
+    /// Adds or refreshes an actor. `caller` is `None` for the agent's own
+    /// sources (selectors, tractor, discovery).
+    pub fn upsert(
+        &mut self,
+        spec: &ActorSpec,
+        source: Source,
+        caller: Option<Caller>,
+    ) -> Result<Actor, RegistryError> {
+        validate(spec)?;
+        let pid = spec.pid.or(caller.map(|c| c.pid)).ok_or_else(|| {
+            RegistryError::Invalid("pid is required".into())
+        })?;
+        let facts = self.proc.facts(pid).ok_or(RegistryError::NoSuchProcess(pid))?;
+        if let Some(c) = caller
+            && !may_signal(c.uid, &facts)
+        {
+            return Err(RegistryError::NotPermitted { pid, caller_uid: c.uid });
+        }
+        // Same pid, other start time: the old process is gone and its pid
+        // reused. The old entry is closed, never inherited.
+        if let Some(old) = self.actors.get_mut(&pid)
+            && old.start_time != facts.start_time
+        {
+            old.state = ActorState::Exited;
+            self.actors.remove(&pid);
+        }
+        let (mono, now) = self.now();
+        let parent_pid = spec.parent.or(Some(facts.ppid)).filter(|p| *p > 1);
+        let parent = parent_pid.and_then(|p| self.name_of(p).map(str::to_string));
+        if let Some(existing) = self.actors.get_mut(&pid).filter(|a| a.state.is_live()) {
+            if source == Source::Socket && existing.source == Source::Socket {
+                let by = existing.registered_by;
+                if caller.is_some_and(|c| Some(c.uid) != by && c.uid != 0) {
+                    return Err(RegistryError::AlreadyRegistered { pid, name: existing.name.clone() });
+                }
+            }
+            if source.rank() >= existing.source.rank() {
+                if let Some(n) = &spec.name {
+                    existing.name = n.clone();
+                }
+                if spec.policy.is_some() {
+                    existing.policy = spec.policy.clone();
+                }
+                existing.source = source;
+                if source == Source::Socket {
+                    existing.registered_by = caller.map(|c| c.uid);
+                }
+            }
+            if let Some(r) = spec.runtime {
+                existing.runtime = r;
+            }
+            if let Some(l) = &spec.labels {
+                existing.labels = l.clone();
+            }
+            if spec.wakeup_fd.is_some() {
+                existing.wakeup_fd = spec.wakeup_fd;
+            }
+            if parent.is_some() {
+                existing.parent = parent;
+                existing.parent_pid = parent_pid;
+            }
+            existing.last_seen = now;
+            existing.last_seen_mono = mono;
+            return Ok(existing.clone());
+        }
+        if self.len_live() >= self.max_actors {
+            return Err(RegistryError::Full(self.max_actors));
+        }
+        let actor = Actor {
+            name: spec.name.clone().unwrap_or_else(|| format!("{}-{pid}", facts.comm)),
+            pid,
+            start_time: facts.start_time,
+            uid: facts.uids[0],
+            runtime: spec.runtime.unwrap_or(Runtime::Unknown),
+            parent,
+            parent_pid,
+            policy: spec.policy.clone(),
+            labels: spec.labels.clone().unwrap_or_default(),
+            wakeup_fd: spec.wakeup_fd,
+            source,
+            registered_by: if source == Source::Socket { caller.map(|c| c.uid) } else { None },
+            state: ActorState::Healthy,
+            first_seen: now.clone(),
+            last_seen: now,
+            last_seen_mono: mono,
+            drops: 0,
+            recent_drops: VecDeque::new(),
+        };
+        self.sink.watch(pid);
+        self.actors.insert(pid, actor.clone());
+        Ok(actor)
+    }
+
+    /// Removes a socket registration (the caller must be allowed to signal it).
+    pub fn deregister(&mut self, pid: u32, caller: Caller) -> Result<(), RegistryError> {
+        let Some(actor) = self.get(pid) else { return Err(RegistryError::NotRegistered(pid)) };
+        if caller.uid != 0 && caller.uid != actor.uid && Some(caller.uid) != actor.registered_by {
+            return Err(RegistryError::NotPermitted { pid, caller_uid: caller.uid });
+        }
+        self.actors.remove(&pid);
+        self.sink.unwatch(pid);
+        Ok(())
+    }
+
+    /// For the socket's `update`: the actor must exist and be the caller's.
+    pub fn update(&mut self, spec: &ActorSpec, caller: Caller) -> Result<Actor, RegistryError> {
+        let pid = spec.pid.unwrap_or(caller.pid);
+        let Some(actor) = self.get(pid) else { return Err(RegistryError::NotRegistered(pid)) };
+        if caller.uid != 0 && caller.uid != actor.uid {
+            return Err(RegistryError::NotPermitted { pid, caller_uid: caller.uid });
+        }
+        let source = actor.source.max_by_rank(Source::Socket);
+        self.upsert(&ActorSpec { pid: Some(pid), ..spec.clone() }, source, Some(caller))
+    }
+
+    /// Records what an event says about its actor; returns the actor's
+    /// name for labels and output.
+    pub fn observe(&mut self, ev: &Event) -> Option<String> {
+        let clock = self.clock;
+        match &ev.body {
+            EventBody::ProcessExit(e) => {
+                let pid = e.task.pid;
+                let actor = self.get_mut(pid)?;
+                actor.state = ActorState::Exited;
+                actor.last_seen = clock.rfc3339(ev.mono_ns);
+                actor.last_seen_mono = ev.mono_ns;
+                let name = actor.name.clone();
+                self.sink.unwatch(pid);
+                Some(name)
+            }
+            EventBody::HandlerWrite(w) => {
+                let actor = self.get_mut(w.task.pid)?;
+                actor.last_seen = clock.rfc3339(ev.mono_ns);
+                actor.last_seen_mono = ev.mono_ns;
+                // A one-byte write from a handler is the wakeup write: learn the fd.
+                if w.count == 1 && w.task.tid == w.task.pid && actor.wakeup_fd.is_none() {
+                    actor.wakeup_fd = Some(w.fd);
+                }
+                if let Some(errno) = w.errno() {
+                    actor.drops += 1;
+                    if actor.recent_drops.len() == RECENT_DROPS {
+                        actor.recent_drops.pop_front();
+                    }
+                    actor.recent_drops.push_back(DropRecord {
+                        time: clock.rfc3339(ev.mono_ns),
+                        mono_ns: ev.mono_ns,
+                        signal: w.signal.name(),
+                        fd: w.fd,
+                        errno,
+                    });
+                }
+                Some(actor.name.clone())
+            }
+            EventBody::SignalGenerate(g) => self.name_of(g.target_tid).map(str::to_string),
+            _ => {
+                let pid = ev.subject_pid();
+                self.name_of(pid).map(str::to_string)
+            }
+        }
+    }
+
+    /// Drops entries whose process is gone or whose pid was reused
+    /// (covers exits the kernel could not report), and expires old
+    /// exited entries.
+    pub fn sweep(&mut self) -> Vec<u32> {
+        let (mono, now) = self.now();
+        let mut gone = Vec::new();
+        for (pid, actor) in self.actors.iter_mut() {
+            if actor.state.is_live() {
+                let same = self.proc.facts(*pid).is_some_and(|f| f.start_time == actor.start_time);
+                if !same {
+                    actor.state = ActorState::Exited;
+                    actor.last_seen = now.clone();
+                    actor.last_seen_mono = mono;
+                    gone.push(*pid);
+                }
+            }
+        }
+        for pid in &gone {
+            self.sink.unwatch(*pid);
+        }
+        let retain = self.retain_exited_ns;
+        self.actors.retain(|_, a| a.state.is_live() || mono.saturating_sub(a.last_seen_mono) < retain);
+        gone
+    }
+
+    /// Whether `pid` still is the actor it was registered as.
+    pub fn same_process(&self, pid: u32, start_time: u64) -> bool {
+        self.proc.facts(pid).is_some_and(|f| f.start_time == start_time)
+    }
+
+    pub fn facts(&self, pid: u32) -> Option<ProcFacts> {
+        self.proc.facts(pid)
+    }
+
+    pub fn set_state(&mut self, pid: u32, state: ActorState) {
+        if let Some(a) = self.actors.get_mut(&pid) {
+            a.state = state;
+        }
+    }
+
+    /// Counts of live and recorded actors by (state, runtime).
+    pub fn counts(&self) -> HashMap<(ActorState, Runtime), i64> {
+        let mut out = HashMap::new();
+        for a in self.actors.values() {
+            *out.entry((a.state, a.runtime)).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// True for a stop signal (SIGINT, SIGTERM, SIGQUIT, SIGHUP).
+    pub fn is_stop_signal(sig: Signal) -> bool {
+        matches!(sig.0, libc::SIGINT | libc::SIGTERM | libc::SIGQUIT | libc::SIGHUP)
+    }
+}
+
+trait MaxByRank {
+    fn max_by_rank(self, other: Source) -> Source;
+}
+impl MaxByRank for Source {
+    fn max_by_rank(self, other: Source) -> Source {
+        if self.rank() >= other.rank() { self } else { other }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::events::testing::{dropped_wakeup, raw};
+    use sigwake_common::kind;
+
+    /// A fake /proc: pid → facts, shared so tests can change it.
+    #[derive(Clone, Default)]
+    pub struct FakeProc(pub Arc<Mutex<HashMap<u32, ProcFacts>>>);
+    impl FakeProc {
+        pub fn add(&self, pid: u32, start: u64, uid: u32, ppid: u32) {
+            self.0.lock().unwrap().insert(
+                pid,
+                ProcFacts { start_time: start, uids: [uid; 3], ppid, comm: "python".into(), cmdline: vec![] },
+            );
+        }
+        pub fn remove(&self, pid: u32) {
+            self.0.lock().unwrap().remove(&pid);
+        }
+    }
+    impl ProcReader for FakeProc {
+        fn facts(&self, pid: u32) -> Option<ProcFacts> {
+            self.0.lock().unwrap().get(&pid).cloned()
+        }
+    }
+
+    #[derive(Clone, Default)]
+    pub struct FakeSink(pub Arc<Mutex<std::collections::BTreeSet<u32>>>);
+    impl WatchedSink for FakeSink {
+        fn watch(&mut self, pid: u32) {
+            self.0.lock().unwrap().insert(pid);
+        }
+        fn unwatch(&mut self, pid: u32) {
+            self.0.lock().unwrap().remove(&pid);
+        }
+    }
+
+    pub fn registry() -> (Registry, FakeProc, FakeSink) {
+        let p = FakeProc::default();
+        let s = FakeSink::default();
+        (Registry::new(Box::new(s.clone()), Box::new(p.clone()), 100), p, s)
+    }
+
+    fn spec(pid: u32, name: &str) -> ActorSpec {
+        ActorSpec { pid: Some(pid), name: Some(name.into()), ..Default::default() }
+    }
+
+    const ALICE: Caller = Caller { pid: 50, uid: 1000 };
+    const BOB: Caller = Caller { pid: 60, uid: 1001 };
+    const ROOT: Caller = Caller { pid: 1, uid: 0 };
+
+    #[test]
+    fn owner_may_register_and_is_watched_in_the_kernel() {
+        let (mut r, p, s) = registry();
+        p.add(100, 5, 1000, 1);
+        let a = r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        assert_eq!((a.name.as_str(), a.pid, a.start_time, a.uid), ("fetcher", 100, 5, 1000));
+        assert!(s.0.lock().unwrap().contains(&100));
+        assert_eq!(r.name_of(100), Some("fetcher"));
+    }
+
+    #[test]
+    fn another_user_may_not_register_or_see_a_process() {
+        let (mut r, p, _) = registry();
+        p.add(100, 5, 0, 1);
+        let err = r.upsert(&spec(100, "x"), Source::Socket, Some(ALICE)).unwrap_err();
+        assert_eq!(err, RegistryError::NotPermitted { pid: 100, caller_uid: 1000 });
+        assert_eq!(err.code(), "not_permitted");
+        r.upsert(&spec(100, "rootd"), Source::Socket, Some(ROOT)).unwrap();
+        assert!(r.visible_to(ALICE).is_empty());
+        assert_eq!(r.visible_to(ROOT).len(), 1);
+        assert_eq!(r.deregister(100, ALICE), Err(RegistryError::NotPermitted { pid: 100, caller_uid: 1000 }));
+    }
+
+    #[test]
+    fn missing_pid_and_double_registration_are_specific_errors() {
+        let (mut r, p, _) = registry();
+        assert_eq!(r.upsert(&spec(9, "x"), Source::Socket, Some(ROOT)).unwrap_err(), RegistryError::NoSuchProcess(9));
+        p.add(100, 5, 1000, 1);
+        p.add(101, 5, 1001, 1);
+        r.upsert(&spec(100, "a"), Source::Socket, Some(ALICE)).unwrap();
+        // Same uid re-registering is an update; a different (non-root) uid
+        // that could signal it is refused.
+        assert_eq!(r.upsert(&spec(100, "a2"), Source::Socket, Some(ALICE)).unwrap().name, "a2");
+        p.add(100, 5, 1001, 1);
+        let err = r.upsert(&spec(100, "b"), Source::Socket, Some(BOB)).unwrap_err();
+        assert!(matches!(err, RegistryError::AlreadyRegistered { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn reused_pid_never_inherits_the_old_entry() {
+        let (mut r, p, s) = registry();
+        p.add(100, 5, 1000, 1);
+        r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        // The actor exits without the kernel telling us; an unrelated
+        // process gets pid 100.
+        p.add(100, 999, 1000, 1);
+        assert_eq!(r.sweep(), vec![100]);
+        assert_eq!(r.name_of(100), None);
+        assert!(!s.0.lock().unwrap().contains(&100));
+        assert_eq!(r.observe(&dropped_wakeup(100, 3, 1)), None, "the new process is not the actor");
+        // Registering the new process makes a new entry with the new identity.
+        let a = r.upsert(&spec(100, "other"), Source::Socket, Some(ALICE)).unwrap();
+        assert_eq!((a.start_time, a.drops), (999, 0));
+    }
+
+    #[test]
+    fn drops_are_attributed_and_the_wakeup_fd_learned() {
+        let (mut r, p, _) = registry();
+        p.add(100, 5, 1000, 1);
+        r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        assert_eq!(r.observe(&dropped_wakeup(100, 7, 10)).as_deref(), Some("fetcher"));
+        let a = r.get(100).unwrap();
+        assert_eq!((a.drops, a.wakeup_fd), (1, Some(7)));
+        assert_eq!(a.recent_drops[0].errno, libc::EAGAIN);
+    }
+
+    #[test]
+    fn exit_event_marks_exited_and_unwatches() {
+        let (mut r, p, s) = registry();
+        p.add(100, 5, 1000, 1);
+        r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        let exit = Event::try_from(&raw(kind::PROCESS_EXIT, 0, 100, 100)).unwrap();
+        assert_eq!(r.observe(&exit).as_deref(), Some("fetcher"));
+        assert_eq!(r.name_of(100), None);
+        assert!(r.all().any(|a| a.pid == 100 && a.state == ActorState::Exited));
+        assert!(!s.0.lock().unwrap().contains(&100));
+    }
+
+    #[test]
+    fn parent_actor_is_resolved_by_ppid() {
+        let (mut r, p, _) = registry();
+        p.add(100, 5, 1000, 1);
+        p.add(101, 6, 1000, 100);
+        r.upsert(&spec(100, "root"), Source::Socket, Some(ALICE)).unwrap();
+        let child = r.upsert(&spec(101, "child"), Source::Socket, Some(ALICE)).unwrap();
+        assert_eq!(child.parent.as_deref(), Some("root"));
+        assert_eq!(child.parent_pid, Some(100));
+    }
+
+    #[test]
+    fn weaker_sources_do_not_rename_a_registered_actor() {
+        let (mut r, p, _) = registry();
+        p.add(100, 5, 1000, 1);
+        r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        let a = r.upsert(&spec(100, "python-100"), Source::Discovered, None).unwrap();
+        assert_eq!(a.name, "fetcher");
+        assert_eq!(a.source, Source::Socket);
+    }
+
+    #[test]
+    fn bad_fields_are_refused() {
+        let (mut r, p, _) = registry();
+        p.add(100, 5, 1000, 1);
+        for bad in [
+            ActorSpec { pid: Some(100), name: Some(String::new()), ..Default::default() },
+            ActorSpec { pid: Some(100), name: Some("x".repeat(200)), ..Default::default() },
+            ActorSpec { pid: Some(100), name: Some("a\nb".into()), ..Default::default() },
+            ActorSpec { pid: Some(100), wakeup_fd: Some(-3), ..Default::default() },
+        ] {
+            assert_eq!(r.upsert(&bad, Source::Socket, Some(ALICE)).unwrap_err().code(), "bad_request");
+        }
+    }
+
+    #[test]
+    fn registry_is_bounded() {
+        let p = FakeProc::default();
+        let mut r = Registry::new(Box::new(NoSink), Box::new(p.clone()), 2);
+        for pid in 1..=3 {
+            p.add(pid + 100, 1, 0, 1);
+        }
+        r.upsert(&spec(101, "a"), Source::Socket, Some(ROOT)).unwrap();
+        r.upsert(&spec(102, "b"), Source::Socket, Some(ROOT)).unwrap();
+        assert_eq!(r.upsert(&spec(103, "c"), Source::Socket, Some(ROOT)).unwrap_err(), RegistryError::Full(2));
+    }
+
+    #[test]
+    fn tractor_cmdline_gives_name_and_uuid() {
+        let cmd: Vec<String> = ["python", "-m", "tractor._child", "--uid", "('fetcher', '1b2c-3d')", "--parent_addr", "x"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(tractor_identity(&cmd), Some(("fetcher".into(), "1b2c-3d".into())));
+        let not: Vec<String> = ["python", "app.py", "--uid", "('a','b')"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(tractor_identity(&not), None);
+        let bad: Vec<String> = ["python", "-m", "tractor._child", "--uid", "garbage"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(tractor_identity(&bad), None);
+    }
+}
