@@ -3,6 +3,7 @@
 //! SIGINT/SIGTERM, detach on drop).
 
 use std::{
+    collections::HashMap,
     io::Write as _,
     sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
@@ -13,14 +14,21 @@ use sigwake_common::Config as KernelConfig;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    cli::{ActorsArgs, Format, RunArgs, TraceArgs},
+    cli::{ActorsArgs, Format, IncidentsArgs, RunArgs, TraceArgs},
     config::{Config, Overrides},
     discovery::Discovery,
     events::EventBody,
     http::{self, HttpState},
     metrics::Metrics,
     registration,
-    registry::{RealProc, Registry, WatchedSink},
+    registry::{ActorState, RealProc, Registry, WatchedSink},
+    config::Policy,
+    detector::{Detector, Input, Output},
+    escalation::{Confirmation, Engine},
+    events::{Disposition, Event},
+    incidents,
+    metrics::ActorLabel,
+    pidfd,
     probes::Probes,
     procinfo::{self, Clock},
     source,
@@ -185,25 +193,63 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let registry = Arc::new(Mutex::new(Registry::new(Box::new(watched), Box::new(RealProc), config.max_actors)));
     let mut discovery = Discovery::new(config.selectors.clone(), config.discovery);
     discovery.scan(&mut lock(&registry));
+    let store = incidents::Store::open(&config.state_dir)?;
+    let engine = Engine::new(&config, store, registry.clone(), metrics.clone());
+    engine.resume();
+    let mut detector = Detector::default();
+    let default_policy = config.policies.get("default").cloned().unwrap_or_else(Policy::builtin_default);
+    if config.dry_run {
+        tracing::warn!("dry run: escalation will log what it would do and signal nothing");
+    }
 
-    let state = Arc::new(HttpState { metrics: metrics.clone(), ready: false.into(), registry: registry.clone() });
+    let state = Arc::new(HttpState {
+        metrics: metrics.clone(),
+        ready: false.into(),
+        registry: registry.clone(),
+        incidents: engine.store.clone(),
+    });
     let server = tokio::spawn(http::serve(listener, state.clone()));
     tokio::spawn(registration::serve(socket, registry.clone()));
     tracing::info!(
-        "serving /metrics, /healthz, /readyz and /actors on http://{}; registration socket {}",
+        "serving /metrics, /healthz, /readyz, /actors and /incidents on http://{}; registration socket {}; state in {}",
         config.listen,
-        config.socket.display()
+        config.socket.display(),
+        config.state_dir.display()
     );
     let (mut batches, _reader) =
         source::spawn_ringbuf_reader(probes.take_events()?).context("polling the event ring buffer")?;
     state.ready.store(true, Ordering::Release);
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The detector decides at confirm deadlines; 50 ms keeps that decision
+    // within 50 ms of the deadline.
+    let mut detect_tick = tokio::time::interval(Duration::from_millis(50));
+    let mut outputs = Vec::new();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             why = &mut shutdown => { tracing::info!("{}: detaching and stopping", why?); break; }
+            _ = detect_tick.tick() => {
+                let now = procinfo::monotonic_ns();
+                let active = detector.active();
+                let fds: HashMap<u32, Option<i32>> = {
+                    let reg = lock(&registry);
+                    active.iter().map(|p| (*p, reg.get(*p).and_then(|a| a.wakeup_fd))).collect()
+                };
+                let mut probe = |pid: u32| -> Option<u64> {
+                    let fill = pidfd::wakeup_fill(pid, fds.get(&pid).copied().flatten()?)?;
+                    if let Some(cap) = fill.capacity_hint.filter(|c| *c > 0) {
+                        let name = lock(&registry).name_of(pid).map(str::to_string);
+                        metrics.wakeup_fill_ratio
+                            .get_or_create(&ActorLabel { actor: metrics.actor_labels.label(name.as_deref()) })
+                            .set((fill.queued as f64 / cap as f64).min(1.0));
+                    }
+                    Some(fill.queued)
+                };
+                detector.tick(now, &mut probe, &mut outputs);
+                apply_detector_outputs(&mut outputs, &registry, &engine, &metrics);
+            }
             _ = tick.tick() => {
                 let mut reg = lock(&registry);
                 discovery.scan(&mut reg);
@@ -228,6 +274,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     let actor = reg.observe(&ev);
                     let runtime = reg.get(ev.subject_pid()).map_or("unknown", |a| a.runtime.as_str());
                     metrics.observe(&ev, actor.as_deref(), runtime);
+                    if actor.is_some() {
+                        feed_detector(&mut detector, &reg, &config, &default_policy, &ev, &mut outputs);
+                    }
                     if let EventBody::HandlerWrite(w) = &ev.body
                         && w.is_dropped_wakeup()
                     {
@@ -240,6 +289,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         );
                     }
                 }
+                drop(reg);
+                apply_detector_outputs(&mut outputs, &registry, &engine, &metrics);
             }
         }
         if server.is_finished() {
@@ -249,6 +300,60 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     state.ready.store(false, Ordering::Release);
     drop(probes);
     Ok(())
+}
+
+/// Turns an actor's event into a detector input.
+fn feed_detector(
+    detector: &mut Detector,
+    reg: &Registry,
+    config: &Config,
+    default_policy: &Policy,
+    ev: &Event,
+    out: &mut Vec<Output>,
+) {
+    let pid = ev.subject_pid();
+    let Some(actor) = reg.all().find(|a| a.pid == pid) else { return };
+    let input = match &ev.body {
+        EventBody::SignalDeliver(d) if matches!(d.disposition, Disposition::Handler(_)) && Registry::is_stop_signal(d.signal) => {
+            Input::StopSignal { sig: d.signal.0 }
+        }
+        EventBody::HandlerWrite(w) if w.count == 1 && w.is_dropped_wakeup() => Input::WakeupDropped { sig: w.signal.0 },
+        EventBody::HandlerWrite(w) if w.count == 1 => Input::WakeupWritten,
+        EventBody::ProcessExit(_) => Input::Exited,
+        _ => return,
+    };
+    let policy = actor.policy.as_ref().and_then(|p| config.policies.get(p)).unwrap_or(default_policy);
+    let window = policy.confirm_window(actor.runtime).as_nanos() as u64;
+    detector.input(pid, actor.runtime, window, ev.mono_ns, input, out);
+}
+
+fn apply_detector_outputs(out: &mut Vec<Output>, registry: &Mutex<Registry>, engine: &Arc<Engine>, metrics: &Metrics) {
+    for o in out.drain(..) {
+        match o {
+            Output::Dropped { pid } => lock(registry).set_state(pid, ActorState::DroppedWakeup),
+            Output::Lost { pid, sig } => {
+                let name = lock(registry).name_of(pid).unwrap_or("-").to_string();
+                tracing::warn!(actor = name, pid, "asyncio lost a {} callback: its wakeup byte was dropped", crate::events::Signal(sig));
+            }
+            Output::Confirmed { pid, first_evidence_ns, confirmed_ns, drops, fill } => {
+                let signals = lock(registry)
+                    .get(pid)
+                    .map(|a| {
+                        let mut s: Vec<String> = a.recent_drops.iter().map(|d| d.signal.clone()).collect();
+                        s.dedup();
+                        s
+                    })
+                    .unwrap_or_default();
+                engine.on_confirmed(Confirmation { pid, first_evidence_ns, confirmed_ns, drops, fill, signals });
+            }
+            Output::Recovered { pid, .. } => {
+                engine.on_recovered(pid);
+                let name = lock(registry).name_of(pid).map(str::to_string);
+                metrics.wakeup_fill_ratio.remove(&ActorLabel { actor: metrics.actor_labels.label(name.as_deref()) });
+            }
+            Output::Exited { pid } => engine.on_exited(pid),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -284,6 +389,36 @@ pub fn actors(args: ActorsArgs) -> anyhow::Result<()> {
             "{:<24} {:<8} {:<10} {:<15} {:<11} {:<9} {:<6} {:<16} {}",
             s("name"), s("pid"), s("runtime"), s("state"), s("source"), s("policy"), s("drops"),
             s("last_seen").get(11..19).unwrap_or("-"), s("parent")
+        );
+    }
+    Ok(())
+}
+
+/// `sigwake incidents`: reads the incident state the agent keeps.
+pub fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
+    let path = args.state_dir.join("incidents.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no incidents recorded in {}", args.state_dir.display());
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let list: Vec<incidents::Incident> =
+        serde_json::from_str(&text).with_context(|| format!("{} is not an incident list", path.display()))?;
+    let list: Vec<_> = list.into_iter().filter(|i| !args.open || i.status.is_open()).collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!("{:<5} {:<20} {:<8} {:<8} {:<11} {:<9} {:<6} {:<27} STEPS", "ID", "ACTOR", "PID", "RUNTIME", "STATUS", "POLICY", "DROPS", "OPENED");
+    for i in list.iter().rev() {
+        let steps: Vec<String> = i.steps.iter().map(|s| format!("{}:{}", s.action, s.outcome)).collect();
+        let status = serde_json::to_value(i.status)?.as_str().unwrap_or("-").to_string();
+        println!(
+            "{:<5} {:<20} {:<8} {:<8} {:<11} {:<9} {:<6} {:<27} {}",
+            i.id, i.actor, i.pid, i.runtime, status, i.policy.as_deref().unwrap_or("observe"), i.evidence.drops, i.opened, steps.join(" → ")
         );
     }
     Ok(())

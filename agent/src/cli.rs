@@ -28,6 +28,8 @@ pub enum Command {
     Run(RunArgs),
     /// List the actors a running agent knows (those you could signal; root sees all).
     Actors(ActorsArgs),
+    /// List current and past starvation incidents and what was done about them.
+    Incidents(IncidentsArgs),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -78,6 +80,19 @@ pub struct RunArgs {
     /// Do not record self-pipe event loops nobody registered.
     #[arg(long)]
     pub no_discovery: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct IncidentsArgs {
+    /// The agent's state directory.
+    #[arg(long, env = "SIGWAKE_STATE_DIR", default_value = "/var/lib/sigwake")]
+    pub state_dir: PathBuf,
+    /// Only incidents still open.
+    #[arg(long)]
+    pub open: bool,
+    /// Print the JSON objects instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

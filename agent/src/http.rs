@@ -25,6 +25,7 @@ pub struct HttpState {
     /// True once every kernel program is attached.
     pub ready: AtomicBool,
     pub registry: Arc<std::sync::Mutex<crate::registry::Registry>>,
+    pub incidents: Arc<std::sync::Mutex<crate::incidents::Store>>,
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -36,6 +37,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/actors", get(actors))
+        .route("/incidents", get(incidents))
         .with_state(state)
 }
 
@@ -58,6 +60,15 @@ async fn actors(State(state): State<Arc<HttpState>>) -> Response {
         reg.all().cloned().collect()
     };
     list.sort_by_key(|a| a.pid);
+    axum::Json(list).into_response()
+}
+
+/// Current and past incidents, newest first.
+async fn incidents(State(state): State<Arc<HttpState>>) -> Response {
+    let list: Vec<crate::incidents::Incident> = {
+        let store = state.incidents.lock().unwrap_or_else(|e| e.into_inner());
+        store.all().rev().cloned().collect()
+    };
     axum::Json(list).into_response()
 }
 

@@ -11,10 +11,13 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod detector;
 pub mod discovery;
 pub mod diagnostics;
+pub mod escalation;
 pub mod events;
 pub mod http;
+pub mod incidents;
 pub mod metrics;
 pub mod pidfd;
 pub mod probes;

@@ -10,9 +10,11 @@ fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    if let cli::Command::Actors(args) = cli.command {
-        return report(app::actors(args));
-    }
+    let cli = match cli.command {
+        cli::Command::Actors(args) => return report(app::actors(args)),
+        cli::Command::Incidents(args) => return report(app::incidents(args)),
+        _ => cli,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -24,7 +26,7 @@ fn main() -> ExitCode {
         match cli.command {
             cli::Command::Trace(args) => app::trace(args).await,
             cli::Command::Run(args) => app::run(args).await,
-            cli::Command::Actors(_) => unreachable!("handled above"),
+            cli::Command::Actors(_) | cli::Command::Incidents(_) => unreachable!("handled above"),
         }
     });
     report(result)

@@ -38,7 +38,9 @@ pub enum PidfdError {
     Reused { pid: u32, expected: u64, found: u64 },
     /// The caller lacks the rights for this operation (not root, no
     /// CAP_KILL / ptrace-attach rights over the target).
-    #[error("permission denied for {op} on pid {pid}: need root or CAP_KILL/ptrace rights over the target")]
+    #[error(
+        "permission denied for {op} on pid {pid}: need root or CAP_KILL/ptrace rights over the target"
+    )]
     PermissionDenied { op: &'static str, pid: u32 },
     /// The target has no such file descriptor (pidfd_getfd: EBADF).
     #[error("pid {pid} has no file descriptor {fd}")]
@@ -61,7 +63,11 @@ impl PidfdError {
         match err.raw_os_error() {
             Some(libc::ESRCH) => PidfdError::Exited { pid },
             Some(libc::EPERM) | Some(libc::EACCES) => PidfdError::PermissionDenied { op, pid },
-            _ => PidfdError::Syscall { op, pid, source: err },
+            _ => PidfdError::Syscall {
+                op,
+                pid,
+                source: err,
+            },
         }
     }
 }
@@ -85,7 +91,11 @@ impl ProcessHandle {
         // SAFETY: pidfd_open(pid_t, unsigned int) takes no pointers.
         let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0u32) };
         if ret < 0 {
-            return Err(PidfdError::from_errno("pidfd_open", pid, io::Error::last_os_error()));
+            return Err(PidfdError::from_errno(
+                "pidfd_open",
+                pid,
+                io::Error::last_os_error(),
+            ));
         }
         // SAFETY: the syscall returned a fresh descriptor that nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(ret as RawFd) };
@@ -99,15 +109,26 @@ impl ProcessHandle {
                 return Err(PidfdError::Exited { pid });
             }
             Err(e) => {
-                return Err(PidfdError::StartTime { pid, reason: e.to_string() });
+                return Err(PidfdError::StartTime {
+                    pid,
+                    reason: e.to_string(),
+                });
             }
         };
         if let Some(expected) = expected_start_time
             && expected != found
         {
-            return Err(PidfdError::Reused { pid, expected, found });
+            return Err(PidfdError::Reused {
+                pid,
+                expected,
+                found,
+            });
         }
-        Ok(ProcessHandle { pid, start_time: found, fd })
+        Ok(ProcessHandle {
+            pid,
+            start_time: found,
+            fd,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -165,7 +186,11 @@ impl ProcessHandle {
                     ms.min(libc::c_int::MAX as u128) as libc::c_int
                 }
             };
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd.
             let n = unsafe { libc::poll(&mut pfd, 1, ms) };
             if n > 0 {
@@ -193,11 +218,15 @@ impl ProcessHandle {
     /// out of them); consuming them would lose the signals for good.
     pub fn get_fd(&self, target_fd: i32) -> Result<OwnedFd, PidfdError> {
         // SAFETY: pidfd_getfd(int, int, unsigned int) takes no pointers.
-        let ret = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), target_fd, 0u32) };
+        let ret =
+            unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), target_fd, 0u32) };
         if ret < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EBADF) {
-                return Err(PidfdError::NoSuchFd { pid: self.pid, fd: target_fd });
+                return Err(PidfdError::NoSuchFd {
+                    pid: self.pid,
+                    fd: target_fd,
+                });
             }
             return Err(PidfdError::from_errno("pidfd_getfd", self.pid, err));
         }
@@ -286,7 +315,11 @@ pub fn wakeup_fill(pid: u32, wakeup_fd: i32) -> Option<WakeupFill> {
             let sndbuf = *m.get(sock_diag::MEMINFO_SNDBUF)? as u64;
             (queued > 0 && wmem > 0).then(|| (queued * sndbuf).div_ceil(wmem))
         });
-        return Some(WakeupFill { queued, capacity_hint, method: "sock_diag" });
+        return Some(WakeupFill {
+            queued,
+            capacity_hint,
+            method: "sock_diag",
+        });
     }
     let handle = ProcessHandle::open(pid, None).ok()?;
     let fd = handle.get_fd(wakeup_fd).ok()?;
@@ -298,7 +331,11 @@ pub fn wakeup_fill(pid: u32, wakeup_fd: i32) -> Option<WakeupFill> {
     } else {
         None
     };
-    Some(WakeupFill { queued, capacity_hint, method: "fionread" })
+    Some(WakeupFill {
+        queued,
+        capacity_hint,
+        method: "fionread",
+    })
 }
 
 /// Receive queue (bytes) and inode of the AF_UNIX socket `fd` of `pid`, via
@@ -313,7 +350,11 @@ pub fn unix_socket_recv_queue(pid: u32, fd: i32) -> Option<(u32, u32)> {
 
 /// The inode of a `socket:[INODE]` readlink target.
 fn socket_inode(target: &str) -> Option<u32> {
-    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// NETLINK_SOCK_DIAG for AF_UNIX, by hand (linux/unix_diag.h,
@@ -377,7 +418,10 @@ mod sock_diag {
     }
 
     fn same_netns(pid: u32) -> bool {
-        match (fs::metadata("/proc/self/ns/net"), fs::metadata(format!("/proc/{pid}/ns/net"))) {
+        match (
+            fs::metadata("/proc/self/ns/net"),
+            fs::metadata(format!("/proc/{pid}/ns/net")),
+        ) {
             (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
             // Cannot tell: querying our own netns is all we can do anyway.
             _ => true,
@@ -414,7 +458,10 @@ mod sock_diag {
         }
         // SAFETY: fresh descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
         // SAFETY: valid option pointer and length.
         unsafe {
             libc::setsockopt(
@@ -500,11 +547,15 @@ mod sock_diag {
     }
 
     fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-        Some(u16::from_ne_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
+        Some(u16::from_ne_bytes(
+            b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+        ))
     }
 
     fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-        Some(u32::from_ne_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+        Some(u32::from_ne_bytes(
+            b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+        ))
     }
 
     fn align4(n: usize) -> usize {
@@ -523,7 +574,11 @@ mod sock_diag {
             };
             let len = len as usize;
             if len < NLMSG_HDRLEN || len > buf.len() - off {
-                return if saw_ours { Reply::Failed } else { Reply::Other };
+                return if saw_ours {
+                    Reply::Failed
+                } else {
+                    Reply::Other
+                };
             }
             let msg = &buf[off..off + len];
             off += align4(len);
@@ -550,7 +605,11 @@ mod sock_diag {
                 _ => {}
             }
         }
-        if saw_ours { Reply::Failed } else { Reply::Other }
+        if saw_ours {
+            Reply::Failed
+        } else {
+            Reply::Other
+        }
     }
 
     /// struct unix_diag_msg followed by rtattr-framed attributes.
@@ -558,7 +617,12 @@ mod sock_diag {
         if p.len() < UNIX_DIAG_MSG_LEN || p[0] != libc::AF_UNIX as u8 {
             return None;
         }
-        let mut d = UnixDiag { ino: u32_at(p, 4)?, sock_type: p[1], state: p[2], ..Default::default() };
+        let mut d = UnixDiag {
+            ino: u32_at(p, 4)?,
+            sock_type: p[1],
+            state: p[2],
+            ..Default::default()
+        };
         let mut off = UNIX_DIAG_MSG_LEN;
         while p.len().saturating_sub(off) >= 4 {
             let alen = u16_at(p, off)? as usize;
@@ -577,7 +641,10 @@ mod sock_diag {
                 }
                 UNIX_DIAG_MEMINFO => {
                     d.meminfo = Some(
-                        payload.chunks_exact(4).filter_map(|c| c.try_into().ok().map(u32::from_ne_bytes)).collect(),
+                        payload
+                            .chunks_exact(4)
+                            .filter_map(|c| c.try_into().ok().map(u32::from_ne_bytes))
+                            .collect(),
                     );
                 }
                 _ => {}
@@ -604,7 +671,11 @@ pub fn descendants(pid: u32) -> Vec<u32> {
         return Vec::new();
     };
     for entry in dir.flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
@@ -652,7 +723,12 @@ mod tests {
     }
 
     fn sleeper() -> Reaper {
-        Reaper(Command::new("sleep").arg("30").spawn().expect("spawn sleep"))
+        Reaper(
+            Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("spawn sleep"),
+        )
     }
 
     #[test]
@@ -677,7 +753,11 @@ mod tests {
         let pid = child.0.id();
         let start = read_start_time(pid).unwrap();
         match ProcessHandle::open(pid, Some(start + 1)) {
-            Err(PidfdError::Reused { pid: p, expected, found }) => {
+            Err(PidfdError::Reused {
+                pid: p,
+                expected,
+                found,
+            }) => {
                 assert_eq!((p, expected, found), (pid, start + 1, start));
             }
             other => panic!("expected Reused, got {other:?}"),
@@ -695,12 +775,17 @@ mod tests {
         h.send_signal(libc::SIGKILL).unwrap();
         child.0.wait().unwrap(); // reaped: the pid is released
         assert!(!h.is_alive());
-        assert!(matches!(h.send_signal(libc::SIGTERM), Err(PidfdError::Exited { pid: p }) if p == pid));
+        assert!(
+            matches!(h.send_signal(libc::SIGTERM), Err(PidfdError::Exited { pid: p }) if p == pid)
+        );
         assert!(matches!(h.get_fd(0), Err(PidfdError::Exited { .. })));
         // Opening a reaped pid (unless already reused, which is unlikely
         // within microseconds) fails the same way.
         if fs::metadata(format!("/proc/{pid}")).is_err() {
-            assert!(matches!(ProcessHandle::open(pid, None), Err(PidfdError::Exited { .. })));
+            assert!(matches!(
+                ProcessHandle::open(pid, None),
+                Err(PidfdError::Exited { .. })
+            ));
         }
     }
 
@@ -708,7 +793,10 @@ mod tests {
     fn get_fd_missing_fd() {
         let child = sleeper();
         let h = ProcessHandle::open(child.0.id(), None).unwrap();
-        assert!(matches!(h.get_fd(987), Err(PidfdError::NoSuchFd { fd: 987, .. })));
+        assert!(matches!(
+            h.get_fd(987),
+            Err(PidfdError::NoSuchFd { fd: 987, .. })
+        ));
         // fd 0 exists: get a duplicate and inspect it without reading.
         let fd = h.get_fd(0).unwrap();
         assert!(fd.as_raw_fd() >= 0);
@@ -736,7 +824,12 @@ mod tests {
         BufReader::new(stdout).read_line(&mut line).unwrap();
         let f: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(f.len(), 3, "unexpected python output {line:?}");
-        Some((reaper, f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap()))
+        Some((
+            reaper,
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        ))
     }
 
     const TRIO_LIKE: &str = r#"
@@ -772,7 +865,9 @@ time.sleep(30)
 
     #[test]
     fn wakeup_fill_trio_socketpair() {
-        let Some((_child, pid, wfd, written)) = python_filler(TRIO_LIKE) else { return };
+        let Some((_child, pid, wfd, written)) = python_filler(TRIO_LIKE) else {
+            return;
+        };
         let fill = wakeup_fill(pid, wfd).expect("wakeup_fill");
         eprintln!("trio-like socketpair: {written} one-byte writes until EAGAIN; fill {fill:?}");
         assert_eq!(fill.method, "sock_diag");
@@ -808,7 +903,11 @@ time.sleep(30)
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
         let f: Vec<&str> = line.split_whitespace().collect();
-        let (pid, wfd, written): (u32, i32, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap());
+        let (pid, wfd, written): (u32, i32, u64) = (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        );
         assert_ne!(
             fs::metadata("/proc/self/ns/net").unwrap().ino(),
             fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino()
@@ -819,7 +918,9 @@ time.sleep(30)
 
     #[test]
     fn wakeup_fill_pipe() {
-        let Some((_child, pid, wfd, written)) = python_filler(PIPE) else { return };
+        let Some((_child, pid, wfd, written)) = python_filler(PIPE) else {
+            return;
+        };
         let fill = wakeup_fill(pid, wfd).expect("wakeup_fill");
         eprintln!("pipe: {written} bytes until EAGAIN; fill {fill:?}");
         assert_eq!(fill.method, "fionread");
@@ -862,7 +963,11 @@ time.sleep(30)
                 let _ = h.send_signal(libc::SIGKILL);
             }
         }
-        assert!(descendants(std::process::id()).iter().all(|&p| p != std::process::id()));
+        assert!(
+            descendants(std::process::id())
+                .iter()
+                .all(|&p| p != std::process::id())
+        );
     }
 
     #[test]

@@ -428,7 +428,9 @@ impl Registry {
             runtime: spec.runtime.unwrap_or(Runtime::Unknown),
             parent,
             parent_pid,
-            policy: spec.policy.clone(),
+            // A client that registers opts in to the default policy;
+            // other sources observe only unless a selector names one.
+            policy: spec.policy.clone().or_else(|| (source == Source::Socket).then(|| "default".to_string())),
             labels: spec.labels.clone().unwrap_or_default(),
             wakeup_fd: spec.wakeup_fd,
             source,

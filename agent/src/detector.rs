@@ -1,0 +1,271 @@
+//! Starvation detector: one state machine per actor, driven by kernel
+//! events and a clock the caller passes in (so tests fake it).
+//!
+//! A dropped wakeup is an event; *starvation* is a stop signal (or a
+//! dropped wakeup) not followed by the loop running within the confirm
+//! window (DESIGN §1). "The loop ran" is seen as:
+//! - its wakeup fd drained (fill level 0, read without touching the queue),
+//! - or a handler write succeeding after drops (there is room again).
+//!
+//! Runtime matters: for trio a full wakeup socket is normal and SIGINT is
+//! only delayed, so only the confirm window decides; for asyncio every
+//! failed byte is a lost callback, reported at once ([`Output::Lost`]).
+
+use std::collections::HashMap;
+
+use crate::registry::Runtime;
+
+/// Per-actor inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// A stop signal (SIGINT, SIGTERM, …) entered a handler in the actor.
+    StopSignal { sig: i32 },
+    /// A handler's wakeup write failed.
+    WakeupDropped { sig: i32 },
+    /// A handler's wakeup write succeeded.
+    WakeupWritten,
+    /// The process exited.
+    Exited,
+}
+
+/// What the caller must act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// First dropped wakeup of an episode (state: dropped_wakeup).
+    Dropped { pid: u32 },
+    /// asyncio: the byte was a signal callback, and it is gone.
+    Lost { pid: u32, sig: i32 },
+    /// The loop did not run within the window: starving, confirmed.
+    Confirmed { pid: u32, first_evidence_ns: u64, confirmed_ns: u64, drops: u32, fill: Option<u64> },
+    /// The loop ran again; any escalation must stop.
+    Recovered { pid: u32, at_ns: u64 },
+    Exited { pid: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    /// Evidence seen at `since`; decide at `deadline`.
+    Watching { since: u64, deadline: u64, drops: u32, last_sig: i32 },
+    /// Confirmed; escalation owns the actor until it recovers or exits.
+    Starving { since: u64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Track {
+    runtime: Runtime,
+    window_ns: u64,
+    phase: Phase,
+}
+
+#[derive(Default)]
+pub struct Detector {
+    tracks: HashMap<u32, Track>,
+}
+
+impl Detector {
+    pub fn phase(&self, pid: u32) -> Phase {
+        self.tracks.get(&pid).map_or(Phase::Idle, |t| t.phase)
+    }
+
+    pub fn forget(&mut self, pid: u32) {
+        self.tracks.remove(&pid);
+    }
+
+    /// Pids currently watched or starving (their fill level is worth polling).
+    pub fn active(&self) -> Vec<u32> {
+        self.tracks.iter().filter(|(_, t)| t.phase != Phase::Idle).map(|(p, _)| *p).collect()
+    }
+
+    /// Feeds one input for actor `pid`, whose runtime and confirm window
+    /// the caller looks up (they may change while it lives).
+    pub fn input(&mut self, pid: u32, runtime: Runtime, window_ns: u64, now: u64, input: Input, out: &mut Vec<Output>) {
+        let t = self.tracks.entry(pid).or_insert(Track { runtime, window_ns, phase: Phase::Idle });
+        t.runtime = runtime;
+        t.window_ns = window_ns;
+        match (input, t.phase) {
+            (Input::Exited, _) => {
+                self.tracks.remove(&pid);
+                out.push(Output::Exited { pid });
+            }
+            (Input::StopSignal { sig }, Phase::Idle) => {
+                t.phase = Phase::Watching { since: now, deadline: now + window_ns, drops: 0, last_sig: sig };
+            }
+            (Input::StopSignal { sig }, Phase::Watching { since, deadline, drops, .. }) => {
+                t.phase = Phase::Watching { since, deadline, drops, last_sig: sig };
+            }
+            (Input::WakeupDropped { sig }, Phase::Idle) => {
+                t.phase = Phase::Watching { since: now, deadline: now + window_ns, drops: 1, last_sig: sig };
+                out.push(Output::Dropped { pid });
+                if runtime == Runtime::Asyncio {
+                    out.push(Output::Lost { pid, sig });
+                }
+            }
+            (Input::WakeupDropped { sig }, Phase::Watching { since, deadline, drops, .. }) => {
+                if drops == 0 {
+                    out.push(Output::Dropped { pid });
+                }
+                t.phase = Phase::Watching { since, deadline, drops: drops + 1, last_sig: sig };
+                if runtime == Runtime::Asyncio {
+                    out.push(Output::Lost { pid, sig });
+                }
+            }
+            (Input::WakeupDropped { sig }, Phase::Starving { .. }) => {
+                if runtime == Runtime::Asyncio {
+                    out.push(Output::Lost { pid, sig });
+                }
+            }
+            // Room in the wakeup fd again after drops: the loop drained it.
+            (Input::WakeupWritten, Phase::Watching { drops, .. }) if drops > 0 => {
+                t.phase = Phase::Idle;
+                out.push(Output::Recovered { pid, at_ns: now });
+            }
+            (Input::WakeupWritten, Phase::Starving { .. }) => {
+                t.phase = Phase::Idle;
+                out.push(Output::Recovered { pid, at_ns: now });
+            }
+            _ => {}
+        }
+    }
+
+    /// Advances time. `fill(pid)` is the wakeup fd's undrained byte count
+    /// (None: unknown). A drained fd is progress; at the deadline, a fd
+    /// still holding bytes — or, when the fill is unknown, drops with no
+    /// successful write since — confirms starvation.
+    pub fn tick(&mut self, now: u64, fill: &mut dyn FnMut(u32) -> Option<u64>, out: &mut Vec<Output>) {
+        for (&pid, t) in self.tracks.iter_mut() {
+            match t.phase {
+                Phase::Idle => {}
+                Phase::Watching { since, deadline, drops, .. } => {
+                    let f = fill(pid);
+                    if f == Some(0) {
+                        t.phase = Phase::Idle;
+                        out.push(Output::Recovered { pid, at_ns: now });
+                    } else if now >= deadline && (f.is_some() || drops > 0) {
+                        t.phase = Phase::Starving { since: now };
+                        out.push(Output::Confirmed { pid, first_evidence_ns: since, confirmed_ns: now, drops, fill: f });
+                    } else if now >= deadline {
+                        // A stop signal, fill unknown and no drop: no evidence either way.
+                        t.phase = Phase::Idle;
+                    }
+                }
+                Phase::Starving { .. } => {
+                    if fill(pid) == Some(0) {
+                        t.phase = Phase::Idle;
+                        out.push(Output::Recovered { pid, at_ns: now });
+                    }
+                }
+            }
+        }
+        self.tracks.retain(|_, t| t.phase != Phase::Idle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: u64 = 2_000_000_000;
+    const MS: u64 = 1_000_000;
+
+    fn run(d: &mut Detector, pid: u32, rt: Runtime, now: u64, i: Input) -> Vec<Output> {
+        let mut out = vec![];
+        d.input(pid, rt, W, now, i, &mut out);
+        out
+    }
+
+    fn tick(d: &mut Detector, now: u64, fill: Option<u64>) -> Vec<Output> {
+        let mut out = vec![];
+        d.tick(now, &mut |_| fill, &mut out);
+        out
+    }
+
+    #[test]
+    fn trio_starved_past_the_window_is_confirmed() {
+        let mut d = Detector::default();
+        assert!(run(&mut d, 7, Runtime::Trio, 0, Input::StopSignal { sig: 2 }).is_empty());
+        assert_eq!(run(&mut d, 7, Runtime::Trio, 10 * MS, Input::WakeupDropped { sig: 2 }), vec![Output::Dropped { pid: 7 }]);
+        assert!(tick(&mut d, W - 1, Some(6)).is_empty(), "not before the deadline");
+        assert_eq!(
+            tick(&mut d, W, Some(6)),
+            vec![Output::Confirmed { pid: 7, first_evidence_ns: 0, confirmed_ns: W, drops: 1, fill: Some(6) }]
+        );
+        assert_eq!(d.phase(7), Phase::Starving { since: W });
+        // Starving stays starving while the fd stays full.
+        assert!(tick(&mut d, 3 * W, Some(6)).is_empty());
+    }
+
+    #[test]
+    fn trio_briefly_busy_drains_within_the_window_and_is_never_confirmed() {
+        let mut d = Detector::default();
+        run(&mut d, 7, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 });
+        assert_eq!(tick(&mut d, 500 * MS, Some(0)), vec![Output::Recovered { pid: 7, at_ns: 500 * MS }]);
+        assert_eq!(d.phase(7), Phase::Idle);
+        assert!(tick(&mut d, 10 * W, Some(6)).is_empty());
+    }
+
+    #[test]
+    fn a_successful_write_after_drops_is_recovery() {
+        let mut d = Detector::default();
+        run(&mut d, 7, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 });
+        assert_eq!(run(&mut d, 7, Runtime::Trio, MS, Input::WakeupWritten), vec![Output::Recovered { pid: 7, at_ns: MS }]);
+        // A successful write without drops means nothing.
+        run(&mut d, 8, Runtime::Trio, 0, Input::StopSignal { sig: 2 });
+        assert!(run(&mut d, 8, Runtime::Trio, MS, Input::WakeupWritten).is_empty());
+    }
+
+    #[test]
+    fn starved_loop_that_recovers_cancels() {
+        let mut d = Detector::default();
+        run(&mut d, 7, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 });
+        tick(&mut d, W, Some(6));
+        assert_eq!(tick(&mut d, 2 * W, Some(0)), vec![Output::Recovered { pid: 7, at_ns: 2 * W }]);
+        run(&mut d, 9, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 });
+        tick(&mut d, W, Some(6));
+        assert_eq!(run(&mut d, 9, Runtime::Trio, W + 1, Input::WakeupWritten), vec![Output::Recovered { pid: 9, at_ns: W + 1 }]);
+    }
+
+    #[test]
+    fn asyncio_reports_each_lost_byte_at_once() {
+        let mut d = Detector::default();
+        assert_eq!(
+            run(&mut d, 5, Runtime::Asyncio, 0, Input::WakeupDropped { sig: 2 }),
+            vec![Output::Dropped { pid: 5 }, Output::Lost { pid: 5, sig: 2 }]
+        );
+        assert_eq!(run(&mut d, 5, Runtime::Asyncio, 1, Input::WakeupDropped { sig: 15 }), vec![Output::Lost { pid: 5, sig: 15 }]);
+        // trio's drops are not losses.
+        assert_eq!(run(&mut d, 6, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 }), vec![Output::Dropped { pid: 6 }]);
+    }
+
+    #[test]
+    fn stop_signal_with_undrained_fd_and_no_drop_is_starvation() {
+        // The fd was not full yet, so the write succeeded, but the loop never read it.
+        let mut d = Detector::default();
+        run(&mut d, 7, Runtime::Trio, 0, Input::StopSignal { sig: 2 });
+        run(&mut d, 7, Runtime::Trio, 1, Input::WakeupWritten);
+        assert_eq!(
+            tick(&mut d, W, Some(1)),
+            vec![Output::Confirmed { pid: 7, first_evidence_ns: 0, confirmed_ns: W, drops: 0, fill: Some(1) }]
+        );
+    }
+
+    #[test]
+    fn unknown_fill_confirms_on_drops_only() {
+        let mut d = Detector::default();
+        run(&mut d, 7, Runtime::Other, 0, Input::StopSignal { sig: 15 });
+        assert!(tick(&mut d, W, None).is_empty(), "no evidence: stop signal only");
+        assert_eq!(d.phase(7), Phase::Idle);
+        run(&mut d, 8, Runtime::Other, 0, Input::WakeupDropped { sig: 15 });
+        assert!(matches!(tick(&mut d, W, None)[..], [Output::Confirmed { pid: 8, drops: 1, fill: None, .. }]));
+    }
+
+    #[test]
+    fn exit_ends_tracking_in_every_phase() {
+        let mut d = Detector::default();
+        run(&mut d, 7, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 });
+        tick(&mut d, W, Some(6));
+        assert_eq!(run(&mut d, 7, Runtime::Trio, W + 1, Input::Exited), vec![Output::Exited { pid: 7 }]);
+        assert_eq!(d.phase(7), Phase::Idle);
+        assert!(d.active().is_empty());
+    }
+}

@@ -1,0 +1,572 @@
+//! Escalation engine: finishes the stop a lost signal asked for.
+//!
+//! For each confirmed starvation it opens an incident and, if the actor
+//! has a policy, walks the policy's tiers (diagnostics → SIGTERM → SIGKILL
+//! → subtree → notify), each with a timeout. Rules it never breaks:
+//! - every signal goes through a pidfd opened *after* re-checking the
+//!   process's start time, never to a bare pid;
+//! - it stops the moment the actor recovers or exits;
+//! - actors without a policy (auto-discovered ones) are only observed;
+//! - dry-run sends nothing; a global rate limit and a cap on concurrent
+//!   escalations bound what it can do at once;
+//! - progress is persisted per tier, so a restarted agent resumes an
+//!   incident without repeating what was done.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::Semaphore;
+
+use crate::{
+    config::{Action, Config, EscalationLimits, Policy},
+    diagnostics::{self, CaptureOptions},
+    incidents::{Evidence, Incident, Status, Store},
+    metrics::{EscalationLabels, Metrics, StageLabels},
+    pidfd::{self, PidfdError, ProcessHandle},
+    procinfo,
+    registry::{ActorState, Registry},
+};
+
+/// Sliding one-minute window of signal/kill actions.
+struct RateLimit {
+    per_minute: u32,
+    sent: VecDeque<Instant>,
+}
+
+impl RateLimit {
+    fn try_take(&mut self) -> bool {
+        let now = Instant::now();
+        while self.sent.front().is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60)) {
+            self.sent.pop_front();
+        }
+        if self.sent.len() < self.per_minute as usize {
+            self.sent.push_back(now);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub struct Engine {
+    pub store: Arc<Mutex<Store>>,
+    registry: Arc<Mutex<Registry>>,
+    metrics: Arc<Metrics>,
+    policies: BTreeMap<String, Policy>,
+    dry_run: bool,
+    slots: Arc<Semaphore>,
+    rate: Mutex<RateLimit>,
+    /// incident id → cancel flag of its running ladder.
+    running: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the detector confirmed.
+pub struct Confirmation {
+    pub pid: u32,
+    pub first_evidence_ns: u64,
+    pub confirmed_ns: u64,
+    pub drops: u32,
+    pub fill: Option<u64>,
+    pub signals: Vec<String>,
+}
+
+impl Engine {
+    pub fn new(config: &Config, store: Store, registry: Arc<Mutex<Registry>>, metrics: Arc<Metrics>) -> Arc<Engine> {
+        let EscalationLimits { max_concurrent, max_actions_per_minute } = config.limits;
+        Arc::new(Engine {
+            store: Arc::new(Mutex::new(store)),
+            registry,
+            metrics,
+            policies: config.policies.clone(),
+            dry_run: config.dry_run,
+            slots: Arc::new(Semaphore::new(max_concurrent)),
+            rate: Mutex::new(RateLimit { per_minute: max_actions_per_minute, sent: VecDeque::new() }),
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn refresh_active(&self) {
+        self.metrics.incidents_active.set(lock(&self.store).active_count() as i64);
+    }
+
+    /// Opens an incident for a confirmed starvation and starts its ladder.
+    pub fn on_confirmed(self: &Arc<Self>, c: Confirmation) {
+        let (actor, incident) = {
+            let reg = lock(&self.registry);
+            let Some(a) = reg.get(c.pid) else { return };
+            if lock(&self.store).open_for(a.pid, a.start_time).is_some() {
+                return;
+            }
+            let incident = Incident {
+                id: 0,
+                actor: a.name.clone(),
+                pid: a.pid,
+                start_time: a.start_time,
+                runtime: a.runtime.as_str().into(),
+                policy: a.policy.clone(),
+                dry_run: self.dry_run,
+                status: Status::Open,
+                opened: lock(&self.store).now(),
+                closed: None,
+                evidence: Evidence {
+                    drops: c.drops,
+                    fill: c.fill,
+                    wakeup_fd: a.wakeup_fd,
+                    signals: c.signals.clone(),
+                    confirm_ms: c.confirmed_ns.saturating_sub(c.first_evidence_ns) as f64 / 1e6,
+                },
+                steps: vec![],
+                next_tier: 0,
+                subtree: vec![],
+                first_evidence_mono: c.first_evidence_ns,
+                confirmed_mono: c.confirmed_ns,
+            };
+            (a.clone(), incident)
+        };
+        self.metrics
+            .starvation_incidents
+            .get_or_create(&crate::metrics::ActorRuntimeLabels {
+                actor: self.metrics.actor_labels.label(Some(&actor.name)),
+                runtime: actor.runtime.as_str().into(),
+            })
+            .inc();
+        self.metrics
+            .detection_latency
+            .get_or_create(&StageLabels { stage: "confirm".into() })
+            .observe(incident.evidence.confirm_ms / 1e3);
+        let id = lock(&self.store).create(incident);
+        tracing::warn!(
+            actor = actor.name, pid = actor.pid, incident = id,
+            "starvation confirmed: the event loop did not run within the confirm window after a stop signal"
+        );
+        lock(&self.registry).set_state(actor.pid, ActorState::Starving);
+        self.refresh_active();
+        if actor.policy.is_some() {
+            self.spawn_ladder(id);
+        } else {
+            tracing::info!(actor = actor.name, "no policy: observing only (give it one with a selector or at registration)");
+        }
+    }
+
+    /// The loop ran again: stop escalating and close the incident.
+    pub fn on_recovered(&self, pid: u32) {
+        self.finish(pid, Status::Recovered, "the event loop ran again (wakeup fd drained)");
+        lock(&self.registry).set_state(pid, ActorState::Healthy);
+    }
+
+    /// The process exited.
+    pub fn on_exited(&self, pid: u32) {
+        self.finish(pid, Status::Exited, "the actor exited");
+    }
+
+    fn finish(&self, pid: u32, status: Status, detail: &str) {
+        let mut store = lock(&self.store);
+        let open: Vec<u64> = store.all().filter(|i| i.pid == pid && i.status.is_open()).map(|i| i.id).collect();
+        for id in open {
+            if let Some(flag) = lock(&self.running).remove(&id) {
+                flag.store(true, Ordering::Release);
+            }
+            if let Some(i) = store.get(id) {
+                let secs = procinfo::monotonic_ns().saturating_sub(i.first_evidence_mono) as f64 / 1e9;
+                self.metrics
+                    .starvation_duration
+                    .get_or_create(&crate::metrics::RuntimeLabels { runtime: i.runtime.clone() })
+                    .observe(secs);
+            }
+            store.close(id, status, detail);
+        }
+        drop(store);
+        self.refresh_active();
+    }
+
+    /// After a restart: resume open incidents whose process is still the
+    /// same one, close the others.
+    pub fn resume(self: &Arc<Self>) {
+        let open: Vec<Incident> = lock(&self.store).all().filter(|i| i.status.is_open()).cloned().collect();
+        for i in open {
+            match ProcessHandle::open(i.pid, Some(i.start_time)) {
+                Ok(_) => {
+                    let spec = crate::registry::ActorSpec {
+                        pid: Some(i.pid),
+                        name: Some(i.actor.clone()),
+                        policy: i.policy.clone(),
+                        wakeup_fd: i.evidence.wakeup_fd,
+                        ..Default::default()
+                    };
+                    let restored = lock(&self.registry).upsert(&spec, crate::registry::Source::Socket, None);
+                    if let Err(e) = restored {
+                        tracing::warn!("incident {}: cannot restore actor {}: {e}", i.id, i.actor);
+                        continue;
+                    }
+                    lock(&self.registry).set_state(i.pid, ActorState::Starving);
+                    tracing::warn!(incident = i.id, actor = i.actor, next_tier = i.next_tier, "resuming an incident from before the restart");
+                    if i.policy.is_some() {
+                        self.spawn_ladder(i.id);
+                    }
+                }
+                Err(_) => {
+                    lock(&self.store).close(i.id, Status::Exited, "the actor was gone when the agent restarted");
+                }
+            }
+        }
+        self.refresh_active();
+    }
+
+    fn spawn_ladder(self: &Arc<Self>, id: u64) {
+        let cancel = Arc::new(AtomicBool::new(false));
+        lock(&self.running).insert(id, cancel.clone());
+        let engine = self.clone();
+        tokio::spawn(async move {
+            engine.ladder(id, cancel).await;
+        });
+    }
+
+    fn count(&self, actor: &str, tier: usize, action: &str, outcome: &str) {
+        self.metrics
+            .escalation_actions
+            .get_or_create(&EscalationLabels {
+                actor: self.metrics.actor_labels.label(Some(actor)),
+                tier: tier.to_string(),
+                action: action.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    fn step(&self, i: &Incident, tier: usize, action: &str, outcome: &str, detail: &str) {
+        if i.steps.is_empty() {
+            let since = procinfo::monotonic_ns().saturating_sub(i.confirmed_mono) as f64 / 1e9;
+            self.metrics.detection_latency.get_or_create(&StageLabels { stage: "action".into() }).observe(since);
+        }
+        tracing::warn!(incident = i.id, actor = i.actor, tier, action, outcome, "{detail}");
+        self.count(&i.actor, tier, action, outcome);
+        lock(&self.store).record_step(i.id, tier, action, outcome, detail);
+    }
+
+    async fn ladder(self: Arc<Self>, id: u64, cancel: Arc<AtomicBool>) {
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                lock(&self.store).update(id, |i| i.status = Status::Deferred);
+                match self.slots.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                }
+            }
+        };
+        let _permit = permit;
+        if cancel.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(mut inc) = lock(&self.store).get(id).cloned() else { return };
+        let Some(policy) = inc.policy.as_ref().and_then(|p| self.policies.get(p)).cloned() else {
+            lock(&self.store).close(id, Status::Failed, &format!("policy {:?} is not defined in this agent's configuration", inc.policy));
+            return;
+        };
+        lock(&self.store).update(id, |i| i.status = Status::Escalating);
+        lock(&self.registry).set_state(inc.pid, ActorState::Escalating);
+        // Pin the subtree now, while the actor is alive and its children
+        // are still its children.
+        if inc.subtree.is_empty() {
+            let pinned: Vec<(u32, u64)> = pidfd::descendants(inc.pid)
+                .into_iter()
+                .filter_map(|d| pidfd::read_start_time(d).ok().map(|t| (d, t)))
+                .collect();
+            lock(&self.store).update(id, |i| i.subtree = pinned.clone());
+            inc.subtree = pinned;
+        }
+        let has_subtree_tier = policy.tiers.iter().any(|t| matches!(t, Action::KillSubtree { .. }));
+        for tier in inc.next_tier..policy.tiers.len() {
+            if cancel.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(current) = lock(&self.store).get(id).cloned() else { return };
+            let handle = match ProcessHandle::open(inc.pid, Some(inc.start_time)) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.finish_exited(&current, &policy, has_subtree_tier, &format!("before tier {tier}: {e}")).await;
+                    return;
+                }
+            };
+            let action = &policy.tiers[tier];
+            let name = action.name();
+            match action {
+                Action::Diagnostics { py_spy } => {
+                    let opts = CaptureOptions {
+                        dir: lock(&self.store).dir().join("incidents").join(id.to_string()),
+                        py_spy: *py_spy,
+                        timeout: Duration::from_secs(10),
+                    };
+                    let (pid, fd) = (inc.pid, inc.evidence.wakeup_fd);
+                    let result = tokio::task::spawn_blocking(move || diagnostics::capture(pid, fd, &opts)).await;
+                    match result {
+                        Ok(Ok(summary)) => {
+                            let detail = serde_json::to_string(&summary).unwrap_or_default();
+                            self.step(&current, tier, name, "ok", &detail);
+                        }
+                        Ok(Err(e)) => self.step(&current, tier, name, "failed", &e.to_string()),
+                        Err(e) => self.step(&current, tier, name, "failed", &format!("capture task: {e}")),
+                    }
+                }
+                Action::Signal { signal, timeout } => {
+                    // Intent first: a restart after this point does not resend.
+                    lock(&self.store).update(id, |i| i.next_tier = tier + 1);
+                    if !self.take_rate_token(id).await {
+                        return;
+                    }
+                    if self.dry_run {
+                        self.step(&current, tier, name, "dry_run", &format!("would send {} through a pidfd", crate::events::Signal(*signal)));
+                    } else {
+                        match handle.send_signal(*signal) {
+                            Ok(()) => self.step(&current, tier, name, "ok", &format!("sent {} through a pidfd", crate::events::Signal(*signal))),
+                            Err(PidfdError::Exited { .. }) => {}
+                            Err(e) => self.step(&current, tier, name, "failed", &e.to_string()),
+                        }
+                    }
+                    if self.wait_exit(&handle, *timeout, &cancel).await {
+                        let Some(now) = lock(&self.store).get(id).cloned() else { return };
+                        self.finish_exited(&now, &policy, has_subtree_tier, &format!("exited after {name}")).await;
+                        return;
+                    }
+                }
+                Action::KillSubtree { timeout } => {
+                    lock(&self.store).update(id, |i| i.next_tier = tier + 1);
+                    if !self.take_rate_token(id).await {
+                        return;
+                    }
+                    let detail = self.kill_subtree(&current, Some(&handle));
+                    let outcome = if self.dry_run { "dry_run" } else { "ok" };
+                    self.step(&current, tier, name, outcome, &detail);
+                    if self.wait_exit(&handle, *timeout, &cancel).await {
+                        let Some(now) = lock(&self.store).get(id).cloned() else { return };
+                        self.close_killed(&now, "exited after kill_subtree");
+                        return;
+                    }
+                }
+                Action::Notify { command, url } => {
+                    let (outcome, detail) = self.notify(&current, command.as_deref(), url.as_deref()).await;
+                    self.step(&current, tier, name, outcome, &detail);
+                }
+            }
+        }
+        let Some(last) = lock(&self.store).get(id).cloned() else { return };
+        if ProcessHandle::open(last.pid, Some(last.start_time)).is_ok_and(|h| h.is_alive()) {
+            let detail = if self.dry_run { "dry run: nothing was sent; the actor is still starving" } else { "every tier ran and the actor is still alive" };
+            lock(&self.store).close(id, Status::Failed, detail);
+            self.count(&last.actor, policy.tiers.len(), "ladder", "failed");
+        } else {
+            self.close_killed(&last, "exited");
+        }
+        lock(&self.running).remove(&id);
+        self.refresh_active();
+    }
+
+    async fn take_rate_token(&self, id: u64) -> bool {
+        loop {
+            if lock(&self.rate).try_take() {
+                return true;
+            }
+            lock(&self.store).update(id, |i| i.status = Status::Deferred);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if !lock(&self.store).get(id).is_some_and(|i| i.status.is_open()) {
+                return false;
+            }
+            lock(&self.store).update(id, |i| i.status = Status::Escalating);
+        }
+    }
+
+    /// Polls the pidfd until the process exits, the timeout passes, or the
+    /// incident is cancelled (recovery). True if it exited.
+    async fn wait_exit(&self, handle: &ProcessHandle, timeout: Duration, cancel: &AtomicBool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !handle.is_alive() {
+                return true;
+            }
+            if cancel.load(Ordering::Acquire) || Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The actor is gone: finish the stop for the pinned subtree when the
+    /// policy asks for it, then close.
+    async fn finish_exited(&self, inc: &Incident, policy: &Policy, has_subtree_tier: bool, detail: &str) {
+        let we_acted = inc.steps.iter().any(|s| s.action.starts_with("sig") || s.action == "kill_subtree");
+        if has_subtree_tier && we_acted && !inc.subtree.is_empty() {
+            let tier = policy.tiers.iter().position(|t| matches!(t, Action::KillSubtree { .. })).unwrap_or(0);
+            let d = self.kill_subtree(inc, None);
+            let outcome = if self.dry_run { "dry_run" } else { "ok" };
+            self.step(inc, tier, "kill_subtree", outcome, &format!("actor exited; finishing its subtree: {d}"));
+        }
+        if we_acted {
+            self.close_killed(inc, detail);
+        } else {
+            lock(&self.store).close(inc.id, Status::Exited, detail);
+            lock(&self.running).remove(&inc.id);
+            self.refresh_active();
+        }
+    }
+
+    fn close_killed(&self, inc: &Incident, detail: &str) {
+        let secs = procinfo::monotonic_ns().saturating_sub(inc.first_evidence_mono) as f64 / 1e9;
+        self.metrics
+            .starvation_duration
+            .get_or_create(&crate::metrics::RuntimeLabels { runtime: inc.runtime.clone() })
+            .observe(secs);
+        lock(&self.store).close(inc.id, Status::Exited, detail);
+        lock(&self.registry).set_state(inc.pid, ActorState::Dead);
+        lock(&self.running).remove(&inc.id);
+        self.refresh_active();
+    }
+
+    /// Kills the actor's cgroup when it has one of its own, else SIGKILLs
+    /// the pinned descendants (and the actor) through pidfds.
+    fn kill_subtree(&self, inc: &Incident, actor: Option<&ProcessHandle>) -> String {
+        let mut done = Vec::new();
+        if let Some(cg) = own_cgroup(inc) {
+            if self.dry_run {
+                return format!("would write 1 to {}/cgroup.kill", cg.display());
+            }
+            match pidfd::kill_cgroup(&cg) {
+                Ok(()) => return format!("wrote 1 to {}/cgroup.kill", cg.display()),
+                Err(e) => done.push(format!("cgroup.kill on {} failed ({e}); killing processes one by one", cg.display())),
+            }
+        }
+        let mut killed = 0;
+        let mut gone = 0;
+        for &(pid, start) in &inc.subtree {
+            match ProcessHandle::open(pid, Some(start)) {
+                Ok(h) if self.dry_run => {
+                    let _ = h;
+                    killed += 1;
+                }
+                Ok(h) => match h.send_signal(libc::SIGKILL) {
+                    Ok(()) => killed += 1,
+                    Err(_) => gone += 1,
+                },
+                Err(_) => gone += 1,
+            }
+        }
+        if let Some(h) = actor
+            && !self.dry_run
+        {
+            let _ = h.send_signal(libc::SIGKILL);
+        }
+        let verb = if self.dry_run { "would SIGKILL" } else { "SIGKILLed" };
+        done.push(format!("{verb} {killed} pinned descendants through pidfds ({gone} already gone)"));
+        done.join("; ")
+    }
+
+    async fn notify(&self, inc: &Incident, command: Option<&[String]>, url: Option<&str>) -> (&'static str, String) {
+        let body = serde_json::to_string(inc).unwrap_or_default();
+        if self.dry_run {
+            return ("dry_run", "would notify".into());
+        }
+        let mut notes = Vec::new();
+        let mut failed = false;
+        if let Some(cmd) = command {
+            match run_hook(cmd, &body).await {
+                Ok(()) => notes.push(format!("ran {}", cmd[0])),
+                Err(e) => {
+                    failed = true;
+                    notes.push(format!("{}: {e}", cmd[0]));
+                }
+            }
+        }
+        if let Some(u) = url {
+            match post_json(u, &body).await {
+                Ok(status) => {
+                    failed |= !(200..300).contains(&status);
+                    notes.push(format!("POST {u}: HTTP {status}"));
+                }
+                Err(e) => {
+                    failed = true;
+                    notes.push(format!("POST {u}: {e}"));
+                }
+            }
+        }
+        (if failed { "failed" } else { "ok" }, notes.join("; "))
+    }
+}
+
+/// The actor's cgroup, if it holds nothing but the actor and its pinned
+/// descendants (so killing it kills exactly the subtree).
+fn own_cgroup(inc: &Incident) -> Option<PathBuf> {
+    let rel = procinfo::cgroup(inc.pid)?;
+    if rel == "/" || rel.is_empty() {
+        return None;
+    }
+    let dir = PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    let ours: std::collections::HashSet<u32> = std::iter::once(inc.pid).chain(inc.subtree.iter().map(|(p, _)| *p)).collect();
+    let all_ours = procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()).all(|p| ours.contains(&p));
+    (all_ours && dir.join("cgroup.kill").exists()).then_some(dir)
+}
+
+/// Runs a notify command with the incident JSON on stdin (10 s limit).
+async fn run_hook(cmd: &[String], body: &str) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = tokio::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(body.as_bytes()).await;
+    }
+    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+        Ok(Ok(st)) if st.success() => Ok(()),
+        Ok(Ok(st)) => Err(std::io::Error::other(format!("exited with {st}"))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::other("timed out after 10 s")),
+    }
+}
+
+/// POSTs JSON to an http:// URL (10 s limit); returns the status code.
+async fn post_json(url: &str, body: &str) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rest = url.strip_prefix("http://").ok_or_else(|| std::io::Error::other("only http:// URLs"))?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(host).await?;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head).await?;
+        let text = String::from_utf8_lossy(&head[..n]);
+        text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other("no HTTP status"))
+    };
+    tokio::time::timeout(Duration::from_secs(10), work).await.map_err(|_| std::io::Error::other("timed out after 10 s"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_n_per_minute() {
+        let mut r = RateLimit { per_minute: 3, sent: VecDeque::new() };
+        assert!(r.try_take() && r.try_take() && r.try_take());
+        assert!(!r.try_take());
+        r.sent.iter_mut().for_each(|t| *t -= Duration::from_secs(61));
+        assert!(r.try_take());
+    }
+}

@@ -1,0 +1,332 @@
+//! Incidents and the audit log.
+//!
+//! An incident is one confirmed starvation of one actor and everything done
+//! about it. The store is written to `<state_dir>/incidents.json` (atomic
+//! rename) after every change, so an agent restarted mid-incident knows
+//! which tiers already ran and neither repeats nor forgets them. Every
+//! action is also appended to `<state_dir>/audit.jsonl`.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::procinfo;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Confirmed; escalation not started (observe-only actors stay here until the end).
+    Open,
+    /// Working through the policy's tiers.
+    Escalating,
+    /// Waiting for an escalation slot or the rate limit.
+    Deferred,
+    /// The loop ran again.
+    Recovered,
+    /// The actor exited (on its own or from a signal we sent).
+    Exited,
+    /// The ladder ran out and the actor is still alive.
+    Failed,
+}
+
+impl Status {
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Open | Self::Escalating | Self::Deferred)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// Index in the policy's tiers.
+    pub tier: usize,
+    pub action: String,
+    /// ok, failed, skipped, dry_run
+    pub outcome: String,
+    pub detail: String,
+    pub time: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub drops: u32,
+    /// Undrained bytes in the wakeup fd at confirmation.
+    pub fill: Option<u64>,
+    pub wakeup_fd: Option<i32>,
+    pub signals: Vec<String>,
+    /// ms from first evidence (stop signal or drop) to confirmation.
+    pub confirm_ms: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    pub id: u64,
+    pub actor: String,
+    pub pid: u32,
+    pub start_time: u64,
+    pub runtime: String,
+    /// None: observe only.
+    pub policy: Option<String>,
+    pub dry_run: bool,
+    pub status: Status,
+    pub opened: String,
+    pub closed: Option<String>,
+    pub evidence: Evidence,
+    pub steps: Vec<Step>,
+    /// Next tier to run; tiers before it are done.
+    pub next_tier: usize,
+    /// Descendants pinned when escalation started, for the subtree tier.
+    #[serde(default)]
+    pub subtree: Vec<(u32, u64)>,
+    #[serde(default)]
+    pub first_evidence_mono: u64,
+    #[serde(default)]
+    pub confirmed_mono: u64,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    incidents: BTreeMap<u64, Incident>,
+    next_id: u64,
+    clock: procinfo::Clock,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The state directory is not usable.
+    #[error("state directory {dir}: {source}; give a writable one with --state-dir")]
+    Dir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+const KEEP_CLOSED: usize = 500;
+
+impl Store {
+    /// Opens the store, reading incidents a previous run left. A corrupt
+    /// file is moved aside (never silently lost) and the store starts empty.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { dir: dir.into(), source })?;
+        let path = dir.join("incidents.json");
+        let mut incidents = BTreeMap::new();
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<Incident>>(&bytes) {
+                Ok(list) => incidents.extend(list.into_iter().map(|i| (i.id, i))),
+                Err(e) => {
+                    let aside = dir.join(format!("incidents.json.corrupt-{}", procinfo::realtime_ns()));
+                    tracing::error!("{} is not valid ({e}); moved to {} and starting empty", path.display(), aside.display());
+                    let _ = std::fs::rename(&path, &aside);
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StoreError::Dir { dir: dir.into(), source }),
+        }
+        let next_id = incidents.keys().next_back().map_or(1, |k| k + 1);
+        Ok(Store { dir: dir.to_path_buf(), incidents, next_id, clock: procinfo::Clock::now() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn now(&self) -> String {
+        self.clock.rfc3339(procinfo::monotonic_ns())
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Incident> {
+        self.incidents.get(&id)
+    }
+
+    pub fn all(&self) -> impl DoubleEndedIterator<Item = &Incident> {
+        self.incidents.values()
+    }
+
+    /// The open incident of this process, if any.
+    pub fn open_for(&self, pid: u32, start_time: u64) -> Option<&Incident> {
+        self.incidents.values().find(|i| i.pid == pid && i.start_time == start_time && i.status.is_open())
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.incidents.values().filter(|i| i.status.is_open()).count()
+    }
+
+    pub fn create(&mut self, mut incident: Incident) -> u64 {
+        incident.id = self.next_id;
+        self.next_id += 1;
+        let id = incident.id;
+        self.audit(&incident, "opened", None, "ok", &format!(
+            "starving: {} drops, fill {:?}, confirmed after {:.0} ms", incident.evidence.drops, incident.evidence.fill, incident.evidence.confirm_ms
+        ));
+        self.incidents.insert(id, incident);
+        self.save();
+        id
+    }
+
+    /// Applies `f` to incident `id` and persists.
+    pub fn update(&mut self, id: u64, f: impl FnOnce(&mut Incident)) {
+        if let Some(i) = self.incidents.get_mut(&id) {
+            f(i);
+        }
+        self.save();
+    }
+
+    /// Records a step: appended to the incident and the audit log.
+    pub fn record_step(&mut self, id: u64, tier: usize, action: &str, outcome: &str, detail: &str) {
+        let time = self.now();
+        let Some(i) = self.incidents.get_mut(&id) else { return };
+        i.steps.push(Step { tier, action: action.into(), outcome: outcome.into(), detail: detail.into(), time });
+        i.next_tier = i.next_tier.max(tier + 1);
+        let snapshot = i.clone();
+        self.audit(&snapshot, action, Some(tier), outcome, detail);
+        self.save();
+    }
+
+    pub fn close(&mut self, id: u64, status: Status, detail: &str) {
+        let now = self.now();
+        let Some(i) = self.incidents.get_mut(&id) else { return };
+        if !i.status.is_open() {
+            return;
+        }
+        i.status = status;
+        i.closed = Some(now);
+        let snapshot = i.clone();
+        let outcome = match status {
+            Status::Failed => "failed",
+            _ => "ok",
+        };
+        self.audit(&snapshot, &format!("closed_{}", serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()), None, outcome, detail);
+        self.prune();
+        self.save();
+    }
+
+    fn prune(&mut self) {
+        let closed: Vec<u64> = self.incidents.values().filter(|i| !i.status.is_open()).map(|i| i.id).collect();
+        if closed.len() > KEEP_CLOSED {
+            for id in &closed[..closed.len() - KEEP_CLOSED] {
+                self.incidents.remove(id);
+            }
+        }
+    }
+
+    /// One JSON line per action: actor, evidence, tier, action, result, time.
+    fn audit(&self, i: &Incident, action: &str, tier: Option<usize>, outcome: &str, detail: &str) {
+        let line = serde_json::json!({
+            "time": self.now(),
+            "incident": i.id,
+            "actor": i.actor,
+            "pid": i.pid,
+            "start_time": i.start_time,
+            "runtime": i.runtime,
+            "policy": i.policy,
+            "dry_run": i.dry_run,
+            "tier": tier,
+            "action": action,
+            "outcome": outcome,
+            "detail": detail,
+            "evidence": i.evidence,
+        });
+        let path = self.dir.join("audit.jsonl");
+        let res = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = res {
+            tracing::error!("cannot append to the audit log {}: {e}", path.display());
+        }
+    }
+
+    fn save(&self) {
+        let path = self.dir.join("incidents.json");
+        let tmp = self.dir.join("incidents.json.tmp");
+        let list: Vec<&Incident> = self.incidents.values().collect();
+        let res = serde_json::to_vec_pretty(&list)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)
+            });
+        if let Err(e) = res {
+            tracing::error!("cannot save incidents to {}: {e}", path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn incident(pid: u32) -> Incident {
+        Incident {
+            id: 0,
+            actor: "fetcher".into(),
+            pid,
+            start_time: 42,
+            runtime: "trio".into(),
+            policy: Some("default".into()),
+            dry_run: false,
+            status: Status::Open,
+            opened: "t".into(),
+            closed: None,
+            evidence: Evidence { drops: 3, fill: Some(6), wakeup_fd: Some(7), signals: vec!["SIGINT".into()], confirm_ms: 2000.0 },
+            steps: vec![],
+            next_tier: 0,
+            subtree: vec![],
+            first_evidence_mono: 0,
+            confirmed_mono: 0,
+        }
+    }
+
+    #[test]
+    fn survives_a_restart_with_steps_and_next_tier() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let id = s.create(incident(10));
+        s.update(id, |i| i.status = Status::Escalating);
+        s.record_step(id, 0, "diagnostics", "ok", "captured");
+        s.record_step(id, 1, "sigterm", "ok", "sent");
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        let i = s.open_for(10, 42).expect("open incident after restart");
+        assert_eq!((i.id, i.next_tier, i.steps.len(), i.status), (id, 2, 2, Status::Escalating));
+        assert!(s.open_for(10, 43).is_none(), "other start time: other process");
+        let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2]["action"], "sigterm");
+        assert_eq!(lines[2]["tier"], 1);
+        assert_eq!(lines[2]["actor"], "fetcher");
+        assert_eq!(lines[2]["evidence"]["drops"], 3);
+    }
+
+    #[test]
+    fn ids_continue_after_restart_and_closing_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let a = s.create(incident(1));
+        s.close(a, Status::Recovered, "drained");
+        s.close(a, Status::Failed, "late");
+        assert_eq!(s.get(a).unwrap().status, Status::Recovered);
+        drop(s);
+        let mut s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.create(incident(2)), a + 1);
+        assert_eq!(s.active_count(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("incidents.json"), b"{nope").unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.all().count(), 0);
+        let aside = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("incidents.json.corrupt-"));
+        assert!(aside);
+    }
+}
