@@ -186,7 +186,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (socket, _socket_guard) = registration::bind(&config.socket).await?;
     let metrics = Arc::new(Metrics::with_actor_label_cap(config.max_actor_labels));
 
-    let mut probes = load_probes(KernelConfig::DEFAULT)?;
+    // Without self-pipe discovery only registered and selected actors
+    // matter: the kernel then skips the signal path of every other process.
+    let kernel_config = KernelConfig { watched_only: u32::from(!config.discovery), ..KernelConfig::DEFAULT };
+    let mut probes = load_probes(kernel_config)?;
     spawn_kernel_logger(&mut probes);
     metrics.attached_programs.set(probes.hooks().len() as i64);
     let watched = KernelWatched(probes.take_watched_pids()?);
