@@ -29,7 +29,7 @@ use crate::{
     incidents,
     metrics::ActorLabel,
     pidfd,
-    probes::Probes,
+    probes::{HookPreference, Probes},
     procinfo::{self, Clock},
     source,
     trace::{self, TraceFilter},
@@ -45,13 +45,10 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
     })
 }
 
-fn load_probes(config: KernelConfig) -> anyhow::Result<Probes> {
-    let probes = Probes::load(config)?;
+fn load_probes(config: KernelConfig, preference: HookPreference) -> anyhow::Result<Probes> {
+    let probes = Probes::load(config, preference)?;
     let hooks: Vec<_> = probes.hooks().iter().map(|h| h.attach_point.as_str()).collect();
     tracing::info!("{} hooks attached: {}", hooks.len(), hooks.join(", "));
-    tracing::info!(
-        "using tracepoints (kprobe/fentry hooks are not used: tracepoints are stable across kernels and load everywhere)"
-    );
     Ok(probes)
 }
 
@@ -76,7 +73,7 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         // Filter in the kernel too: fewer events cross the ring buffer.
         config.signal_mask = args.signals.iter().fold(0u64, |m, s| m | 1u64 << (s.0 - 1));
     }
-    let mut probes = load_probes(config)?;
+    let mut probes = load_probes(config, args.hooks)?;
     spawn_kernel_logger(&mut probes);
     let (mut batches, _reader) =
         source::spawn_ringbuf_reader(probes.take_events()?).context("polling the event ring buffer")?;
@@ -189,7 +186,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Without self-pipe discovery only registered and selected actors
     // matter: the kernel then skips the signal path of every other process.
     let kernel_config = KernelConfig { watched_only: u32::from(!config.discovery), ..KernelConfig::DEFAULT };
-    let mut probes = load_probes(kernel_config)?;
+    let mut probes = load_probes(kernel_config, args.hooks)?;
     spawn_kernel_logger(&mut probes);
     metrics.attached_programs.set(probes.hooks().len() as i64);
     let watched = KernelWatched(probes.take_watched_pids()?);

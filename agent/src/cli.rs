@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::probes::HookPreference;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sigwake",
@@ -58,6 +60,9 @@ pub struct TraceArgs {
     /// Stop once every --pid process has exited (events before the exit are all printed first).
     #[arg(long, requires = "pids")]
     pub until_exit: bool,
+    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints
+    #[arg(long, value_enum, default_value_t = HookPreference::Auto)]
+    pub hooks: HookPreference,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +85,9 @@ pub struct RunArgs {
     /// Do not record self-pipe event loops nobody registered.
     #[arg(long)]
     pub no_discovery: bool,
+    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints
+    #[arg(long, value_enum, default_value_t = HookPreference::Auto)]
+    pub hooks: HookPreference,
 }
 
 #[derive(Debug, Args)]

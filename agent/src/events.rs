@@ -222,10 +222,12 @@ impl Event {
         }
     }
 
-    /// Something was lost: a failed wakeup write or a lossy generate result.
+    /// Something was lost: a failed wakeup write or a lossy generate
+    /// result. Merged SIGCHLDs are not losses: a parent reaps every child
+    /// with waitpid() in a loop, which is why the kernel may merge them.
     pub fn is_drop(&self) -> bool {
         match &self.body {
-            EventBody::SignalGenerate(g) => g.result.is_loss(),
+            EventBody::SignalGenerate(g) => g.result.is_loss() && g.signal.0 != libc::SIGCHLD,
             EventBody::HandlerWrite(w) => w.is_dropped_wakeup(),
             _ => false,
         }
@@ -409,6 +411,13 @@ mod tests {
             assert!(g.group);
             assert_eq!(ev.is_drop(), loss);
         }
+    }
+
+    #[test]
+    fn merged_sigchld_is_not_a_drop() {
+        let mut r = raw(kind::SIGNAL_GENERATE, libc::SIGCHLD, 1, 1);
+        r.arg1 = 2;
+        assert!(!Event::try_from(&r).unwrap().is_drop());
     }
 
     #[test]

@@ -26,16 +26,39 @@ pub struct Hook {
     pub attach_point: String,
 }
 
-/// Program name → tracepoint (group, event). Every one is needed: without
-/// any of them a dropped wakeup could go unseen.
+/// Program name → tracepoint (group, event), always attached.
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("signal_generate", "signal", "signal_generate"),
     ("signal_deliver", "signal", "signal_deliver"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+/// The write path and handler return as syscall tracepoints: the fallback.
+/// While any syscall tracepoint is attached, every syscall on the host
+/// takes the slow path (TIF_SYSCALL_TRACEPOINT).
+const SYSCALL_TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sys_enter_rt_sigreturn", "syscalls", "sys_enter_rt_sigreturn"),
     ("sys_enter_write", "syscalls", "sys_enter_write"),
     ("sys_exit_write", "syscalls", "sys_exit_write"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
 ];
+
+/// The same, as BTF trampolines that run only for these calls: preferred.
+#[cfg(target_arch = "aarch64")]
+const BTF_HOOKS: &[(&str, &str, bool)] =
+    &[("fexit_ksys_write", "ksys_write", true), ("fentry_rt_sigreturn", "__arm64_sys_rt_sigreturn", false)];
+#[cfg(not(target_arch = "aarch64"))]
+const BTF_HOOKS: &[(&str, &str, bool)] =
+    &[("fexit_ksys_write", "ksys_write", true), ("fentry_rt_sigreturn", "__x64_sys_rt_sigreturn", false)];
+
+/// Which hooks carry the write path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum HookPreference {
+    /// fentry/fexit when the kernel allows them, else syscall tracepoints.
+    #[default]
+    Auto,
+    /// Syscall tracepoints only.
+    Tracepoint,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -118,7 +141,7 @@ pub struct Probes {
 impl Probes {
     /// Loads the programs with this kernel's tracepoint offsets and
     /// attaches all of them.
-    pub fn load(config: Config) -> Result<Self, LoadError> {
+    pub fn load(config: Config, preference: HookPreference) -> Result<Self, LoadError> {
         if PROGRAMS.is_empty() {
             return Err(LoadError::NoPrograms);
         }
@@ -138,7 +161,25 @@ impl Probes {
             }
         };
         let mut hooks = Vec::new();
-        for &(program, group, event) in TRACEPOINTS {
+        let btf_hooks = match preference {
+            HookPreference::Auto => match attach_btf_hooks(&mut ebpf) {
+                Ok(h) => Some(h),
+                Err(why) => {
+                    tracing::info!(
+                        "fentry/fexit hooks refused ({why}); falling back to syscall tracepoints, \
+                         which put every syscall on this host on the tracing slow path"
+                    );
+                    None
+                }
+            },
+            HookPreference::Tracepoint => None,
+        };
+        let tracepoints: Vec<_> = match &btf_hooks {
+            Some(_) => TRACEPOINTS.to_vec(),
+            None => TRACEPOINTS.iter().chain(SYSCALL_TRACEPOINTS).copied().collect(),
+        };
+        hooks.extend(btf_hooks.unwrap_or_default());
+        for (program, group, event) in tracepoints {
             let prog: &mut TracePoint = ebpf
                 .program_mut(program)
                 .ok_or_else(|| LoadError::Other {
@@ -201,12 +242,61 @@ impl Probes {
     /// them (`kernel.bpf_stats_enabled=1`).
     pub fn program_stats(&self) -> StdHashMap<&'static str, (u64, u64)> {
         let mut out = StdHashMap::new();
-        for &(name, _, _) in TRACEPOINTS {
+        for name in self.hooks.iter().map(|h| h.program) {
             if let Some(info) = self.ebpf.program(name).and_then(|p| p.info().ok()) {
                 out.insert(name, (info.run_count(), info.run_time().as_nanos() as u64));
             }
         }
         out
+    }
+}
+
+/// Loads and attaches the fentry/fexit programs, all or none.
+fn attach_btf_hooks(ebpf: &mut Ebpf) -> Result<Vec<Hook>, String> {
+    use aya::{
+        Btf,
+        programs::{FEntry, FExit},
+    };
+    let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+    let mut links: Vec<(&str, Box<dyn FnOnce(&mut Ebpf)>)> = Vec::new();
+    let mut hooks = Vec::new();
+    let result = (|| -> Result<(), String> {
+        for &(program, function, is_exit) in BTF_HOOKS {
+            let prog = ebpf.program_mut(program).ok_or_else(|| format!("{program} missing from the object"))?;
+            if is_exit {
+                let p: &mut FExit = prog.try_into().map_err(|e| format!("{program}: {e}"))?;
+                p.load(function, &btf).map_err(|e| format!("loading fexit {function}: {e}"))?;
+                let link = p.attach().map_err(|e| format!("attaching fexit {function}: {e}"))?;
+                links.push((program, Box::new(move |ebpf: &mut Ebpf| {
+                    if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut FExit>::try_from) {
+                        let _ = p.detach(link);
+                    }
+                })));
+                hooks.push(Hook { program, attach_point: format!("fexit {function}") });
+            } else {
+                let p: &mut FEntry = prog.try_into().map_err(|e| format!("{program}: {e}"))?;
+                p.load(function, &btf).map_err(|e| format!("loading fentry {function}: {e}"))?;
+                let link = p.attach().map_err(|e| format!("attaching fentry {function}: {e}"))?;
+                links.push((program, Box::new(move |ebpf: &mut Ebpf| {
+                    if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut FEntry>::try_from) {
+                        let _ = p.detach(link);
+                    }
+                })));
+                hooks.push(Hook { program, attach_point: format!("fentry {function}") });
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(hooks),
+        Err(e) => {
+            // All or none: a write path on fexit with rt_sigreturn missing
+            // would leave handler windows open.
+            for (_, detach) in links {
+                detach(ebpf);
+            }
+            Err(e)
+        }
     }
 }
 

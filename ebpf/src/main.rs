@@ -17,9 +17,9 @@ use aya_log_ebpf::warn;
 use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
+    macros::{fentry, fexit, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{FEntryContext, FExitContext, TracePointContext},
 };
 use sigwake_common::{
     Config, HandlerWindow, MAX_HANDLER_DEPTH, RawEvent, TracepointOffsets, counter, kind,
@@ -274,23 +274,34 @@ pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
 
 fn try_sys_exit_write(ctx: &TracePointContext, tid: u32, window: *mut HandlerWindow) -> Result<(), i64> {
     // SAFETY: the entry belongs to the current thread.
+    if unsafe { (*window).write_fd } < 0 {
+        return Ok(());
+    }
+    let ret: i64 = read(ctx, OFFSETS.load().write_ret)?;
+    finish_write(tid, window, ret);
+    Ok(())
+}
+
+/// Reports the write in flight of a thread inside a handler, if it should be.
+#[inline(always)]
+fn finish_write(tid: u32, window: *mut HandlerWindow, ret: i64) {
+    // SAFETY: the entry belongs to the current thread.
     let window = unsafe { &mut *window };
     if window.write_fd < 0 {
-        return Ok(());
+        return;
     }
     let cfg = CONFIG.load();
     let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(window.entered_ns) > cfg.handler_window_ns {
         let _ = IN_HANDLER.remove(&tid);
         bump(counter::STALE_WINDOWS);
-        return Ok(());
+        return;
     }
     let fd = window.write_fd;
     let count = window.write_count;
     window.write_fd = -1;
-    let ret: i64 = read(ctx, OFFSETS.load().write_ret)?;
     if ret >= 0 && cfg.report_ok_writes == 0 {
-        return Ok(());
+        return;
     }
     let depth = window.depth as usize;
     let sig = if (1..=MAX_HANDLER_DEPTH).contains(&depth) {
@@ -304,7 +315,50 @@ fn try_sys_exit_write(ctx: &TracePointContext, tid: u32, window: *mut HandlerWin
     ev.arg1 = count as i64;
     ev.arg2 = ret;
     emit(ev);
-    Ok(())
+}
+
+// ------------------------------------------- BTF hooks (preferred, if allowed)
+//
+// Syscall tracepoints set TIF_SYSCALL_TRACEPOINT on every task, so every
+// syscall on the host takes the slow path while they are attached. fexit on
+// ksys_write and fentry on rt_sigreturn run only for those two calls.
+// Some kernels refuse fentry/fexit (lockdown, no BTF, missing JIT
+// trampolines); the loader then falls back to the tracepoints above.
+//
+// # Minimum kernel version
+// 5.5 (BPF trampolines), with BTF.
+
+/// ksys_write(unsigned int fd, const char __user *buf, size_t count) -> ssize_t
+#[fexit(function = "ksys_write")]
+pub fn fexit_ksys_write(ctx: FExitContext) -> u32 {
+    let (_, tid) = current();
+    let Some(window) = IN_HANDLER.get_ptr_mut(&tid) else {
+        return 0;
+    };
+    let fd: u32 = ctx.arg(0);
+    let count: u64 = ctx.arg(2);
+    let ret: i64 = ctx.arg(3);
+    // SAFETY: the entry belongs to the current thread.
+    unsafe {
+        (*window).write_fd = fd as i32;
+        (*window).write_count = count;
+    }
+    finish_write(tid, window, ret);
+    0
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+#[fentry(function = "__arm64_sys_rt_sigreturn")]
+pub fn fentry_rt_sigreturn(_ctx: FEntryContext) -> u32 {
+    let _ = try_sys_enter_rt_sigreturn();
+    0
+}
+
+#[cfg(not(bpf_target_arch = "aarch64"))]
+#[fentry(function = "__x64_sys_rt_sigreturn")]
+pub fn fentry_rt_sigreturn(_ctx: FEntryContext) -> u32 {
+    let _ = try_sys_enter_rt_sigreturn();
+    0
 }
 
 // ------------------------------------------------------------------ exits
