@@ -185,14 +185,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Without self-pipe discovery only registered and selected actors
     // matter: the kernel then skips the signal path of every other process.
-    let kernel_config = KernelConfig { watched_only: u32::from(!config.discovery), ..KernelConfig::DEFAULT };
+    let kernel_config = KernelConfig {
+        watched_only: u32::from(!config.discovery),
+        report_exec: 1,
+        ..KernelConfig::DEFAULT
+    };
     let mut probes = load_probes(kernel_config, args.hooks)?;
     spawn_kernel_logger(&mut probes);
     metrics.attached_programs.set(probes.hooks().len() as i64);
     let watched = KernelWatched(probes.take_watched_pids()?);
     let registry = Arc::new(Mutex::new(Registry::new(Box::new(watched), Box::new(RealProc), config.max_actors)));
     let mut discovery = Discovery::new(config.selectors.clone(), config.discovery);
-    discovery.scan(&mut lock(&registry));
+    Discovery::apply(discovery.scan(), &mut lock(&registry));
     let store = incidents::Store::open(&config.state_dir)?;
     let engine = Engine::new(&config, store, registry.clone(), metrics.clone());
     engine.resume();
@@ -251,8 +255,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 apply_detector_outputs(&mut outputs, &registry, &engine, &metrics);
             }
             _ = tick.tick() => {
+                let found = discovery.scan();
                 let mut reg = lock(&registry);
-                discovery.scan(&mut reg);
+                Discovery::apply(found, &mut reg);
                 reg.sweep();
                 metrics.set_actor_counts(&reg.counts());
                 drop(reg);
@@ -268,8 +273,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         Ok(ev) => ev,
                         Err(e) => { metrics.decode_error(e.reason()); continue; }
                     };
-                    if let EventBody::HandlerWrite(w) = &ev.body {
-                        discovery.on_handler_write(&mut reg, w);
+                    match &ev.body {
+                        EventBody::HandlerWrite(w) => discovery.on_handler_write(&mut reg, w),
+                        EventBody::ProcessExec(e) => {
+                            let found = discovery.on_exec(e.task.pid);
+                            Discovery::apply(found, &mut reg);
+                            continue;
+                        }
+                        _ => {}
                     }
                     let actor = reg.observe(&ev);
                     let runtime = reg.get(ev.subject_pid()).map_or("unknown", |a| a.runtime.as_str());

@@ -25,8 +25,23 @@ use crate::{
 pub struct Discovery {
     selectors: Vec<Selector>,
     self_pipe: bool,
-    /// pid → start time of processes already examined.
-    examined: HashMap<u32, u64>,
+    /// pid → (start time, comm) of processes already examined. exec(2)
+    /// keeps the start time; the kernel reports each exec (PROCESS_EXEC) so
+    /// a process that execs into a matching program is examined again
+    /// ([`Discovery::on_exec`]); a comm change catches it on the next scan
+    /// even if that event was lost.
+    examined: HashMap<u32, (u64, String)>,
+}
+
+/// From /proc/PID/stat: comm, ppid and start time, in one read.
+fn stat_brief(pid: u32) -> Option<(String, u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    // After the comm: index 0 is field 3 (state), 1 is ppid, 19 is starttime.
+    Some((comm, fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
 }
 
 impl Discovery {
@@ -34,72 +49,97 @@ impl Discovery {
         Discovery { selectors, self_pipe, examined: HashMap::new() }
     }
 
-    /// Examines processes that appeared since the last scan.
-    pub fn scan(&mut self, registry: &mut Registry) {
-        let Ok(dir) = std::fs::read_dir("/proc") else { return };
+    /// Examines processes that appeared (or exec'd) since the last scan and
+    /// returns the actors to add. Reads one stat file per process; only new
+    /// ones are read further. Needs no registry lock.
+    pub fn scan(&mut self) -> Vec<(ActorSpec, Source)> {
+        let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
         let mut pids: Vec<u32> = dir
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect();
-        // Parents usually have lower pids: examining them first lets a
-        // child find its parent actor.
+        // Parents usually have lower pids: adding them first lets a child
+        // find its parent actor.
         pids.sort_unstable();
         let me = std::process::id();
+        let mut found = Vec::new();
         let mut still = HashMap::with_capacity(pids.len());
         for pid in pids {
             if pid == me {
                 continue;
             }
-            let Some(facts) = registry.facts(pid) else { continue };
-            still.insert(pid, facts.start_time);
-            if self.examined.get(&pid) == Some(&facts.start_time) {
-                continue;
+            let Some((comm, _, start_time)) = stat_brief(pid) else { continue };
+            let key = (start_time, comm);
+            if self.examined.get(&pid) != Some(&key) {
+                self.examine(pid, &mut found);
             }
-            self.examine(registry, pid, &facts.cmdline, facts.uids[0]);
+            still.insert(pid, key);
         }
         self.examined = still;
+        found
     }
 
-    fn examine(&self, registry: &mut Registry, pid: u32, cmdline: &[String], uid: u32) {
-        if let Some((name, uuid)) = tractor_identity(cmdline) {
+    /// A process exec'd: examine it now (its command line changed).
+    pub fn on_exec(&mut self, pid: u32) -> Vec<(ActorSpec, Source)> {
+        let mut found = Vec::new();
+        if let Some((comm, _, start_time)) = stat_brief(pid) {
+            self.examine(pid, &mut found);
+            self.examined.insert(pid, (start_time, comm));
+        }
+        found
+    }
+
+    fn examine(&self, pid: u32, found: &mut Vec<(ActorSpec, Source)>) {
+        let cmdline = procinfo::cmdline(pid).unwrap_or_default();
+        if let Some((name, uuid)) = tractor_identity(&cmdline) {
             let mut labels = BTreeMap::new();
             labels.insert("tractor_uuid".to_string(), uuid);
-            let spec = ActorSpec {
-                pid: Some(pid),
-                name: Some(name),
-                // tractor actors run trio (infected-asyncio ones too, on top).
-                runtime: Some(Runtime::Trio),
-                labels: Some(labels),
-                ..Default::default()
-            };
-            if let Err(e) = registry.upsert(&spec, Source::Tractor, None) {
-                tracing::debug!("tractor actor pid {pid}: {e}");
-            }
+            found.push((
+                ActorSpec {
+                    pid: Some(pid),
+                    name: Some(name),
+                    // tractor actors run trio (infected-asyncio ones too, on top).
+                    runtime: Some(Runtime::Trio),
+                    labels: Some(labels),
+                    ..Default::default()
+                },
+                Source::Tractor,
+            ));
         }
         if self.selectors.is_empty() {
             return;
         }
+        let Some(uid) = procinfo::uid_of(pid) else { return };
         let exe: Option<PathBuf> = procinfo::exe(pid);
         let cgroup = procinfo::cgroup(pid);
         let mut ancestors = vec![pid];
         let mut cur = pid;
-        while let Some(ppid) = procinfo::ppid_of(cur).filter(|p| *p > 0 && ancestors.len() < 64) {
+        while let Some((_, ppid, _)) = stat_brief(cur).filter(|(_, p, _)| *p > 0 && ancestors.len() < 64) {
             ancestors.push(ppid);
             if ppid == 1 {
                 break;
             }
             cur = ppid;
         }
-        let candidate = Candidate { pid, exe: exe.as_deref(), cmdline, cgroup: cgroup.as_deref(), uid, ancestors: &ancestors };
+        let candidate = Candidate { pid, exe: exe.as_deref(), cmdline: &cmdline, cgroup: cgroup.as_deref(), uid, ancestors: &ancestors };
         if let Some(sel) = self.selectors.iter().find(|s| s.matches(&candidate)) {
-            let spec = ActorSpec {
-                pid: Some(pid),
-                name: sel.name.clone(),
-                runtime: sel.runtime,
-                policy: sel.policy.clone(),
-                ..Default::default()
-            };
-            if let Err(e) = registry.upsert(&spec, Source::Selector, None) {
-                tracing::debug!("selector match pid {pid}: {e}");
+            found.push((
+                ActorSpec {
+                    pid: Some(pid),
+                    name: sel.name.clone(),
+                    runtime: sel.runtime,
+                    policy: sel.policy.clone(),
+                    ..Default::default()
+                },
+                Source::Selector,
+            ));
+        }
+    }
+
+    /// Adds what a scan found.
+    pub fn apply(found: Vec<(ActorSpec, Source)>, registry: &mut Registry) {
+        for (spec, source) in found {
+            if let Err(e) = registry.upsert(&spec, source, None) {
+                tracing::debug!("{source:?} match pid {:?}: {e}", spec.pid);
             }
         }
     }

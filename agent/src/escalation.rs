@@ -404,7 +404,8 @@ impl Engine {
     /// The actor is gone: finish the stop for the pinned subtree when the
     /// policy asks for it, then close.
     async fn finish_exited(&self, inc: &Incident, policy: &Policy, has_subtree_tier: bool, detail: &str) {
-        let we_acted = inc.steps.iter().any(|s| s.action.starts_with("sig") || s.action == "kill_subtree");
+        // Only signals actually sent count: a dry-run step sent nothing.
+        let we_acted = inc.steps.iter().any(|s| s.outcome == "ok" && (s.action.starts_with("sig") || s.action == "kill_subtree"));
         if has_subtree_tier && we_acted && !inc.subtree.is_empty() {
             let tier = policy.tiers.iter().position(|t| matches!(t, Action::KillSubtree { .. })).unwrap_or(0);
             let d = self.kill_subtree(inc, None);

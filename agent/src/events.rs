@@ -177,8 +177,9 @@ pub struct HandlerReturn {
     pub duration_ns: u64,
 }
 
+/// A process-level event (exit, exec) about `task`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcessExit {
+pub struct ProcessTask {
     pub task: Task,
 }
 
@@ -188,7 +189,8 @@ pub enum EventBody {
     SignalDeliver(SignalDeliver),
     HandlerWrite(HandlerWrite),
     HandlerReturn(HandlerReturn),
-    ProcessExit(ProcessExit),
+    ProcessExit(ProcessTask),
+    ProcessExec(ProcessTask),
 }
 
 /// A decoded kernel event with its CLOCK_MONOTONIC timestamp.
@@ -209,6 +211,7 @@ impl Event {
             EventBody::HandlerWrite(w) => w.task.pid,
             EventBody::HandlerReturn(r) => r.task.pid,
             EventBody::ProcessExit(e) => e.task.pid,
+            EventBody::ProcessExec(e) => e.task.pid,
         }
     }
 
@@ -218,7 +221,7 @@ impl Event {
             EventBody::SignalDeliver(d) => Some(d.signal),
             EventBody::HandlerWrite(w) => Some(w.signal),
             EventBody::HandlerReturn(r) => Some(r.signal),
-            EventBody::ProcessExit(_) => None,
+            EventBody::ProcessExit(_) | EventBody::ProcessExec(_) => None,
         }
     }
 
@@ -321,7 +324,8 @@ impl TryFrom<&RawEvent> for Event {
                 depth: raw.arg0 as u32,
                 duration_ns: raw.arg1 as u64,
             }),
-            kind::PROCESS_EXIT => EventBody::ProcessExit(ProcessExit { task }),
+            kind::PROCESS_EXIT => EventBody::ProcessExit(ProcessTask { task }),
+            kind::PROCESS_EXEC => EventBody::ProcessExec(ProcessTask { task }),
             other => return Err(DecodeError::UnknownKind(other)),
         };
         Ok(Event { mono_ns: raw.ts_ns, body })

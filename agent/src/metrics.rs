@@ -391,6 +391,7 @@ impl Metrics {
             EventBody::ProcessExit(_) => {
                 self.process_exits.inc();
             }
+            EventBody::ProcessExec(_) => {}
         }
     }
 

@@ -31,6 +31,7 @@ const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("signal_generate", "signal", "signal_generate"),
     ("signal_deliver", "signal", "signal_deliver"),
     ("sched_process_exit", "sched", "sched_process_exit"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
 ];
 
 /// The write path and handler return as syscall tracepoints: the fallback.

@@ -7,6 +7,7 @@
 //! its own task that touches the registry only under a short lock.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -25,6 +26,9 @@ use crate::registry::{ActorSpec, Caller, Registry, RegistryError, Source};
 pub const MAX_REQUEST: usize = 64 * 1024;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_CLIENTS: usize = 256;
+/// Connections one non-root uid may hold at once, so one user cannot take
+/// every slot.
+pub const MAX_CLIENTS_PER_UID: usize = 32;
 
 /// Removes the socket file when the agent stops.
 pub struct SocketGuard(PathBuf);
@@ -57,26 +61,59 @@ pub async fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketGuard)> {
     Ok((listener, SocketGuard(path.to_path_buf())))
 }
 
+fn release(per_uid: &Mutex<HashMap<u32, usize>>, uid: u32) {
+    let mut counts = per_uid.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = counts.get_mut(&uid) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&uid);
+        }
+    }
+}
+
 pub async fn serve(listener: UnixListener, registry: Arc<Mutex<Registry>>) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let per_uid: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+        let per_uid_ok = uid == 0 || {
+            let mut counts = per_uid.lock().unwrap_or_else(|e| e.into_inner());
+            let n = counts.entry(uid).or_insert(0);
+            if *n < MAX_CLIENTS_PER_UID {
+                *n += 1;
+                true
+            } else {
+                false
+            }
+        };
+        let permit = if per_uid_ok { slots.clone().try_acquire_owned().ok() } else { None };
+        let Some(permit) = permit else {
+            if per_uid_ok && uid != 0 {
+                release(&per_uid, uid);
+            }
             let _ = tokio::time::timeout(Duration::from_millis(100), async {
-                let line = error_reply("busy", &format!("the agent serves at most {MAX_CLIENTS} clients at once; retry later"));
+                let line = error_reply(
+                    "busy",
+                    &format!("the agent serves at most {MAX_CLIENTS} clients at once ({MAX_CLIENTS_PER_UID} per user); retry later"),
+                );
                 stream.write_all(line.as_bytes()).await
             })
             .await;
             continue;
         };
         let registry = registry.clone();
+        let per_uid = per_uid.clone();
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = client(stream, registry).await {
                 tracing::debug!("registration client: {e}");
+            }
+            if uid != 0 {
+                release(&per_uid, uid);
             }
         });
     }
@@ -94,21 +131,27 @@ async fn client(mut stream: UnixStream, registry: Arc<Mutex<Registry>>) -> std::
     };
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
+    // A request must be complete within IDLE_TIMEOUT of its first byte (and
+    // the next one must start within IDLE_TIMEOUT): trickling one byte at a
+    // time does not hold a slot forever.
+    let mut deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
     loop {
         // Answer every complete line already buffered.
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            if nl > MAX_REQUEST {
+                return refuse(stream, "too_large", &format!("requests are limited to {MAX_REQUEST} bytes")).await;
+            }
             let line: Vec<u8> = buf.drain(..=nl).collect();
             let reply = handle_line(&line[..line.len() - 1], caller, &registry);
             tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(reply.as_bytes()))
                 .await
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client not reading"))??;
+            deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
         }
         if buf.len() > MAX_REQUEST {
-            let reply = error_reply("too_large", &format!("requests are limited to {MAX_REQUEST} bytes"));
-            let _ = stream.write_all(reply.as_bytes()).await;
-            return Ok(());
+            return refuse(stream, "too_large", &format!("requests are limited to {MAX_REQUEST} bytes")).await;
         }
-        let n = match tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut chunk)).await {
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
             Ok(r) => r?,
             Err(_) => {
                 let reply = error_reply("timeout", &format!("no complete request within {IDLE_TIMEOUT:?}"));
@@ -121,6 +164,26 @@ async fn client(mut stream: UnixStream, registry: Arc<Mutex<Registry>>) -> std::
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Replies with an error and closes, after letting the client finish
+/// sending (up to 2 s and 1 MiB), so that it can read the reply instead of
+/// failing its write on a closed socket.
+async fn refuse(mut stream: UnixStream, code: &str, message: &str) -> std::io::Result<()> {
+    let _ = stream.write_all(error_reply(code, message).as_bytes()).await;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 16 * 1024];
+    let mut left: usize = 1 << 20;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+    Ok(())
 }
 
 /// One request line → one reply line (with its newline).

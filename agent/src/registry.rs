@@ -241,6 +241,8 @@ impl ProcReader for RealProc {
 }
 
 pub const MAX_NAME: usize = 128;
+/// Exited actors kept for the record at most.
+const MAX_HISTORY: usize = 4096;
 pub const MAX_LABELS: usize = 32;
 
 fn validate(spec: &ActorSpec) -> Result<(), RegistryError> {
@@ -293,7 +295,11 @@ pub fn tractor_identity(cmdline: &[String]) -> Option<(String, String)> {
 }
 
 pub struct Registry {
+    /// Live actors by pid.
     actors: HashMap<u32, Actor>,
+    /// Exited and dead actors, kept for the record (`retain_exited_ns`);
+    /// separate so that a reused pid can never overwrite or inherit them.
+    history: VecDeque<Actor>,
     sink: Box<dyn WatchedSink>,
     proc: Box<dyn ProcReader>,
     clock: procinfo::Clock,
@@ -306,6 +312,7 @@ impl Registry {
     pub fn new(sink: Box<dyn WatchedSink>, proc: Box<dyn ProcReader>, max_actors: usize) -> Self {
         Registry {
             actors: HashMap::new(),
+            history: VecDeque::new(),
             sink,
             proc,
             clock: procinfo::Clock::now(),
@@ -332,19 +339,33 @@ impl Registry {
         self.get(pid).map(|a| a.name.as_str())
     }
 
+    /// Live actors, then the record of exited ones.
     pub fn all(&self) -> impl Iterator<Item = &Actor> {
-        self.actors.values()
+        self.actors.values().chain(self.history.iter())
     }
 
     pub fn len_live(&self) -> usize {
-        self.actors.values().filter(|a| a.state.is_live()).count()
+        self.actors.len()
+    }
+
+    /// Moves a live actor to the record with its final state.
+    fn retire(&mut self, pid: u32, state: ActorState, mono: u64, now: String) -> Option<&Actor> {
+        let mut actor = self.actors.remove(&pid)?;
+        actor.state = state;
+        actor.last_seen = now;
+        actor.last_seen_mono = mono;
+        self.sink.unwatch(pid);
+        if self.history.len() >= MAX_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(actor);
+        self.history.back()
     }
 
     /// Actors `caller` may see: those it could signal.
     pub fn visible_to(&self, caller: Caller) -> Vec<Actor> {
         let mut v: Vec<Actor> = self
-            .actors
-            .values()
+            .all()
             .filter(|a| caller.uid == 0 || a.uid == caller.uid)
             .cloned()
             .collect();
@@ -370,15 +391,12 @@ impl Registry {
         {
             return Err(RegistryError::NotPermitted { pid, caller_uid: c.uid });
         }
-        // Same pid, other start time: the old process is gone and its pid
-        // reused. The old entry is closed, never inherited.
-        if let Some(old) = self.actors.get_mut(&pid)
-            && old.start_time != facts.start_time
-        {
-            old.state = ActorState::Exited;
-            self.actors.remove(&pid);
-        }
         let (mono, now) = self.now();
+        // Same pid, other start time: the old process is gone and its pid
+        // reused. The old entry goes to the record, never inherited.
+        if self.actors.get(&pid).is_some_and(|old| old.start_time != facts.start_time) {
+            self.retire(pid, ActorState::Exited, mono, now.clone());
+        }
         let parent_pid = spec.parent.or(Some(facts.ppid)).filter(|p| *p > 1);
         let parent = parent_pid.and_then(|p| self.name_of(p).map(str::to_string));
         if let Some(existing) = self.actors.get_mut(&pid).filter(|a| a.state.is_live()) {
@@ -394,6 +412,9 @@ impl Registry {
                 }
                 if spec.policy.is_some() {
                     existing.policy = spec.policy.clone();
+                } else if source == Source::Socket && existing.policy.is_none() {
+                    // Registering opts in to the default policy, whoever saw the process first.
+                    existing.policy = Some("default".to_string());
                 }
                 existing.source = source;
                 if source == Source::Socket {
@@ -476,13 +497,8 @@ impl Registry {
         match &ev.body {
             EventBody::ProcessExit(e) => {
                 let pid = e.task.pid;
-                let actor = self.get_mut(pid)?;
-                actor.state = ActorState::Exited;
-                actor.last_seen = clock.rfc3339(ev.mono_ns);
-                actor.last_seen_mono = ev.mono_ns;
-                let name = actor.name.clone();
-                self.sink.unwatch(pid);
-                Some(name)
+                let actor = self.retire(pid, ActorState::Exited, ev.mono_ns, clock.rfc3339(ev.mono_ns))?;
+                Some(actor.name.clone())
             }
             EventBody::HandlerWrite(w) => {
                 let actor = self.get_mut(w.task.pid)?;
@@ -520,23 +536,17 @@ impl Registry {
     /// exited entries.
     pub fn sweep(&mut self) -> Vec<u32> {
         let (mono, now) = self.now();
-        let mut gone = Vec::new();
-        for (pid, actor) in self.actors.iter_mut() {
-            if actor.state.is_live() {
-                let same = self.proc.facts(*pid).is_some_and(|f| f.start_time == actor.start_time);
-                if !same {
-                    actor.state = ActorState::Exited;
-                    actor.last_seen = now.clone();
-                    actor.last_seen_mono = mono;
-                    gone.push(*pid);
-                }
-            }
-        }
+        let gone: Vec<u32> = self
+            .actors
+            .values()
+            .filter(|a| !self.proc.facts(a.pid).is_some_and(|f| f.start_time == a.start_time))
+            .map(|a| a.pid)
+            .collect();
         for pid in &gone {
-            self.sink.unwatch(*pid);
+            self.retire(*pid, ActorState::Exited, mono, now.clone());
         }
         let retain = self.retain_exited_ns;
-        self.actors.retain(|_, a| a.state.is_live() || mono.saturating_sub(a.last_seen_mono) < retain);
+        self.history.retain(|a| mono.saturating_sub(a.last_seen_mono) < retain);
         gone
     }
 
@@ -549,8 +559,16 @@ impl Registry {
         self.proc.facts(pid)
     }
 
+    /// Sets a live actor's state; `Dead` on an exited one updates its record.
     pub fn set_state(&mut self, pid: u32, state: ActorState) {
-        if let Some(a) = self.actors.get_mut(&pid) {
+        if !state.is_live() && self.actors.contains_key(&pid) {
+            let (mono, now) = self.now();
+            self.retire(pid, state, mono, now);
+        } else if let Some(a) = self.actors.get_mut(&pid) {
+            a.state = state;
+        } else if state == ActorState::Dead
+            && let Some(a) = self.history.iter_mut().rev().find(|a| a.pid == pid)
+        {
             a.state = state;
         }
     }
@@ -558,7 +576,7 @@ impl Registry {
     /// Counts of live and recorded actors by (state, runtime).
     pub fn counts(&self) -> HashMap<(ActorState, Runtime), i64> {
         let mut out = HashMap::new();
-        for a in self.actors.values() {
+        for a in self.all() {
             *out.entry((a.state, a.runtime)).or_insert(0) += 1;
         }
         out
@@ -682,9 +700,23 @@ pub(crate) mod tests {
         assert_eq!(r.name_of(100), None);
         assert!(!s.0.lock().unwrap().contains(&100));
         assert_eq!(r.observe(&dropped_wakeup(100, 3, 1)), None, "the new process is not the actor");
-        // Registering the new process makes a new entry with the new identity.
+        // Registering the new process makes a new entry with the new identity,
+        // and the old one stays on record.
         let a = r.upsert(&spec(100, "other"), Source::Socket, Some(ALICE)).unwrap();
         assert_eq!((a.start_time, a.drops), (999, 0));
+        let old: Vec<_> = r.all().filter(|a| a.pid == 100 && a.start_time == 5).collect();
+        assert_eq!(old.len(), 1);
+        assert_eq!((old[0].name.as_str(), old[0].state), ("fetcher", ActorState::Exited));
+    }
+
+    #[test]
+    fn registering_a_discovered_process_gives_it_the_default_policy() {
+        let (mut r, p, _) = registry();
+        p.add(100, 5, 1000, 1);
+        let a = r.upsert(&ActorSpec { pid: Some(100), ..Default::default() }, Source::Discovered, None).unwrap();
+        assert_eq!(a.policy, None);
+        let a = r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        assert_eq!(a.policy.as_deref(), Some("default"));
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub fn event_name(ev: &Event) -> &'static str {
         EventBody::HandlerWrite(_) => "handler_write",
         EventBody::HandlerReturn(_) => "handler_return",
         EventBody::ProcessExit(_) => "process_exit",
+        EventBody::ProcessExec(_) => "process_exec",
     }
 }
 
@@ -128,7 +129,7 @@ pub fn to_json(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option
             o.insert("depth".into(), r.depth.into());
             o.insert("handler_ns".into(), r.duration_ns.into());
         }
-        EventBody::ProcessExit(e) => put_task(o, &e.task),
+        EventBody::ProcessExit(e) | EventBody::ProcessExec(e) => put_task(o, &e.task),
     }
     if let Some(actor) = actor {
         o.insert("actor".into(), actor.into());
@@ -168,7 +169,7 @@ pub fn to_text(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option
             },
         ),
         EventBody::HandlerReturn(r) => (&r.task, format!("depth={} in handler {} ns", r.depth, r.duration_ns)),
-        EventBody::ProcessExit(e) => (&e.task, String::new()),
+        EventBody::ProcessExit(e) | EventBody::ProcessExec(e) => (&e.task, String::new()),
     };
     let detail = match actor {
         Some(a) => format!("{detail} actor={a}"),

@@ -17,6 +17,9 @@ pub mod kind {
     /// `sched:sched_process_exit` with `group_dead`: a watched or
     /// previously-seen process exited.
     pub const PROCESS_EXIT: u32 = 5;
+    /// `sched:sched_process_exec`: a process exec'd (only when
+    /// `Config::report_exec` is set; discovery re-examines it).
+    pub const PROCESS_EXEC: u32 = 6;
 }
 
 /// `signal_generate.result` values (`enum trace_signal_result` in
@@ -129,6 +132,9 @@ pub struct Config {
     /// 1: report successful handler writes too (auto-discovery of wakeup
     /// fds); 0: only failed ones.
     pub report_ok_writes: u32,
+    /// 1: report every exec (discovery re-examines the process).
+    pub report_exec: u32,
+    pub _pad0: u32,
 }
 
 impl Config {
@@ -137,6 +143,8 @@ impl Config {
         handler_window_ns: 5_000_000_000,
         watched_only: 0,
         report_ok_writes: 1,
+        report_exec: 0,
+        _pad0: 0,
     };
 }
 

@@ -386,6 +386,15 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// Tells discovery a process exec'd (its command line changed).
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    if CONFIG.load().report_exec != 0 {
+        emit(base_event(kind::PROCESS_EXEC, 0));
+    }
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

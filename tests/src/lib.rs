@@ -228,8 +228,14 @@ pub fn stop_agent(agent: &mut Proc) {
 
 /// A Python fixture from tests/fixtures, returned with its ready line.
 pub fn fixture(script: &str, args: &[&str]) -> (Proc, Value) {
+    fixture_with_env(script, args, &[])
+}
+
+/// [`fixture`] with extra environment variables (e.g. SIGWAKE_SOCKET).
+pub fn fixture_with_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> (Proc, Value) {
     let mut cmd = Command::new(python());
     cmd.arg(fixtures_dir().join(script)).args(args).current_dir(fixtures_dir());
+    cmd.envs(env.iter().copied());
     let p = Proc::spawn(script, &mut cmd);
     let ready = p.stdout.wait_json(&format!("{script} ready"), Duration::from_secs(30), |v| v["ready"] == true);
     (p, ready)

@@ -8,12 +8,20 @@ const DROPPED: &str = "sigwake_wakeup_writes_dropped_total";
 
 #[test]
 fn dropped_wakeup_counter_moves_by_the_drops_caused() {
-    let agent = RunningAgent::start(&[]);
+    // Other processes on the host may drop wakeups meanwhile: count only
+    // this actor's, by its registered name.
+    let agent = RunningAgent::start(&["--dry-run"]);
     let addr = agent.addr.clone();
-    let before = http_get(&addr, "/metrics", Some("application/openmetrics-text")).unwrap().2;
-    let base = metric_sum(&before, DROPPED, &[r#"signal="SIGINT""#]);
+    let name = format!("metrics-test-{}", std::process::id());
+    let label = format!(r#"actor="{name}""#);
+    let before = agent.metrics();
+    assert_eq!(metric_sum(&before, DROPPED, &[&label]), 0.0);
 
-    let (mut actor, _) = fixture("trio_actor.py", &["--hog-seconds", "3"]);
+    let (mut actor, _) = fixture_with_env(
+        "trio_actor.py",
+        &["--hog-seconds", "3", "--register", &name],
+        &[("SIGWAKE_SOCKET", agent.socket.to_str().unwrap())],
+    );
     let pid = actor.pid().to_string();
     let mut drops = trace(&["--only-drops", "--pid", &pid, "--until-exit"]);
     actor.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
@@ -29,7 +37,7 @@ fn dropped_wakeup_counter_moves_by_the_drops_caused() {
     let mut last = String::new();
     wait_until(&format!("{DROPPED} to move by {caused}"), EVENT, || {
         last = http_get(&addr, "/metrics", Some("application/openmetrics-text")).unwrap().2;
-        metric_sum(&last, DROPPED, &[r#"signal="SIGINT""#, r#"errno="EAGAIN""#]) - base == caused
+        metric_sum(&last, DROPPED, &[&label, r#"signal="SIGINT""#, r#"errno="EAGAIN""#]) == caused
     });
     validate_openmetrics(&last);
 
