@@ -2,6 +2,9 @@
 //! idempotent, so `run` and `test` call `setup` first and a warm machine
 //! pays a few file checks.
 
+mod bench;
+mod prometheus;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -32,6 +35,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, then benchmark the agent's overhead, detection latency and footprint (needs root).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +45,7 @@ fn main() -> ExitCode {
         Task::Setup => setup().map(|_| ()),
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
+        Task::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,6 +155,7 @@ fn setup() -> Result<Env> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         step("warning: /sys/kernel/btf/vmlinux is missing: this kernel has no BTF; the agent's tracepoint programs still load, BTF-typed hooks will not");
     }
+    prometheus::ensure_prometheus()?;
     Ok(Env { python })
 }
 

@@ -1,0 +1,1399 @@
+//! `cargo xtask bench`: what sigwake costs and how fast it sees a lost wakeup.
+//!
+//! A benchmark, not a test: it prints a table (Markdown) and writes every raw
+//! sample to `bench-results/latest.json`. Each figure is measured in the same
+//! run as its baseline and reported as a ratio against it:
+//!
+//! 1. hot path: ns per write(2) and per getppid(2) in a pinned C loop with no
+//!    agent, `sigwake run` idle, `sigwake run` with 1,000 registered actors,
+//!    the bpftrace peer (`bench/peer.bt`) and empty programs on the same two
+//!    write tracepoints (`bench/trivial.bt`); per-program cost from
+//!    `kernel.bpf_stats_enabled`; redis-benchmark throughput in the same states;
+//! 2. detection latency: failed handler write → `sigwake trace` line, and →
+//!    `/metrics` counter;
+//! 3. a signal storm: delivered/s, events lost, agent CPU and memory;
+//! 4. footprint: agent CPU and RSS, idle and with 1,000 actors.
+//!
+//! Everything is bounded in time and count; every process the bench starts is
+//! owned by a guard that stops its process group on drop (errors, Ctrl-C).
+
+mod procs;
+mod report;
+mod scrape;
+mod stats;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+use self::{
+    procs::{Out, Proc, Sleepers, Spawn, Sysctl, TempDir, check_interrupt, mono_ns, sleep},
+    report::{Report, Verdict},
+    scrape::{Metrics, bucket_quantile},
+    stats::Summary,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Short repetitions: a smoke run in under two minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Only these sections (comma-separated); the default is all of them.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Section>,
+    /// JSON results file [default: bench-results/latest.json]
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// CPU the hot-path loop is pinned to [default: the last one]
+    #[arg(long, value_name = "N")]
+    pub cpu: Option<usize>,
+    /// Storm: receiver processes (with a SIGUSR1 handler).
+    #[arg(long, default_value_t = 4)]
+    pub storm_receivers: usize,
+    /// Storm: sender processes (kill(2) in a loop).
+    #[arg(long, default_value_t = 2)]
+    pub storm_senders: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// ns per write()/getppid() in every agent state.
+    Hot,
+    /// redis-benchmark throughput in every agent state.
+    Redis,
+    /// Agent CPU and RSS, idle and with 1,000 actors.
+    Footprint,
+    /// Failed write → trace line and → /metrics.
+    Latency,
+    /// Signal storm.
+    Storm,
+}
+
+/// How much of everything: `--quick` or the full run.
+#[derive(Clone, Debug)]
+struct Plan {
+    rounds: usize,
+    iters: u64,
+    reps: usize,
+    stats_reps: usize,
+    redis_n: u64,
+    footprint: Duration,
+    actors: usize,
+    drops: usize,
+    drop_gap_us: u64,
+    metric_steps: usize,
+    burst: usize,
+    storm_secs: f64,
+    /// How long to wait for other processes' tracing programs to go away before a baseline.
+    quiet_wait: Duration,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                rounds: 1,
+                iters: 300_000,
+                reps: 5,
+                stats_reps: 2,
+                redis_n: 50_000,
+                footprint: Duration::from_secs(3),
+                actors: 1000,
+                drops: 1000,
+                drop_gap_us: 200,
+                metric_steps: 200,
+                burst: 1000,
+                storm_secs: 2.0,
+                quiet_wait: Duration::from_secs(2),
+            }
+        } else {
+            Plan {
+                rounds: 2,
+                iters: 1_000_000,
+                reps: 9,
+                stats_reps: 3,
+                redis_n: 200_000,
+                footprint: Duration::from_secs(10),
+                actors: 1000,
+                drops: 1000,
+                drop_gap_us: 1000,
+                metric_steps: 1000,
+                burst: 1000,
+                storm_secs: 5.0,
+                quiet_wait: Duration::from_secs(120),
+            }
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "rounds": self.rounds, "iterations_per_rep": self.iters, "reps": self.reps,
+            "stats_reps": self.stats_reps, "redis_requests": self.redis_n,
+            "footprint_s": self.footprint.as_secs_f64(), "actors": self.actors, "drops": self.drops,
+            "drop_gap_us": self.drop_gap_us, "metric_steps": self.metric_steps, "burst": self.burst,
+            "storm_s": self.storm_secs, "quiet_wait_s": self.quiet_wait.as_secs_f64(),
+        })
+    }
+}
+
+/// Compiled helper programs (bench/*.c).
+struct Tools {
+    writeloop: PathBuf,
+    dropper: PathBuf,
+    storm: PathBuf,
+}
+
+/// What this agent build's `sigwake run` accepts.
+#[derive(Default)]
+struct AgentFlags {
+    socket: bool,
+    state_dir: bool,
+    dry_run: bool,
+}
+
+struct Ctx {
+    root: PathBuf,
+    bin: PathBuf,
+    tools: Tools,
+    logs: PathBuf,
+    plan: Plan,
+    cpu: usize,
+    flags: AgentFlags,
+    bpftrace: bool,
+    bpftool: bool,
+    only: Vec<Section>,
+    storm_receivers: usize,
+    storm_senders: usize,
+}
+
+impl Ctx {
+    fn wants(&self, s: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&s)
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    procs::install_interrupt_handler();
+    super::setup()?;
+    super::require_root("`cargo xtask bench`")?;
+    let started = Instant::now();
+    let root = super::workspace_root();
+    let plan = Plan::new(args.quick);
+
+    super::step("building the agent (release)");
+    super::status(super::cargo().current_dir(&root).args(["build", "--release", "--package", "sigwake"]))?;
+    let bin = root.join("target/release/sigwake");
+    let tools = build_tools(&root)?;
+    let bpftrace = ensure_tool("bpftrace", "bpftrace");
+    let bpftool = ensure_tool("bpftool", "bpftool");
+    let out_path = args.out.clone().unwrap_or_else(|| root.join("bench-results/latest.json"));
+    let logs = root.join("bench-results/logs");
+    let _ = fs::remove_dir_all(&logs);
+    fs::create_dir_all(&logs).context("creating bench-results/logs")?;
+
+    let help = Command::new(&bin).args(["run", "--help"]).output().context("running sigwake run --help")?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags = AgentFlags {
+        socket: help.contains("--socket"),
+        state_dir: help.contains("--state-dir"),
+        dry_run: help.contains("--dry-run"),
+    };
+    let ncpu = procs::nproc();
+    let cpu = args.cpu.unwrap_or(ncpu.saturating_sub(1)).min(ncpu.saturating_sub(1));
+    let ctx = Ctx {
+        root,
+        bin,
+        tools,
+        logs,
+        plan,
+        cpu,
+        flags,
+        bpftrace,
+        bpftool,
+        only: args.only.clone(),
+        storm_receivers: args.storm_receivers.clamp(1, 256),
+        storm_senders: args.storm_senders.clamp(1, 256),
+    };
+
+    let mut report = Report::default();
+    let mut results = serde_json::Map::new();
+    results.insert("quick".into(), json!(args.quick));
+    results.insert("started_unix".into(), json!(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())));
+    results.insert("host".into(), host_info());
+    results.insert("plan".into(), ctx.plan.json());
+    results.insert(
+        "sigwake".into(),
+        json!({
+            "binary": ctx.bin, "version": version_of(&ctx.bin),
+            "run_flags": {"socket": ctx.flags.socket, "state_dir": ctx.flags.state_dir, "dry_run": ctx.flags.dry_run},
+        }),
+    );
+    results.insert("pinned_cpu".into(), json!(ctx.cpu));
+
+    if ctx.wants(Section::Hot) || ctx.wants(Section::Redis) || ctx.wants(Section::Footprint) {
+        super::step("hot path, redis and footprint: every agent state, interleaved with no-agent baselines");
+        let v = overhead(&ctx, &mut report)?;
+        results.insert("overhead".into(), v);
+    }
+    if ctx.wants(Section::Latency) {
+        super::step("detection latency");
+        let v = latency(&ctx, &mut report)?;
+        results.insert("latency".into(), v);
+    }
+    if ctx.wants(Section::Storm) {
+        super::step("signal storm");
+        let v = storm(&ctx, &mut report)?;
+        results.insert("storm".into(), v);
+    }
+
+    let secs = started.elapsed().as_secs_f64();
+    report.note(format!(
+        "{} run, {:.0} s, kernel {}, {} CPUs; hot loops pinned to CPU {}; load average at the end: {}",
+        if args.quick { "quick" } else { "full" },
+        secs,
+        fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        ncpu,
+        ctx.cpu,
+        fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    ));
+    results.insert("duration_s".into(), json!(secs));
+    results.insert("table".into(), report.json());
+    results.insert("notes".into(), json!(report.notes));
+    let table = report.render();
+    results.insert("table_markdown".into(), json!(table));
+    if let Some(dir) = out_path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&out_path, serde_json::to_string_pretty(&Value::Object(results))?)
+        .with_context(|| format!("writing {}", out_path.display()))?;
+    println!("\n{table}");
+    super::step(&format!("results: {} (agent logs in {})", out_path.display(), ctx.logs.display()));
+    Ok(())
+}
+
+// ------------------------------------------------------------------ set-up
+
+fn build_tools(root: &Path) -> Result<Tools> {
+    let out = root.join("target/bench");
+    fs::create_dir_all(&out)?;
+    let build = |name: &str| -> Result<PathBuf> {
+        let exe = out.join(name);
+        super::status(
+            Command::new("cc")
+                .args(["-O2", "-Wall", "-o"])
+                .arg(&exe)
+                .arg(root.join(format!("bench/{name}.c"))),
+        )
+        .with_context(|| format!("compiling bench/{name}.c (needs a C compiler: apt-get install gcc)"))?;
+        Ok(exe)
+    };
+    Ok(Tools { writeloop: build("writeloop")?, dropper: build("dropper")?, storm: build("storm")? })
+}
+
+fn have(bin: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Installs a Debian package if its binary is missing; false if that failed.
+fn ensure_tool(bin: &str, package: &str) -> bool {
+    if have(bin) {
+        return true;
+    }
+    super::step(&format!("installing {package} (apt-get)"));
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get").args(["update", "-q"]).status();
+        let _ = install();
+    }
+    have(bin)
+}
+
+fn host_info() -> Value {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_default();
+    json!({
+        "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpus": procs::nproc(),
+        "cpu_model": cpu,
+    })
+}
+
+fn version_of(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+// ------------------------------------------------------------------- agent
+
+/// A `sigwake run` with its own port, socket and state directory.
+struct Agent {
+    proc: Proc,
+    addr: SocketAddr,
+    socket: Option<PathBuf>,
+    _dir: TempDir,
+}
+
+impl Agent {
+    fn start(ctx: &Ctx, label: &str) -> Result<Agent> {
+        let dir = TempDir::new(label)?;
+        let port = free_port()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let mut cmd = Command::new(&ctx.bin);
+        cmd.args(["run", "--listen", &addr.to_string()]);
+        let socket = ctx.flags.socket.then(|| dir.0.join("registry.sock"));
+        if let Some(s) = &socket {
+            cmd.arg("--socket").arg(s);
+        }
+        if ctx.flags.state_dir {
+            cmd.arg("--state-dir").arg(dir.0.join("state"));
+        }
+        if ctx.flags.dry_run {
+            // Nothing the bench starts should be escalated against for real.
+            cmd.arg("--dry-run");
+        }
+        let log = ctx.logs.join(format!("agent-{label}.log"));
+        let mut opts = Spawn::new(&format!("sigwake run ({label})"));
+        opts.stdout = Out::File(log.clone());
+        opts.stderr = Out::File(log.clone());
+        opts.stop_signal = libc::SIGINT;
+        opts.grace = Duration::from_secs(10);
+        let mut proc = Proc::spawn(cmd, opts)?;
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            check_interrupt()?;
+            if let Some(st) = proc.exited() {
+                bail!("sigwake run exited ({st}) before it was ready:\n{}", tail(&log, 20));
+            }
+            if let Ok((200, _)) = scrape::get(addr, "/readyz", Duration::from_secs(2)) {
+                break;
+            }
+            if Instant::now() >= end {
+                bail!("sigwake run was not ready within 60 s:\n{}", tail(&log, 20));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Agent { proc, addr, socket, _dir: dir })
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    fn metrics(&self) -> Result<Metrics> {
+        Metrics::fetch(self.addr)
+    }
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Registration of many actors over the agent's socket.
+enum Registered {
+    Done { ok: usize, failed: usize, secs: f64, first_error: Option<String> },
+    Unavailable(String),
+}
+
+fn register_actors(agent: &Agent, pids: &[u32]) -> Result<Registered> {
+    let Some(path) = &agent.socket else {
+        return Ok(Registered::Unavailable("registration socket unavailable: `sigwake run` has no --socket".into()));
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if Instant::now() >= end {
+            return Ok(Registered::Unavailable("registration socket unavailable".into()));
+        }
+        sleep(Duration::from_millis(50))?;
+    }
+    let stream = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => return Ok(Registered::Unavailable(format!("registration socket unavailable ({e})"))),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let t0 = Instant::now();
+    let (mut ok, mut failed, mut first_error) = (0, 0, None);
+    for (i, pid) in pids.iter().enumerate() {
+        check_interrupt()?;
+        let req = json!({"op": "register", "pid": pid, "name": format!("bench-actor-{i:04}"), "runtime": "other"});
+        writeln!(writer, "{req}")?;
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(Registered::Unavailable("registration socket closed the connection".into()));
+        }
+        let reply: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if reply["ok"] == true {
+            ok += 1;
+        } else {
+            failed += 1;
+            if first_error.is_none() {
+                first_error = Some(line.trim().to_string());
+            }
+            if ok == 0 && failed >= 5 {
+                return Ok(Registered::Unavailable(format!("registration refused: {}", line.trim())));
+            }
+        }
+    }
+    Ok(Registered::Done { ok, failed, secs: t0.elapsed().as_secs_f64(), first_error })
+}
+
+// ---------------------------------------------------------- hot path et al.
+
+/// The agent states the overhead section compares, in table order.
+const NONE: &str = "no agent";
+const IDLE: &str = "sigwake run, nothing watched";
+const ACTORS: &str = "sigwake run, 1,000 actors";
+const PEER: &str = "bpftrace peer (bench/peer.bt)";
+const TRIVIAL: &str = "empty programs, same 2 write tracepoints (bench/trivial.bt)";
+const STATES: [&str; 5] = [NONE, IDLE, ACTORS, PEER, TRIVIAL];
+
+#[derive(Default)]
+struct StateData {
+    /// ns per call, thread CPU time.
+    write: Vec<f64>,
+    getppid: Vec<f64>,
+    /// ns per call, wall clock.
+    write_wall: Vec<f64>,
+    getppid_wall: Vec<f64>,
+    redis_set: Vec<f64>,
+    redis_get: Vec<f64>,
+    /// ns per write() with bpf_stats on, and per-program (name, runs, ns) per write loop.
+    write_stats_on: Vec<f64>,
+    progs: Vec<(String, u64, u64)>,
+    unavailable: Option<String>,
+    foreign: Vec<String>,
+}
+
+struct Redis {
+    _proc: Proc,
+    port: u16,
+}
+
+fn start_redis(ctx: &Ctx) -> Result<Option<Redis>> {
+    if !ensure_tool("redis-server", "redis-server") || !have("redis-benchmark") {
+        return Ok(None);
+    }
+    let port = free_port()?;
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--daemonize", "no", "--protected-mode", "no"]);
+    let mut opts = Spawn::new("redis-server");
+    opts.stdout = Out::Lines;
+    opts.stderr = Out::File(ctx.logs.join("redis.log"));
+    // Server and client on different CPUs; the client shares the hot loop's CPU.
+    opts.cpu = (procs::nproc() > 1).then_some(if ctx.cpu == 0 { 1 } else { 0 });
+    let mut p = Proc::spawn(cmd, opts)?;
+    p.wait_for_line(Duration::from_secs(20), |l| l.contains("Ready to accept connections"))?;
+    Ok(Some(Redis { _proc: p, port }))
+}
+
+fn redis_bench(ctx: &Ctx, redis: &Redis) -> Result<(f64, f64)> {
+    let mut cmd = Command::new("redis-benchmark");
+    cmd.args(["-h", "127.0.0.1", "-p", &redis.port.to_string(), "-n", &ctx.plan.redis_n.to_string()])
+        .args(["-t", "set,get", "--csv"]);
+    let (out, _) = procs::run_bounded(cmd, "redis-benchmark", Duration::from_secs(120), Some(ctx.cpu))?;
+    let rps = |test: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("\"{test}\"")))
+            .and_then(|l| l.split(',').nth(1))
+            .and_then(|v| v.trim_matches('"').parse::<f64>().ok())
+    };
+    match (rps("SET"), rps("GET")) {
+        (Some(s), Some(g)) => Ok((s, g)),
+        _ => bail!("cannot read redis-benchmark's output:\n{out}"),
+    }
+}
+
+/// (thread CPU ns, wall ns) per call, one pair per repetition.
+fn writeloop(ctx: &Ctx, mode: &str, reps: usize) -> Result<Vec<(f64, f64)>> {
+    let mut cmd = Command::new(&ctx.tools.writeloop);
+    cmd.args([mode, &ctx.plan.iters.to_string(), &reps.to_string()]);
+    let (out, _) = procs::run_bounded(cmd, "writeloop", Duration::from_secs(300), Some(ctx.cpu))?;
+    let v: Vec<(f64, f64)> = out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().map(|x| x.parse::<f64>().ok());
+            Some((f.next()??, f.next()??))
+        })
+        .collect();
+    if v.len() != reps {
+        bail!("writeloop printed {} samples, expected {reps}", v.len());
+    }
+    Ok(v)
+}
+
+/// Processes other than ours holding tracing BPF programs: they tax every
+/// state alike (baseline included) and make the ratios look better than they are.
+fn foreign_tracers(ours: &[u32]) -> Vec<String> {
+    let mut progs = procs::bpf_progs(None);
+    procs::name_progs(&mut progs);
+    let mut by_owner: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in progs.values().filter(|p| procs::is_tracing_prog(p.prog_type)) {
+        if p.owners.iter().any(|(pid, _)| ours.contains(pid)) {
+            continue;
+        }
+        for (pid, comm) in &p.owners {
+            by_owner.entry(format!("{comm}({pid})")).or_default().push(p.name.clone());
+        }
+    }
+    by_owner
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort();
+            format!("{k}: {}", v.join(","))
+        })
+        .collect()
+}
+
+/// Waits (bounded) until no other process holds tracing BPF programs, so
+/// that a baseline is a real no-agent baseline. Returns what was left.
+fn wait_quiet(ctx: &Ctx) -> Result<Vec<String>> {
+    let end = Instant::now() + ctx.plan.quiet_wait;
+    let mut said = false;
+    loop {
+        let f = foreign_tracers(&[std::process::id()]);
+        if f.is_empty() || Instant::now() >= end {
+            return Ok(f);
+        }
+        if !said {
+            super::step(&format!(
+                "waiting up to {:?} for other tracers to exit before a baseline: {}",
+                ctx.plan.quiet_wait,
+                f.join("; ")
+            ));
+            said = true;
+        }
+        sleep(Duration::from_secs(1))?;
+    }
+}
+
+/// Measures the workloads in the current state.
+fn measure_state(
+    ctx: &Ctx,
+    data: &mut StateData,
+    redis: Option<&Redis>,
+    owner: Option<u32>,
+    with_stats: bool,
+) -> Result<()> {
+    let mut ours = vec![std::process::id()];
+    ours.extend(owner);
+    for f in foreign_tracers(&ours) {
+        if !data.foreign.contains(&f) {
+            data.foreign.push(f);
+        }
+    }
+    if ctx.wants(Section::Hot) {
+        for (cpu, wall) in writeloop(ctx, "write", ctx.plan.reps)? {
+            data.write.push(cpu);
+            data.write_wall.push(wall);
+        }
+        for (cpu, wall) in writeloop(ctx, "getppid", ctx.plan.reps)? {
+            data.getppid.push(cpu);
+            data.getppid_wall.push(wall);
+        }
+    }
+    if let Some(r) = redis {
+        let (s, g) = redis_bench(ctx, r)?;
+        data.redis_set.push(s);
+        data.redis_get.push(g);
+    }
+    if with_stats
+        && ctx.wants(Section::Hot)
+        && let Some(pid) = owner
+    {
+        let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
+        let snap = || {
+            let mut p = procs::bpf_progs(Some(&[pid]));
+            if ctx.bpftool {
+                procs::name_progs(&mut p);
+            }
+            p
+        };
+        let before = snap();
+        data.write_stats_on.extend(writeloop(ctx, "write", ctx.plan.stats_reps)?.into_iter().map(|(c, _)| c));
+        let after = snap();
+        let mut rows: Vec<(String, u64, u64)> = after
+            .values()
+            .filter_map(|a| {
+                let b = before.get(&a.id)?;
+                let runs = a.run_cnt.saturating_sub(b.run_cnt);
+                (runs > 0).then(|| (a.name.clone(), runs, a.run_time_ns.saturating_sub(b.run_time_ns)))
+            })
+            .collect();
+        rows.sort();
+        data.progs = rows;
+    }
+    Ok(())
+}
+
+struct Footprint {
+    /// Kernel events the agent decoded per second meanwhile (the host's own signals).
+    events_per_s: f64,
+    cpu_pct: f64,
+    rss_mib: f64,
+    hwm_mib: f64,
+    secs: f64,
+}
+
+fn footprint(agent: &Agent, d: Duration) -> Result<Footprint> {
+    let pid = agent.pid();
+    let events = || agent.metrics().map(|m| m.sum("sigwake_events_total", &[])).unwrap_or(f64::NAN);
+    let e0 = events();
+    let u0 = procs::usage(pid).context("reading the agent's /proc entry")?;
+    let t0 = Instant::now();
+    sleep(d)?;
+    let u1 = procs::usage(pid).context("reading the agent's /proc entry")?;
+    let secs = t0.elapsed().as_secs_f64();
+    let e1 = events();
+    Ok(Footprint {
+        events_per_s: (e1 - e0) / secs,
+        cpu_pct: (u1.cpu_ns.saturating_sub(u0.cpu_ns)) as f64 / 1e9 / secs * 100.0,
+        rss_mib: u1.rss_kib as f64 / 1024.0,
+        hwm_mib: u1.hwm_kib as f64 / 1024.0,
+        secs,
+    })
+}
+
+fn bpftrace_peer(ctx: &Ctx, script: &str, label: &str) -> Result<Proc> {
+    let mut cmd = Command::new("bpftrace");
+    cmd.arg(ctx.root.join("bench").join(script));
+    let mut opts = Spawn::new(&format!("bpftrace {script}"));
+    opts.stdout = Out::Lines;
+    opts.stderr = Out::File(ctx.logs.join(format!("bpftrace-{label}.log")));
+    opts.stop_signal = libc::SIGINT;
+    opts.grace = Duration::from_secs(10);
+    let mut p = Proc::spawn(cmd, opts)?;
+    p.wait_for_line(Duration::from_secs(90), |l| l.starts_with("Attaching"))?;
+    // bpftrace prints "Attaching" before the last attach completes.
+    sleep(Duration::from_millis(500))?;
+    Ok(p)
+}
+
+fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
+    let plan = &ctx.plan;
+    let mut data: BTreeMap<&str, StateData> = STATES.iter().map(|s| (*s, StateData::default())).collect();
+    let redis = if ctx.wants(Section::Redis) { start_redis(ctx)? } else { None };
+    if ctx.wants(Section::Redis) && redis.is_none() {
+        report.note("redis-server/redis-benchmark unavailable: redis rows skipped");
+    }
+    let mut fp_idle = None;
+    let mut fp_actors = None;
+    let mut reg_json = json!(null);
+    let mut actors_seen = None;
+    let only_footprint = !ctx.wants(Section::Hot) && !ctx.wants(Section::Redis);
+
+    for round in 0..plan.rounds {
+        let first = round == 0;
+        super::step(&format!("round {}/{}: {NONE}", round + 1, plan.rounds));
+        if !only_footprint {
+            wait_quiet(ctx)?;
+            measure_state(ctx, data.get_mut(NONE).expect("state"), redis.as_ref(), None, false)?;
+        }
+
+        // (b) and (c): one agent; first idle, then with the actors registered.
+        super::step(&format!("round {}/{}: {IDLE}", round + 1, plan.rounds));
+        let agent = Agent::start(ctx, &format!("overhead-{}", round + 1))?;
+        sleep(Duration::from_secs(1))?;
+        if first && ctx.wants(Section::Footprint) {
+            fp_idle = Some(footprint(&agent, plan.footprint)?);
+        }
+        if !only_footprint {
+            measure_state(ctx, data.get_mut(IDLE).expect("state"), redis.as_ref(), Some(agent.pid()), first)?;
+        }
+        super::step(&format!("round {}/{}: {ACTORS}", round + 1, plan.rounds));
+        let sleepers = Sleepers::spawn(plan.actors, 3600)?;
+        match register_actors(&agent, &sleepers.pids())? {
+            Registered::Unavailable(why) => {
+                data.get_mut(ACTORS).expect("state").unavailable = Some(why.clone());
+                reg_json = json!({"available": false, "reason": why});
+            }
+            Registered::Done { ok, failed, secs, first_error } => {
+                if first {
+                    reg_json = json!({"available": true, "registered": ok, "failed": failed, "seconds": secs, "first_error": first_error});
+                    report.note(format!(
+                        "registration: {ok} actors registered over the socket in {secs:.2} s ({:.0}/s){}",
+                        ok as f64 / secs.max(1e-9),
+                        if failed > 0 { format!(", {failed} refused, first: {}", first_error.clone().unwrap_or_default()) } else { String::new() }
+                    ));
+                }
+                if ok == 0 {
+                    data.get_mut(ACTORS).expect("state").unavailable =
+                        Some(format!("no actor registered: {}", first_error.unwrap_or_default()));
+                } else {
+                    // Let a registry sweep / metrics tick run.
+                    sleep(Duration::from_millis(1500))?;
+                    if let Ok(m) = agent.metrics()
+                        && m.has("sigwake_actors")
+                    {
+                        actors_seen = Some(m.sum("sigwake_actors", &[]));
+                    }
+                    if first && ctx.wants(Section::Footprint) {
+                        fp_actors = Some(footprint(&agent, plan.footprint)?);
+                    }
+                    if !only_footprint {
+                        measure_state(ctx, data.get_mut(ACTORS).expect("state"), redis.as_ref(), Some(agent.pid()), first)?;
+                    }
+                }
+            }
+        }
+        drop(sleepers);
+        drop(agent);
+        if only_footprint {
+            break;
+        }
+
+        super::step(&format!("round {}/{}: {NONE}", round + 1, plan.rounds));
+        wait_quiet(ctx)?;
+        measure_state(ctx, data.get_mut(NONE).expect("state"), redis.as_ref(), None, false)?;
+        for (state, script) in [(PEER, "peer.bt"), (TRIVIAL, "trivial.bt")] {
+            super::step(&format!("round {}/{}: {state}", round + 1, plan.rounds));
+            if !ctx.bpftrace {
+                data.get_mut(state).expect("state").unavailable = Some("bpftrace not installed".into());
+                continue;
+            }
+            let label = if state == PEER { "peer" } else { "trivial" };
+            let peer = bpftrace_peer(ctx, script, label)?;
+            measure_state(ctx, data.get_mut(state).expect("state"), redis.as_ref(), Some(peer.pid()), first)?;
+            drop(peer);
+            super::step(&format!("round {}/{}: {NONE}", round + 1, plan.rounds));
+            wait_quiet(ctx)?;
+            measure_state(ctx, data.get_mut(NONE).expect("state"), redis.as_ref(), None, false)?;
+        }
+    }
+    let had_redis = redis.is_some();
+    drop(redis);
+
+    // ---- table
+    let base = data.get(NONE).expect("state");
+    let bw = Summary::of(&base.write);
+    let bg = Summary::of(&base.getppid);
+    let idle_w = Summary::of(&data[IDLE].write);
+    let ns = |s: &Summary| format!("{:.1} ns ±{:.1}% (n={})", s.median, s.iqr_pct(), s.n);
+    let ratio = |s: &Summary, b: &Summary| format!("{:.3}× ({:+.1} ns)", s.median / b.median, s.median - b.median);
+    if ctx.wants(Section::Hot) {
+        for (what, key, b) in [("write(fd, 1 B) to /dev/null", 'w', &bw), ("getppid()", 'g', &bg)] {
+            for state in STATES {
+                let d = &data[state];
+                let label = format!("{what}: {state}");
+                if let Some(why) = &d.unavailable {
+                    report.row("hot path (ns per syscall: thread CPU time, pinned loop)", label, format!("n/a ({why})"));
+                    continue;
+                }
+                let s = Summary::of(if key == 'w' { &d.write } else { &d.getppid });
+                if s.n == 0 {
+                    continue;
+                }
+                let row = report.row("hot path (ns per syscall: thread CPU time, pinned loop)", label, ns(&s));
+                if state == NONE {
+                    row.ratio("1");
+                    continue;
+                }
+                row.baseline(format!("{:.1} ns", b.median)).ratio(ratio(&s, b));
+                if key == 'w' && state == IDLE {
+                    row.target("≤ 1.10× no agent", Verdict::from(s.median / b.median <= 1.10));
+                }
+                if key == 'w' && state == PEER && idle_w.n > 0 {
+                    row.target(
+                        format!("sigwake idle ({:.1} ns) < peer", idle_w.median),
+                        Verdict::from(idle_w.median < s.median),
+                    );
+                }
+            }
+        }
+        for state in [IDLE, ACTORS, PEER, TRIVIAL] {
+            let d = &data[state];
+            if d.progs.is_empty() {
+                continue;
+            }
+            let loops = (ctx.plan.iters * ctx.plan.stats_reps as u64 + ctx.plan.iters) as f64;
+            let parts: Vec<String> = d
+                .progs
+                .iter()
+                .filter(|(n, runs, _)| n.contains("write") || *runs as f64 >= loops * 0.5)
+                .map(|(n, runs, t)| format!("{n} {:.1} ns", *t as f64 / *runs as f64))
+                .collect();
+            let body: f64 = d
+                .progs
+                .iter()
+                .filter(|(n, runs, _)| n.contains("write") || *runs as f64 >= loops * 0.5)
+                .map(|(_, runs, t)| *t as f64 / *runs as f64)
+                .sum();
+            let son = Summary::of(&d.write_stats_on);
+            report
+                .row(
+                    "hot path (ns per syscall: thread CPU time, pinned loop)",
+                    format!("BPF program bodies per write(), bpf_stats: {state}"),
+                    format!("{body:.1} ns ({})", parts.join(" + ")),
+                )
+                .baseline(format!("stats on: {:.1} ns/write", son.median));
+        }
+    }
+    if had_redis && ctx.wants(Section::Redis) {
+        let bs = Summary::of(&base.redis_set);
+        let bgt = Summary::of(&base.redis_get);
+        for state in STATES {
+            let d = &data[state];
+            if let Some(why) = &d.unavailable {
+                report.row("redis-benchmark, loopback (requests/s)", format!("SET/GET: {state}"), format!("n/a ({why})"));
+                continue;
+            }
+            let (s, g) = (Summary::of(&d.redis_set), Summary::of(&d.redis_get));
+            if s.n == 0 {
+                continue;
+            }
+            let row = report.row(
+                "redis-benchmark, loopback (requests/s)",
+                format!("SET / GET: {state}"),
+                format!("{:.0} / {:.0} (n={})", s.median, g.median, s.n),
+            );
+            if state != NONE {
+                row.baseline(format!("{:.0} / {:.0}", bs.median, bgt.median))
+                    .ratio(format!("{:.3}× / {:.3}×", s.median / bs.median, g.median / bgt.median));
+            } else {
+                row.ratio("1");
+            }
+        }
+    }
+    if ctx.wants(Section::Footprint) {
+        let sec = "footprint (sigwake run)";
+        match &fp_idle {
+            Some(f) => {
+                report
+                    .row(sec, format!("idle: CPU over {:.0} s", f.secs), format!("{:.3}% of a core", f.cpu_pct))
+                    .baseline(format!("host signal events meanwhile: {:.0}/s", f.events_per_s))
+                    .target("< 0.5%", Verdict::from(f.cpu_pct < 0.5));
+                report
+                    .row(sec, "idle: RSS", format!("{:.1} MiB (peak {:.1})", f.rss_mib, f.hwm_mib))
+                    .target("< 30 MiB", Verdict::from(f.rss_mib < 30.0));
+            }
+            None => {
+                report.row(sec, "idle", "n/a");
+            }
+        }
+        match (&fp_actors, data[ACTORS].unavailable.as_deref()) {
+            (Some(f), _) => {
+                let seen = actors_seen.map(|a| format!("; sigwake_actors = {a:.0}")).unwrap_or_default();
+                let row = report.row(
+                    sec,
+                    format!("1,000 actors: CPU over {:.0} s", f.secs),
+                    format!("{:.3}% of a core{seen}", f.cpu_pct),
+                );
+                if let Some(i) = &fp_idle {
+                    row.baseline(format!("idle {:.3}%; events {:.0}/s", i.cpu_pct, f.events_per_s))
+                        .ratio(format!("{:.1}×", f.cpu_pct / i.cpu_pct));
+                }
+                let row = report.row(sec, "1,000 actors: RSS", format!("{:.1} MiB (peak {:.1})", f.rss_mib, f.hwm_mib));
+                if let Some(i) = &fp_idle {
+                    row.baseline(format!("{:.1} MiB", i.rss_mib)).ratio(format!("{:.2}×", f.rss_mib / i.rss_mib));
+                }
+            }
+            (None, why) => {
+                report.row(sec, "1,000 actors", format!("n/a ({})", why.unwrap_or("not measured")));
+            }
+        }
+    }
+    let mut foreign: Vec<String> = data.values().flat_map(|d| d.foreign.iter().cloned()).collect();
+    foreign.sort();
+    foreign.dedup();
+    if !foreign.is_empty() {
+        report.note(format!(
+            "WARNING: other processes had tracing BPF programs loaded during the overhead section \
+             (they tax every state, the baseline included): {}",
+            foreign.join("; ")
+        ));
+    }
+
+    let fp_json = |f: &Option<Footprint>| {
+        f.as_ref().map(|f| json!({"events_per_s": f.events_per_s, "cpu_pct": f.cpu_pct, "rss_mib": f.rss_mib, "hwm_mib": f.hwm_mib, "seconds": f.secs}))
+    };
+    let states: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, d)| {
+            (
+                k.to_string(),
+                json!({
+                    "unavailable": d.unavailable,
+                    "write_ns_cpu": {"summary": Summary::of(&d.write).json(), "samples": d.write},
+                    "getppid_ns_cpu": {"summary": Summary::of(&d.getppid).json(), "samples": d.getppid},
+                    "write_ns_wall": {"summary": Summary::of(&d.write_wall).json(), "samples": d.write_wall},
+                    "getppid_ns_wall": {"summary": Summary::of(&d.getppid_wall).json(), "samples": d.getppid_wall},
+                    "redis_set_rps": d.redis_set, "redis_get_rps": d.redis_get,
+                    "write_ns_bpf_stats_on": d.write_stats_on,
+                    "bpf_programs": d.progs.iter().map(|(n, r, t)| json!({"name": n, "runs": r, "run_time_ns": t, "ns_per_run": *t as f64 / (*r).max(1) as f64})).collect::<Vec<_>>(),
+                    "foreign_tracers": d.foreign,
+                }),
+            )
+        })
+        .collect();
+    Ok(json!({
+        "states": states,
+        "registration": reg_json,
+        "actors_gauge": actors_seen,
+        "footprint": {"idle": fp_json(&fp_idle), "actors_1000": fp_json(&fp_actors)},
+    }))
+}
+
+// ----------------------------------------------------------------- latency
+
+fn dropper(ctx: &Ctx, args: &[String], label: &str) -> Result<(Proc, u32)> {
+    let mut cmd = Command::new(&ctx.tools.dropper);
+    cmd.args(args);
+    let mut opts = Spawn::new(&format!("dropper {label}"));
+    opts.stdin = true;
+    opts.stdout = Out::Lines;
+    opts.stderr = Out::File(ctx.logs.join("dropper.log"));
+    let mut p = Proc::spawn(cmd, opts)?;
+    let ready = p.next_line(Duration::from_secs(10))?.context("the dropper did not start")?;
+    let pid = ready.1.strip_prefix("ready ").and_then(|v| v.trim().parse().ok()).context("the dropper said no pid")?;
+    Ok((p, pid))
+}
+
+/// (kernel timestamp, when the bench read the line), both CLOCK_MONOTONIC ns.
+type Seen = (u64, u64);
+
+/// Runs `n` spaced drops under a line-printing tracer; returns (kernel ts,
+/// user-space read ts) per reported drop and the dropper's own timestamps.
+fn traced_drops(
+    ctx: &Ctx,
+    tracer: &mut Proc,
+    dropper_proc: &mut Proc,
+    parse: impl Fn(&str) -> Option<u64>,
+) -> Result<(Vec<Seen>, Vec<u64>)> {
+    let n = ctx.plan.drops;
+    dropper_proc.send_line("go")?;
+    let budget = Duration::from_micros((ctx.plan.drop_gap_us + 200) * n as u64 * 3) + Duration::from_secs(30);
+    let st = dropper_proc.wait(budget)?;
+    if !st.success() {
+        bail!("the dropper failed ({st}); see {}", ctx.logs.join("dropper.log").display());
+    }
+    let mut user = Vec::with_capacity(n);
+    while let Some((_, l)) = dropper_proc.next_line(Duration::from_secs(2))? {
+        if let Ok(t) = l.trim().parse::<u64>() {
+            user.push(t);
+        }
+    }
+    let mut seen = Vec::with_capacity(n);
+    let end = Instant::now() + Duration::from_secs(10);
+    while seen.len() < n && Instant::now() < end {
+        if let Some((at, l)) = tracer.next_line(Duration::from_millis(200))?
+            && let Some(k) = parse(&l)
+        {
+            seen.push((k, at));
+        }
+    }
+    Ok((seen, user))
+}
+
+struct Lat {
+    kernel_to_line: Summary,
+    write_to_line: Option<Summary>,
+    seen: usize,
+}
+
+fn lat_summary(seen: &[Seen], user: &[u64]) -> Lat {
+    let k: Vec<f64> = seen.iter().map(|(k, at)| at.saturating_sub(*k) as f64).collect();
+    let mut sorted = seen.to_vec();
+    sorted.sort();
+    let w = (sorted.len() == user.len() && !user.is_empty()).then(|| {
+        let v: Vec<f64> = sorted.iter().zip(user).map(|((_, at), u)| at.saturating_sub(*u) as f64).collect();
+        Summary::of(&v)
+    });
+    Lat { kernel_to_line: Summary::of(&k), write_to_line: w, seen: seen.len() }
+}
+
+fn ms(ns: f64) -> String {
+    format!("{:.3} ms", ns / 1e6)
+}
+
+fn pcts(s: &Summary) -> String {
+    format!("p50 {} / p99 {} / max {}", ms(s.median), ms(s.p99), ms(s.max))
+}
+
+fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
+    let sec = "detection latency";
+    let plan = &ctx.plan;
+    let n = plan.drops;
+    let mut out = serde_json::Map::new();
+    let spaced_args =
+        vec!["spaced".to_string(), n.to_string(), plan.drop_gap_us.to_string()];
+
+    // 1. failed write -> `sigwake trace --only-drops` line.
+    super::step(&format!("latency: {n} dropped wakeups under sigwake trace --only-drops"));
+    {
+        let (mut d, pid) = dropper(ctx, &spaced_args, "trace")?;
+        let mut cmd = Command::new(&ctx.bin);
+        cmd.args(["trace", "--only-drops", "--pid", &pid.to_string()]);
+        let mut opts = Spawn::new("sigwake trace");
+        opts.stdout = Out::Lines;
+        opts.stderr = Out::Lines;
+        opts.stop_signal = libc::SIGINT;
+        opts.grace = Duration::from_secs(10);
+        let mut tracer = Proc::spawn(cmd, opts)?;
+        tracer.wait_for_line(Duration::from_secs(60), |l| l.contains("tracing"))?;
+        sleep(Duration::from_millis(300))?;
+        let (seen, user) = traced_drops(ctx, &mut tracer, &mut d, |l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            (v["event"] == "wakeup_write_failed" && v["pid"] == pid).then(|| v["mono_ns"].as_u64())?
+        })?;
+        drop(tracer);
+        let lat = lat_summary(&seen, &user);
+        let ok = lat.kernel_to_line.n > 0 && lat.kernel_to_line.p99 < 5e6;
+        report
+            .row(sec, format!("failed write → `sigwake trace` line ({} of {n} drops seen)", lat.seen), pcts(&lat.kernel_to_line))
+            .baseline("from the event's mono_ns")
+            .target("p99 < 5 ms", if lat.kernel_to_line.n > 0 { Verdict::from(ok) } else { Verdict::Untested });
+        if let Some(w) = &lat.write_to_line {
+            report
+                .row(sec, "handler's clock read before write() → `sigwake trace` line", pcts(w))
+                .baseline("dropper's CLOCK_MONOTONIC");
+        }
+        out.insert(
+            "trace".into(),
+            json!({
+                "drops": n, "seen": lat.seen, "gap_us": plan.drop_gap_us,
+                "kernel_to_line_ns": lat.kernel_to_line.json(),
+                "write_to_line_ns": lat.write_to_line.as_ref().map(Summary::json),
+            }),
+        );
+    }
+
+    // 1b. the same through the bpftrace peer, for comparison.
+    if ctx.bpftrace {
+        super::step(&format!("latency: {n} dropped wakeups under the bpftrace peer"));
+        let (mut d, pid) = dropper(ctx, &spaced_args, "peer")?;
+        let mut peer = bpftrace_peer(ctx, "peer.bt", "latency")?;
+        let (seen, user) = traced_drops(ctx, &mut peer, &mut d, |l| {
+            let rest = l.strip_prefix("wakeup_write_failed ")?;
+            let field = |k: &str| rest.split_whitespace().find_map(|f| f.strip_prefix(k))?.parse::<u64>().ok();
+            (field("pid=")? == pid as u64).then(|| field("mono_ns="))?
+        })?;
+        drop(peer);
+        let lat = lat_summary(&seen, &user);
+        report
+            .row(sec, format!("failed write → bpftrace peer line ({} of {n} drops seen)", lat.seen), pcts(&lat.kernel_to_line))
+            .baseline("from the printed nsecs");
+        out.insert(
+            "bpftrace_peer".into(),
+            json!({"drops": n, "seen": lat.seen, "kernel_to_line_ns": lat.kernel_to_line.json(),
+                   "write_to_line_ns": lat.write_to_line.as_ref().map(Summary::json)}),
+        );
+    }
+
+    // 2. failed write -> /metrics counter, one drop at a time, then a burst.
+    super::step(&format!("latency: failed write → /metrics, {} single drops then a burst of {}", plan.metric_steps, plan.burst));
+    let agent = Agent::start(ctx, "latency")?;
+    let dropped = |m: &Metrics| m.sum("sigwake_wakeup_writes_dropped_total", &[]);
+    {
+        let (mut d, _pid) = dropper(ctx, &["step".to_string()], "step")?;
+        let mut count = dropped(&agent.metrics()?);
+        let mut lats = Vec::with_capacity(plan.metric_steps);
+        let mut missed = 0usize;
+        let mut polls = 0u64;
+        for _ in 0..plan.metric_steps {
+            check_interrupt()?;
+            d.send_line("d")?;
+            let (_, line) = d.next_line(Duration::from_secs(5))?.context("the dropper stopped answering")?;
+            let t_user: u64 = line.trim().parse().context("dropper timestamp")?;
+            let end = Instant::now() + Duration::from_secs(2);
+            loop {
+                polls += 1;
+                let c = dropped(&agent.metrics()?);
+                if c >= count + 1.0 {
+                    lats.push(mono_ns().saturating_sub(t_user) as f64);
+                    count = c;
+                    break;
+                }
+                if Instant::now() >= end {
+                    missed += 1;
+                    count = c;
+                    break;
+                }
+            }
+            if missed > 20 {
+                report.note("metric latency: more than 20 drops never reached /metrics within 2 s; stopped early");
+                break;
+            }
+        }
+        drop(d);
+        let s = Summary::of(&lats);
+        let row = report.row(
+            sec,
+            format!("failed write → /metrics counter, one at a time ({} drops, {missed} missed)", s.n),
+            pcts(&s),
+        );
+        row.baseline("dropper's CLOCK_MONOTONIC; poll loop");
+        row.target("p99 < 20 ms", if s.n > 0 { Verdict::from(s.p99 < 20e6 && missed == 0) } else { Verdict::Untested });
+        out.insert(
+            "metric_single".into(),
+            json!({"drops": plan.metric_steps, "measured": s.n, "missed": missed, "polls": polls, "ns": s.json()}),
+        );
+    }
+    {
+        let (mut d, _pid) = dropper(ctx, &["burst".to_string(), plan.burst.to_string()], "burst")?;
+        let m0 = dropped(&agent.metrics()?);
+        d.send_line("go")?;
+        let end = Instant::now() + Duration::from_secs(30);
+        let mut reached = None;
+        while Instant::now() < end {
+            check_interrupt()?;
+            if dropped(&agent.metrics()?) >= m0 + plan.burst as f64 {
+                reached = Some(mono_ns());
+                break;
+            }
+        }
+        let st = d.wait(Duration::from_secs(30))?;
+        let mut user = Vec::new();
+        while let Some((_, l)) = d.next_line(Duration::from_secs(2))? {
+            if let Ok(t) = l.trim().parse::<u64>() {
+                user.push(t);
+            }
+        }
+        match (reached, user.first(), user.last()) {
+            (Some(done), Some(&first), Some(&last)) if st.success() => {
+                let whole = done.saturating_sub(first) as f64;
+                report
+                    .row(
+                        sec,
+                        format!("burst of {} drops → /metrics shows all", plan.burst),
+                        format!("{} whole batch, {:.1} µs per drop", ms(whole), whole / plan.burst as f64 / 1e3),
+                    )
+                    .baseline(format!("burst itself took {}; last drop → metric {}", ms((last - first) as f64), ms(done.saturating_sub(last) as f64)));
+                out.insert(
+                    "metric_burst".into(),
+                    json!({"drops": plan.burst, "first_to_metric_ns": whole, "burst_ns": last - first, "last_to_metric_ns": done.saturating_sub(last)}),
+                );
+            }
+            _ => {
+                report.row(sec, format!("burst of {} drops → /metrics", plan.burst), "not reached within 30 s");
+                out.insert("metric_burst".into(), json!({"drops": plan.burst, "reached": false}));
+            }
+        }
+    }
+    // The agent's own view, when it exports it.
+    let m = agent.metrics()?;
+    let hist = "sigwake_detection_latency_seconds";
+    let mut own = serde_json::Map::new();
+    for stage in ["event", "confirm", "action"] {
+        let b = m.buckets(hist, &[&format!("stage=\"{stage}\"")]);
+        let count = b.last().map_or(0.0, |x| x.1);
+        if count > 0.0 {
+            let (p50, p99) = (bucket_quantile(&b, 0.5).unwrap_or(f64::NAN), bucket_quantile(&b, 0.99).unwrap_or(f64::NAN));
+            own.insert(stage.into(), json!({"count": count, "p50_s": p50, "p99_s": p99, "buckets": b.iter().map(|(l, c)| json!([if l.is_finite() { json!(l) } else { json!("+Inf") }, c])).collect::<Vec<_>>()}));
+            if stage != "action" {
+                report
+                    .row(sec, format!("agent's own {hist}{{stage=\"{stage}\"}} ({count:.0} samples)"), format!("p50 ≈ {} / p99 ≈ {}", ms(p50 * 1e9), ms(p99 * 1e9)))
+                    .baseline("histogram buckets");
+            } else {
+                report
+                    .row(sec, format!("confirmed starvation → escalation action ({count:.0} samples)"), format!("p50 ≈ {} / p99 ≈ {}", ms(p50 * 1e9), ms(p99 * 1e9)))
+                    .baseline("agent histogram, stage=\"action\"");
+            }
+        }
+    }
+    if !own.contains_key("action") {
+        report.row(sec, "confirmed starvation → escalation action", "n/a (escalation not implemented)");
+    }
+    out.insert("agent_histogram".into(), Value::Object(own));
+    drop(agent);
+    Ok(Value::Object(out))
+}
+
+// ------------------------------------------------------------------- storm
+
+struct StormRun {
+    sent: f64,
+    handled: f64,
+    secs: f64,
+}
+
+fn run_storm(ctx: &Ctx, cpu: Option<usize>) -> Result<StormRun> {
+    let mut cmd = Command::new(&ctx.tools.storm);
+    cmd.args([ctx.storm_receivers.to_string(), ctx.storm_senders.to_string(), ctx.plan.storm_secs.to_string()]);
+    let (out, _) = procs::run_bounded(cmd, "storm", Duration::from_secs_f64(ctx.plan.storm_secs + 60.0), cpu)?;
+    let field = |k: &str| {
+        out.split_whitespace().find_map(|f| f.strip_prefix(k)).and_then(|v| v.parse::<f64>().ok())
+    };
+    match (field("sent="), field("handled="), field("seconds=")) {
+        (Some(sent), Some(handled), Some(secs)) if secs > 0.0 => Ok(StormRun { sent, handled, secs }),
+        _ => bail!("cannot read the storm's output: {out}"),
+    }
+}
+
+fn storm(ctx: &Ctx, report: &mut Report) -> Result<Value> {
+    let mut out = serde_json::Map::new();
+    out.insert("all_cpus".into(), storm_variant(ctx, report, None)?);
+    if procs::nproc() > 1 {
+        // The storm on one CPU, the agent free to run on the others: whether
+        // the agent keeps up when it is not starved of CPU itself.
+        out.insert("confined".into(), storm_variant(ctx, report, Some(ctx.cpu))?);
+    }
+    Ok(Value::Object(out))
+}
+
+fn storm_variant(ctx: &Ctx, report: &mut Report, cpu: Option<usize>) -> Result<Value> {
+    let sec = match cpu {
+        None => "signal storm (SIGUSR1 kill(2) loops on all CPUs)".to_string(),
+        Some(c) => format!("signal storm confined to CPU {c} (agent free to use the other CPUs)"),
+    };
+    let sec = sec.as_str();
+    let shape = format!("{} senders → {} receivers, {:.0} s", ctx.storm_senders, ctx.storm_receivers, ctx.plan.storm_secs);
+    wait_quiet(ctx)?;
+    super::step(&format!("{sec}: without the agent ({shape})"));
+    let base = run_storm(ctx, cpu)?;
+    super::step(&format!("{sec}: with sigwake run"));
+    let agent = Agent::start(ctx, if cpu.is_some() { "storm-confined" } else { "storm" })?;
+    sleep(Duration::from_secs(1))?;
+    let usr1 = ["signal=\"SIGUSR1\""];
+    let counts = |m: &Metrics| {
+        (
+            m.sum("sigwake_signals_delivered_total", &usr1),
+            m.sum("sigwake_signals_generated_total", &usr1),
+            m.sum("sigwake_kernel_lost_events_total", &[]),
+            m.sum("sigwake_decode_errors_total", &[]),
+            m.sum("sigwake_events_total", &[]),
+        )
+    };
+    let m0 = counts(&agent.metrics()?);
+    let stats = Sysctl::set("kernel.bpf_stats_enabled", "1").ok();
+    let snap = || {
+        let mut p = procs::bpf_progs(Some(&[agent.pid()]));
+        if ctx.bpftool {
+            procs::name_progs(&mut p);
+        }
+        p
+    };
+    let p0 = snap();
+    let u0 = procs::usage(agent.pid()).context("agent /proc")?;
+    let t0 = Instant::now();
+    let with = run_storm(ctx, cpu)?;
+    let storm_wall = t0.elapsed().as_secs_f64();
+    let u1 = procs::usage(agent.pid()).context("agent /proc")?;
+    let p1 = snap();
+    drop(stats);
+    // Let the agent drain its ring buffer and tick its kernel counters.
+    let t_end = Instant::now();
+    let mut last = counts(&agent.metrics()?);
+    let mut stable = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        sleep(Duration::from_millis(300))?;
+        let c = counts(&agent.metrics()?);
+        if c.0 == last.0 && c.4 == last.4 {
+            stable += 1;
+        } else {
+            stable = 0;
+        }
+        last = c;
+        if stable >= 3 && t_end.elapsed() >= Duration::from_millis(1500) {
+            break;
+        }
+    }
+    let caught_up = t_end.elapsed().as_secs_f64() - 0.9;
+    let u2 = procs::usage(agent.pid()).context("agent /proc")?;
+    let m1 = last;
+    let delivered = m1.0 - m0.0;
+    let generated = m1.1 - m0.1;
+    let lost = m1.2 - m0.2;
+    let decode = m1.3 - m0.3;
+    let events = m1.4 - m0.4;
+    let cpu_pct = (u1.cpu_ns - u0.cpu_ns) as f64 / 1e9 / storm_wall * 100.0;
+    let cpu_total_pct = (u2.cpu_ns - u0.cpu_ns) as f64 / 1e9 / storm_wall * 100.0;
+    let rate = with.handled / with.secs;
+    let base_rate = base.handled / base.secs;
+
+    report
+        .row(sec, format!("handled by receivers: no agent ({shape})"), format!("{:.0}/s ({:.0} kill()s/s)", base_rate, base.sent / base.secs))
+        .ratio("1");
+    report
+        .row(sec, "handled by receivers: sigwake run", format!("{rate:.0}/s ({:.0} kill()s/s)", with.sent / with.secs))
+        .baseline(format!("{base_rate:.0}/s"))
+        .ratio(format!("{:.3}×", rate / base_rate));
+    report
+        .row(sec, "agent: sigwake_signals_delivered_total{SIGUSR1} delta", format!("{delivered:.0}"))
+        .baseline(format!("{:.0} handled", with.handled))
+        .ratio(format!("{:.4}", delivered / with.handled.max(1.0)));
+    report
+        .row(sec, "agent: sigwake_signals_generated_total{SIGUSR1} delta", format!("{generated:.0}"))
+        .baseline(format!("{:.0} kill()s", with.sent))
+        .ratio(format!("{:.4}", generated / with.sent.max(1.0)));
+    let verdict = if lost > 0.0 {
+        Verdict::NotMet
+    } else if rate >= 100_000.0 {
+        Verdict::Met
+    } else {
+        Verdict::Untested
+    };
+    report
+        .row(sec, "events lost (sigwake_kernel_lost_events_total delta)", format!("{lost:.0} of {events:.0} decoded; {decode:.0} decode errors"))
+        .target(format!("0 at ≥ 100,000 deliveries/s (reached {rate:.0}/s)"), verdict);
+    report
+        .row(sec, "agent CPU during the storm", format!("{cpu_pct:.1}% of a core ({cpu_total_pct:.1}% incl. catch-up)"))
+        .baseline(format!("caught up {:.1} s after", caught_up.max(0.0)));
+    report.row(sec, "agent RSS after the storm", format!("{:.1} MiB (peak {:.1})", u2.rss_kib as f64 / 1024.0, u2.hwm_kib as f64 / 1024.0));
+    let mut progs: Vec<(String, u64, u64)> = p1
+        .values()
+        .filter_map(|a| {
+            let b = p0.get(&a.id)?;
+            let runs = a.run_cnt.saturating_sub(b.run_cnt);
+            (runs > 0).then(|| (a.name.clone(), runs, a.run_time_ns.saturating_sub(b.run_time_ns)))
+        })
+        .collect();
+    progs.sort();
+    if !progs.is_empty() {
+        report
+            .row(
+                sec,
+                "BPF program cost per run during the storm (bpf_stats on for the agent run only)",
+                progs
+                    .iter()
+                    .filter(|(n, _, _)| !n.contains("write"))
+                    .map(|(n, r, t)| format!("{n} {:.0} ns × {r}", *t as f64 / *r as f64))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+    }
+    drop(agent);
+    Ok(json!({
+        "pinned_cpu": cpu,
+        "receivers": ctx.storm_receivers, "senders": ctx.storm_senders, "seconds": ctx.plan.storm_secs,
+        "baseline": {"sent": base.sent, "handled": base.handled, "seconds": base.secs},
+        "with_agent": {"sent": with.sent, "handled": with.handled, "seconds": with.secs},
+        "agent": {
+            "delivered_delta": delivered, "generated_delta": generated, "lost_delta": lost,
+            "decode_errors_delta": decode, "events_delta": events, "cpu_pct_storm": cpu_pct,
+            "cpu_pct_incl_catch_up": cpu_total_pct, "caught_up_s": caught_up,
+            "rss_mib": u2.rss_kib as f64 / 1024.0, "hwm_mib": u2.hwm_kib as f64 / 1024.0,
+        },
+        "bpf_programs": progs.iter().map(|(n, r, t)| json!({"name": n, "runs": r, "run_time_ns": t})).collect::<Vec<_>>(),
+    }))
+}
