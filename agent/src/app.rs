@@ -196,12 +196,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let watched = KernelWatched(probes.take_watched_pids()?);
     let registry = Arc::new(Mutex::new(Registry::new(Box::new(watched), Box::new(RealProc), config.max_actors)));
     let mut discovery = Discovery::new(config.selectors.clone(), config.discovery);
-    Discovery::apply(discovery.scan(), &mut lock(&registry));
+    Discovery::apply(discovery.scan(false), &mut lock(&registry));
+    let mut lost_seen = 0u64;
     let store = incidents::Store::open(&config.state_dir)?;
     let engine = Engine::new(&config, store, registry.clone(), metrics.clone());
-    engine.resume();
     let mut detector = Detector::default();
     let default_policy = config.policies.get("default").cloned().unwrap_or_else(Policy::builtin_default);
+    for (pid, runtime) in engine.resume() {
+        let window = default_policy.confirm_window(runtime).as_nanos() as u64;
+        detector.resume_starving(pid, runtime, window, procinfo::monotonic_ns());
+    }
     if config.dry_run {
         tracing::warn!("dry run: escalation will log what it would do and signal nothing");
     }
@@ -255,13 +259,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 apply_detector_outputs(&mut outputs, &registry, &engine, &metrics);
             }
             _ = tick.tick() => {
-                let found = discovery.scan();
+                let counters = probes.counters();
+                // Lost events may include execs: look at everything again.
+                let found = discovery.scan(counters.ringbuf_lost > lost_seen);
+                lost_seen = counters.ringbuf_lost;
                 let mut reg = lock(&registry);
                 Discovery::apply(found, &mut reg);
-                reg.sweep();
+                // Exits the kernel could not report (lost events) end
+                // incidents too.
+                let gone = reg.sweep();
+                for pid in gone {
+                    detector.forget(pid);
+                    engine.on_exited(pid);
+                }
                 metrics.set_actor_counts(&reg.counts());
                 drop(reg);
-                metrics.update_kernel_counters(probes.counters());
+                metrics.update_kernel_counters(counters);
                 metrics.update_bpf_stats(&probes.program_stats());
                 metrics.update_process();
             }

@@ -68,6 +68,12 @@ impl Detector {
         self.tracks.get(&pid).map_or(Phase::Idle, |t| t.phase)
     }
 
+    /// Re-arms an actor whose incident was resumed after a restart, so that
+    /// its recovery (wakeup fd drained) still cancels the escalation.
+    pub fn resume_starving(&mut self, pid: u32, runtime: Runtime, window_ns: u64, now: u64) {
+        self.tracks.insert(pid, Track { runtime, window_ns, phase: Phase::Starving { since: now } });
+    }
+
     pub fn forget(&mut self, pid: u32) {
         self.tracks.remove(&pid);
     }
@@ -257,6 +263,15 @@ mod tests {
         assert_eq!(d.phase(7), Phase::Idle);
         run(&mut d, 8, Runtime::Other, 0, Input::WakeupDropped { sig: 15 });
         assert!(matches!(tick(&mut d, W, None)[..], [Output::Confirmed { pid: 8, drops: 1, fill: None, .. }]));
+    }
+
+    #[test]
+    fn resumed_starving_actor_recovers_when_drained() {
+        let mut d = Detector::default();
+        d.resume_starving(7, Runtime::Trio, W, 0);
+        assert_eq!(d.active(), vec![7]);
+        assert!(tick(&mut d, 10, Some(3)).is_empty());
+        assert_eq!(tick(&mut d, 20, Some(0)), vec![Output::Recovered { pid: 7, at_ns: 20 }]);
     }
 
     #[test]

@@ -51,8 +51,10 @@ impl Discovery {
 
     /// Examines processes that appeared (or exec'd) since the last scan and
     /// returns the actors to add. Reads one stat file per process; only new
-    /// ones are read further. Needs no registry lock.
-    pub fn scan(&mut self) -> Vec<(ActorSpec, Source)> {
+    /// ones are read further. `full` re-examines every process: the caller
+    /// asks for it when kernel events (execs among them) were lost. Needs
+    /// no registry lock.
+    pub fn scan(&mut self, full: bool) -> Vec<(ActorSpec, Source)> {
         let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
         let mut pids: Vec<u32> = dir
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
@@ -69,7 +71,7 @@ impl Discovery {
             }
             let Some((comm, _, start_time)) = stat_brief(pid) else { continue };
             let key = (start_time, comm);
-            if self.examined.get(&pid) != Some(&key) {
+            if full || self.examined.get(&pid) != Some(&key) {
                 self.examine(pid, &mut found);
             }
             still.insert(pid, key);

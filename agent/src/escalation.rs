@@ -170,38 +170,58 @@ impl Engine {
         self.finish(pid, Status::Exited, "the actor exited");
     }
 
+    /// Ends the open incidents of `pid`. On recovery a running ladder is
+    /// cancelled. On exit a running ladder is left to close its incident
+    /// itself (it sees the exit through its pidfd within 20 ms), so that
+    /// the step that ended the actor is recorded before the close.
     fn finish(&self, pid: u32, status: Status, detail: &str) {
-        let mut store = lock(&self.store);
-        let open: Vec<u64> = store.all().filter(|i| i.pid == pid && i.status.is_open()).map(|i| i.id).collect();
+        let open: Vec<u64> =
+            lock(&self.store).all().filter(|i| i.pid == pid && i.status.is_open()).map(|i| i.id).collect();
         for id in open {
-            if let Some(flag) = lock(&self.running).remove(&id) {
-                flag.store(true, Ordering::Release);
+            let running = lock(&self.running).get(&id).cloned();
+            match (status, running) {
+                (Status::Exited, Some(_)) => continue,
+                (_, Some(flag)) => {
+                    flag.store(true, Ordering::Release);
+                    lock(&self.running).remove(&id);
+                }
+                (_, None) => {}
             }
-            if let Some(i) = store.get(id) {
-                let secs = procinfo::monotonic_ns().saturating_sub(i.first_evidence_mono) as f64 / 1e9;
-                self.metrics
-                    .starvation_duration
-                    .get_or_create(&crate::metrics::RuntimeLabels { runtime: i.runtime.clone() })
-                    .observe(secs);
-            }
-            store.close(id, status, detail);
+            self.close(id, status, detail);
         }
-        drop(store);
         self.refresh_active();
     }
 
+    /// Closes an incident once, recording its duration.
+    fn close(&self, id: u64, status: Status, detail: &str) {
+        let mut store = lock(&self.store);
+        let Some(i) = store.get(id).cloned() else { return };
+        if store.close(id, status, detail) {
+            let secs = procinfo::monotonic_ns().saturating_sub(i.first_evidence_mono) as f64 / 1e9;
+            self.metrics
+                .starvation_duration
+                .get_or_create(&crate::metrics::RuntimeLabels { runtime: i.runtime.clone() })
+                .observe(secs);
+        }
+    }
+
     /// After a restart: resume open incidents whose process is still the
-    /// same one, close the others.
-    pub fn resume(self: &Arc<Self>) {
+    /// same one, close the others. Returns the resumed actors (pid,
+    /// runtime) for the detector to watch for recovery again.
+    pub fn resume(self: &Arc<Self>) -> Vec<(u32, crate::registry::Runtime)> {
+        let mut resumed = Vec::new();
         let open: Vec<Incident> = lock(&self.store).all().filter(|i| i.status.is_open()).cloned().collect();
         for i in open {
             match ProcessHandle::open(i.pid, Some(i.start_time)) {
                 Ok(_) => {
+                    let runtime: Option<crate::registry::Runtime> =
+                        serde_json::from_value(serde_json::Value::String(i.runtime.clone())).ok();
                     let spec = crate::registry::ActorSpec {
                         pid: Some(i.pid),
                         name: Some(i.actor.clone()),
                         policy: i.policy.clone(),
                         wakeup_fd: i.evidence.wakeup_fd,
+                        runtime,
                         ..Default::default()
                     };
                     let restored = lock(&self.registry).upsert(&spec, crate::registry::Source::Socket, None);
@@ -211,16 +231,18 @@ impl Engine {
                     }
                     lock(&self.registry).set_state(i.pid, ActorState::Starving);
                     tracing::warn!(incident = i.id, actor = i.actor, next_tier = i.next_tier, "resuming an incident from before the restart");
+                    resumed.push((i.pid, runtime.unwrap_or(crate::registry::Runtime::Unknown)));
                     if i.policy.is_some() {
                         self.spawn_ladder(i.id);
                     }
                 }
                 Err(_) => {
-                    lock(&self.store).close(i.id, Status::Exited, "the actor was gone when the agent restarted");
+                    self.close(i.id, Status::Exited, "the actor was gone when the agent restarted");
                 }
             }
         }
         self.refresh_active();
+        resumed
     }
 
     fn spawn_ladder(self: &Arc<Self>, id: u64) {
@@ -271,7 +293,8 @@ impl Engine {
         }
         let Some(mut inc) = lock(&self.store).get(id).cloned() else { return };
         let Some(policy) = inc.policy.as_ref().and_then(|p| self.policies.get(p)).cloned() else {
-            lock(&self.store).close(id, Status::Failed, &format!("policy {:?} is not defined in this agent's configuration", inc.policy));
+            self.close(id, Status::Failed, &format!("policy {:?} is not defined in this agent's configuration", inc.policy));
+            lock(&self.running).remove(&id);
             return;
         };
         lock(&self.store).update(id, |i| i.status = Status::Escalating);
@@ -287,6 +310,17 @@ impl Engine {
             inc.subtree = pinned;
         }
         let has_subtree_tier = policy.tiers.iter().any(|t| matches!(t, Action::KillSubtree { .. }));
+        // Resumed after a signal tier (agent restart): give the actor what
+        // was left of that tier's wait before going further.
+        if let Some(Action::Signal { timeout, .. } | Action::KillSubtree { timeout }) =
+            inc.next_tier.checked_sub(1).and_then(|t| policy.tiers.get(t))
+            && let Ok(h) = ProcessHandle::open(inc.pid, Some(inc.start_time))
+            && self.wait_exit(&h, remaining_wait(&inc, *timeout), &cancel).await
+        {
+            let Some(now) = lock(&self.store).get(id).cloned() else { return };
+            self.finish_exited(&now, &policy, has_subtree_tier, "exited during the resumed wait").await;
+            return;
+        }
         for tier in inc.next_tier..policy.tiers.len() {
             if cancel.load(Ordering::Acquire) {
                 return;
@@ -363,7 +397,7 @@ impl Engine {
         let Some(last) = lock(&self.store).get(id).cloned() else { return };
         if ProcessHandle::open(last.pid, Some(last.start_time)).is_ok_and(|h| h.is_alive()) {
             let detail = if self.dry_run { "dry run: nothing was sent; the actor is still starving" } else { "every tier ran and the actor is still alive" };
-            lock(&self.store).close(id, Status::Failed, detail);
+            self.close(id, Status::Failed, detail);
             self.count(&last.actor, policy.tiers.len(), "ladder", "failed");
         } else {
             self.close_killed(&last, "exited");
@@ -415,19 +449,14 @@ impl Engine {
         if we_acted {
             self.close_killed(inc, detail);
         } else {
-            lock(&self.store).close(inc.id, Status::Exited, detail);
+            self.close(inc.id, Status::Exited, detail);
             lock(&self.running).remove(&inc.id);
             self.refresh_active();
         }
     }
 
     fn close_killed(&self, inc: &Incident, detail: &str) {
-        let secs = procinfo::monotonic_ns().saturating_sub(inc.first_evidence_mono) as f64 / 1e9;
-        self.metrics
-            .starvation_duration
-            .get_or_create(&crate::metrics::RuntimeLabels { runtime: inc.runtime.clone() })
-            .observe(secs);
-        lock(&self.store).close(inc.id, Status::Exited, detail);
+        self.close(inc.id, Status::Exited, detail);
         lock(&self.registry).set_state(inc.pid, ActorState::Dead);
         lock(&self.running).remove(&inc.id);
         self.refresh_active();
@@ -501,6 +530,14 @@ impl Engine {
         }
         (if failed { "failed" } else { "ok" }, notes.join("; "))
     }
+}
+
+/// What is left of the wait after the incident's last step, measured on
+/// the wall clock (the agent may have been down in between).
+fn remaining_wait(inc: &Incident, timeout: Duration) -> Duration {
+    let Some(last) = inc.steps.last().filter(|s| s.unix_ms > 0) else { return timeout };
+    let elapsed_ms = (procinfo::realtime_ns() / 1_000_000).saturating_sub(last.unix_ms);
+    timeout.saturating_sub(Duration::from_millis(elapsed_ms))
 }
 
 /// The actor's cgroup, if it holds nothing but the actor and its pinned

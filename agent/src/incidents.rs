@@ -48,6 +48,9 @@ pub struct Step {
     pub outcome: String,
     pub detail: String,
     pub time: String,
+    /// Unix ms of `time`, to resume an interrupted wait after a restart.
+    #[serde(default)]
+    pub unix_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -175,22 +178,25 @@ impl Store {
         self.save();
     }
 
-    /// Records a step: appended to the incident and the audit log.
+    /// Records a step: appended to the incident and the audit log. A
+    /// closed incident takes no more steps.
     pub fn record_step(&mut self, id: u64, tier: usize, action: &str, outcome: &str, detail: &str) {
         let time = self.now();
-        let Some(i) = self.incidents.get_mut(&id) else { return };
-        i.steps.push(Step { tier, action: action.into(), outcome: outcome.into(), detail: detail.into(), time });
+        let Some(i) = self.incidents.get_mut(&id).filter(|i| i.status.is_open()) else { return };
+        let unix_ms = procinfo::realtime_ns() / 1_000_000;
+        i.steps.push(Step { tier, action: action.into(), outcome: outcome.into(), detail: detail.into(), time, unix_ms });
         i.next_tier = i.next_tier.max(tier + 1);
         let snapshot = i.clone();
         self.audit(&snapshot, action, Some(tier), outcome, detail);
         self.save();
     }
 
-    pub fn close(&mut self, id: u64, status: Status, detail: &str) {
+    /// Closes an open incident; false if it was closed already.
+    pub fn close(&mut self, id: u64, status: Status, detail: &str) -> bool {
         let now = self.now();
-        let Some(i) = self.incidents.get_mut(&id) else { return };
+        let Some(i) = self.incidents.get_mut(&id) else { return false };
         if !i.status.is_open() {
-            return;
+            return false;
         }
         i.status = status;
         i.closed = Some(now);
@@ -202,6 +208,7 @@ impl Store {
         self.audit(&snapshot, &format!("closed_{}", serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()), None, outcome, detail);
         self.prune();
         self.save();
+        true
     }
 
     fn prune(&mut self) {
@@ -311,8 +318,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path()).unwrap();
         let a = s.create(incident(1));
-        s.close(a, Status::Recovered, "drained");
-        s.close(a, Status::Failed, "late");
+        assert!(s.close(a, Status::Recovered, "drained"));
+        assert!(!s.close(a, Status::Failed, "late"));
+        s.record_step(a, 3, "sigkill", "ok", "after close");
+        assert!(s.get(a).unwrap().steps.is_empty(), "no steps after close");
         assert_eq!(s.get(a).unwrap().status, Status::Recovered);
         drop(s);
         let mut s = Store::open(dir.path()).unwrap();

@@ -167,14 +167,15 @@ async fn client(mut stream: UnixStream, registry: Arc<Mutex<Registry>>) -> std::
 }
 
 /// Replies with an error and closes, after letting the client finish
-/// sending (up to 2 s and 1 MiB), so that it can read the reply instead of
-/// failing its write on a closed socket.
+/// sending (up to 250 ms and 1 MiB: a local client that wrote its line is
+/// done long before), so that it can read the reply instead of failing its
+/// write on a closed socket. Short, because it holds a client slot.
 async fn refuse(mut stream: UnixStream, code: &str, message: &str) -> std::io::Result<()> {
     let _ = stream.write_all(error_reply(code, message).as_bytes()).await;
     let _ = stream.shutdown().await;
     let mut sink = [0u8; 16 * 1024];
     let mut left: usize = 1 << 20;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    let _ = tokio::time::timeout(Duration::from_millis(250), async {
         while left > 0 {
             match stream.read(&mut sink).await {
                 Ok(0) | Err(_) => break,
