@@ -116,10 +116,8 @@ impl Detector {
                     out.push(Output::Lost { pid, sig });
                 }
             }
-            (Input::WakeupDropped { sig }, Phase::Starving { .. }) => {
-                if runtime == Runtime::Asyncio {
-                    out.push(Output::Lost { pid, sig });
-                }
+            (Input::WakeupDropped { sig }, Phase::Starving { .. }) if runtime == Runtime::Asyncio => {
+                out.push(Output::Lost { pid, sig });
             }
             // Room in the wakeup fd again after drops: the loop drained it.
             (Input::WakeupWritten, Phase::Watching { drops, .. }) if drops > 0 => {

@@ -206,7 +206,7 @@ impl Metrics {
         let incidents_active = Gauge::default();
         registry.register("starvation_incidents_active", "Starvation incidents not yet resolved", incidents_active.clone());
         let starvation_duration = Family::<RuntimeLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0].into_iter())
+            Histogram::new([0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0])
         });
         registry.register_with_unit(
             "starvation_duration",

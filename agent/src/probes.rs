@@ -259,7 +259,9 @@ fn attach_btf_hooks(ebpf: &mut Ebpf) -> Result<Vec<Hook>, String> {
         programs::{FEntry, FExit},
     };
     let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
-    let mut links: Vec<(&str, Box<dyn FnOnce(&mut Ebpf)>)> = Vec::new();
+    // Detachers of what is attached so far, for all-or-none.
+    type Detach = Box<dyn FnOnce(&mut Ebpf)>;
+    let mut links: Vec<Detach> = Vec::new();
     let mut hooks = Vec::new();
     let result = (|| -> Result<(), String> {
         for &(program, function, is_exit) in BTF_HOOKS {
@@ -268,21 +270,21 @@ fn attach_btf_hooks(ebpf: &mut Ebpf) -> Result<Vec<Hook>, String> {
                 let p: &mut FExit = prog.try_into().map_err(|e| format!("{program}: {e}"))?;
                 p.load(function, &btf).map_err(|e| format!("loading fexit {function}: {e}"))?;
                 let link = p.attach().map_err(|e| format!("attaching fexit {function}: {e}"))?;
-                links.push((program, Box::new(move |ebpf: &mut Ebpf| {
+                links.push(Box::new(move |ebpf: &mut Ebpf| {
                     if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut FExit>::try_from) {
                         let _ = p.detach(link);
                     }
-                })));
+                }));
                 hooks.push(Hook { program, attach_point: format!("fexit {function}") });
             } else {
                 let p: &mut FEntry = prog.try_into().map_err(|e| format!("{program}: {e}"))?;
                 p.load(function, &btf).map_err(|e| format!("loading fentry {function}: {e}"))?;
                 let link = p.attach().map_err(|e| format!("attaching fentry {function}: {e}"))?;
-                links.push((program, Box::new(move |ebpf: &mut Ebpf| {
+                links.push(Box::new(move |ebpf: &mut Ebpf| {
                     if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut FEntry>::try_from) {
                         let _ = p.detach(link);
                     }
-                })));
+                }));
                 hooks.push(Hook { program, attach_point: format!("fentry {function}") });
             }
         }
@@ -293,7 +295,7 @@ fn attach_btf_hooks(ebpf: &mut Ebpf) -> Result<Vec<Hook>, String> {
         Err(e) => {
             // All or none: a write path on fexit with rt_sigreturn missing
             // would leave handler windows open.
-            for (_, detach) in links {
+            for detach in links {
                 detach(ebpf);
             }
             Err(e)

@@ -189,7 +189,7 @@ async fn refuse(mut stream: UnixStream, code: &str, message: &str) -> std::io::R
 
 /// One request line → one reply line (with its newline).
 pub fn handle_line(line: &[u8], caller: Caller, registry: &Mutex<Registry>) -> String {
-    let reply = match parse(line) {
+    match parse(line) {
         Ok((op, spec)) => {
             let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
             let result: Result<Value, RegistryError> = match op.as_str() {
@@ -208,8 +208,7 @@ pub fn handle_line(line: &[u8], caller: Caller, registry: &Mutex<Registry>) -> S
             }
         }
         Err(msg) => error_reply("bad_request", &msg),
-    };
-    reply
+    }
 }
 
 fn parse(line: &[u8]) -> Result<(String, ActorSpec), String> {

@@ -539,7 +539,7 @@ impl Registry {
         let gone: Vec<u32> = self
             .actors
             .values()
-            .filter(|a| !self.proc.facts(a.pid).is_some_and(|f| f.start_time == a.start_time))
+            .filter(|a| self.proc.facts(a.pid).is_none_or(|f| f.start_time != a.start_time))
             .map(|a| a.pid)
             .collect();
         for pid in &gone {
@@ -614,9 +614,6 @@ pub(crate) mod tests {
                 pid,
                 ProcFacts { start_time: start, uids: [uid; 3], ppid, comm: "python".into(), cmdline: vec![] },
             );
-        }
-        pub fn remove(&self, pid: u32) {
-            self.0.lock().unwrap().remove(&pid);
         }
     }
     impl ProcReader for FakeProc {
