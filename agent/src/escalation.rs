@@ -384,7 +384,7 @@ impl Engine {
                     self.step(&current, tier, name, outcome, &detail);
                     if self.wait_exit(&handle, *timeout, &cancel).await {
                         let Some(now) = lock(&self.store).get(id).cloned() else { return };
-                        self.close_killed(&now, "exited after kill_subtree");
+                        self.close_killed(&now, &policy, "exited after kill_subtree").await;
                         return;
                     }
                 }
@@ -400,7 +400,7 @@ impl Engine {
             self.close(id, Status::Failed, detail);
             self.count(&last.actor, policy.tiers.len(), "ladder", "failed");
         } else {
-            self.close_killed(&last, "exited");
+            self.close_killed(&last, &policy, "exited").await;
         }
         lock(&self.running).remove(&id);
         self.refresh_active();
@@ -447,7 +447,7 @@ impl Engine {
             self.step(inc, tier, "kill_subtree", outcome, &format!("actor exited; finishing its subtree: {d}"));
         }
         if we_acted {
-            self.close_killed(inc, detail);
+            self.close_killed(inc, policy, detail).await;
         } else {
             self.close(inc.id, Status::Exited, detail);
             lock(&self.running).remove(&inc.id);
@@ -455,7 +455,18 @@ impl Engine {
         }
     }
 
-    fn close_killed(&self, inc: &Incident, detail: &str) {
+    /// The actor is gone because of what we sent: run the policy's notify
+    /// tiers that have not run yet (a final notify is how people hear of
+    /// the kill), then close and mark the actor dead.
+    async fn close_killed(&self, inc: &Incident, policy: &Policy, detail: &str) {
+        let next = lock(&self.store).get(inc.id).map_or(inc.next_tier, |i| i.next_tier);
+        for (tier, action) in policy.tiers.iter().enumerate().skip(next) {
+            if let Action::Notify { command, url } = action {
+                let current = lock(&self.store).get(inc.id).cloned().unwrap_or_else(|| inc.clone());
+                let (outcome, detail) = self.notify(&current, command.as_deref(), url.as_deref()).await;
+                self.step(&current, tier, "notify", outcome, &detail);
+            }
+        }
         self.close(inc.id, Status::Exited, detail);
         lock(&self.registry).set_state(inc.pid, ActorState::Dead);
         lock(&self.running).remove(&inc.id);

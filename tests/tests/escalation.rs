@@ -1047,3 +1047,65 @@ fn resumed_incident_stops_when_the_loop_recovers_after_a_restart() {
     stop_agent(&mut agent2);
     done(t0, "recovery after restart");
 }
+
+/// The notify tier after the kill tiers runs once the actor is gone: the
+/// command gets the incident JSON on stdin and the URL gets it POSTed.
+#[test]
+fn notify_hooks_run_after_the_kill_with_the_incident_json() {
+    let t0 = Instant::now();
+    let out = TempDir::new("notify");
+    let file = out.0.join("hook.json");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let config = default_policy(
+        "1s",
+        &[
+            r#"{ action = "sigkill", timeout = "2s" }"#,
+            &format!(r#"{{ action = "notify", command = ["sh", "-c", "cat > {}"], url = "{url}" }}"#, file.display()),
+        ],
+    );
+    // A tiny HTTP server that records one request and answers 204.
+    let server = std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut buf).unwrap();
+            req.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&req);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                    .unwrap_or(0);
+                if body.len() >= len || n == 0 {
+                    break;
+                }
+            }
+        }
+        conn.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n").unwrap();
+        String::from_utf8_lossy(&req).into_owned()
+    });
+    let agent = Agent::start(Some(&config), &[]);
+    let (mut actor, _) = spawn_actor(&agent.socket, "escalation_actor.py", &["--register", "notified", "--hog-seconds", "60"]);
+    let pid = actor.pid();
+    starve(&actor);
+    let status = actor.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    let inc = wait_incident(&agent, "the incident to close with its notify step", EVENT, pid, |i| {
+        i["status"] == "exited" && has_step(i, "notify")
+    });
+    assert_eq!(steps(&inc), ["sigkill:ok", "notify:ok"], "{inc:#}");
+    let hooked: Value = serde_json::from_str(&std::fs::read_to_string(&file).expect("the command wrote its stdin")).unwrap();
+    assert_eq!(hooked["actor"], "notified");
+    assert_eq!(hooked["pid"], pid);
+    assert_eq!(hooked["id"], inc["id"]);
+    let request = server.join().expect("the HTTP hook was called");
+    assert!(request.starts_with("POST /hook HTTP/1.1"), "{request}");
+    assert!(request.to_ascii_lowercase().contains("content-type: application/json"), "{request}");
+    let body: Value = serde_json::from_str(request.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["actor"], "notified");
+    done(t0, "notify");
+}
