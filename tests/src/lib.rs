@@ -309,6 +309,38 @@ impl RunningAgent {
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"))
     }
 
+    /// The entries of a JSON-array endpoint (`/actors`, `/incidents`) for `pid`.
+    pub fn entries_for(&self, path: &str, pid: u32) -> Vec<Value> {
+        let all = self.get_json(path);
+        all.as_array()
+            .unwrap_or_else(|| panic!("{path} is not a JSON array: {all}"))
+            .iter()
+            .filter(|e| e["pid"] == pid)
+            .cloned()
+            .collect()
+    }
+
+    /// Polls `path` until an entry for `pid` satisfies `pred`; returns it.
+    pub fn wait_entry(&self, path: &str, what: &str, timeout: Duration, pid: u32, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let entries = self.entries_for(path, pid);
+            if let Some(e) = entries.iter().find(|e| pred(e)) {
+                return e.clone();
+            }
+            if Instant::now() > deadline {
+                let err = self.stderr_tail(40);
+                panic!("timed out after {timeout:?} waiting for {what} (pid {pid}); {path} entries for it: {entries:#?}\nagent stderr (tail):\n{err}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stderr_tail(&self, n: usize) -> String {
+        let lines = self.proc.stderr.snapshot();
+        lines[lines.len().saturating_sub(n)..].iter().map(|l| l.text.as_str()).collect::<Vec<_>>().join("\n")
+    }
+
     pub fn stop(mut self) {
         stop_agent(&mut self.proc);
     }

@@ -63,7 +63,7 @@ impl Agent {
     }
 
     fn stderr_tail(&self) -> String {
-        tail(&self.agent.proc.stderr_text(), 40)
+        self.agent.stderr_tail(40)
     }
 }
 
@@ -124,26 +124,12 @@ fn starve(actor: &Proc) -> (Value, SentAt) {
 
 /// GET /incidents, only those of `pid`.
 fn incidents_of(agent: &RunningAgent, pid: u32) -> Vec<Value> {
-    let all = agent.get_json("/incidents");
-    all.as_array().expect("/incidents is a JSON array").iter().filter(|i| i["pid"] == pid).cloned().collect()
+    agent.entries_for("/incidents", pid)
 }
 
 /// Polls /incidents until an incident of `pid` satisfies `pred`.
 fn wait_incident(agent: &Agent, what: &str, timeout: Duration, pid: u32, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let list = incidents_of(agent, pid);
-        if let Some(i) = list.iter().find(|i| pred(i)) {
-            return i.clone();
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what} (pid {pid}); its incidents: {list:#?}\nagent stderr (tail):\n{}",
-                agent.stderr_tail()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    agent.wait_entry("/incidents", what, timeout, pid, pred)
 }
 
 /// "action:outcome" of each step.

@@ -69,31 +69,12 @@ fn fixture_cmd(script: &str, args: &[&str]) -> Command {
 
 /// Every entry /actors holds for `pid` (live and exited).
 fn actors_at(agent: &RunningAgent, pid: u32) -> Vec<Value> {
-    let all = agent.get_json("/actors");
-    all.as_array().expect("/actors is a JSON array").iter().filter(|a| a["pid"] == pid).cloned().collect()
+    agent.entries_for("/actors", pid)
 }
 
 /// Polls /actors until an entry for `pid` satisfies `pred`; returns it.
 fn wait_actor(agent: &RunningAgent, what: &str, timeout: Duration, pid: u32, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let entries = actors_at(agent, pid);
-        if let Some(a) = entries.iter().find(|a| pred(a)) {
-            return a.clone();
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what} (pid {pid}); /actors entries for that pid: {entries:#?}\nagent stderr (tail):\n{}",
-                tail(&agent.proc.stderr_text(), 40)
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    agent.wait_entry("/actors", what, timeout, pid, pred)
 }
 
 /// One connection to the registration socket, speaking the protocol.
