@@ -275,6 +275,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 metrics.set_actor_counts(&reg.counts());
                 drop(reg);
                 metrics.update_kernel_counters(counters);
+                metrics.kernel_open_windows.set(probes.open_windows() as i64);
                 metrics.update_bpf_stats(&probes.program_stats());
                 metrics.update_process();
             }

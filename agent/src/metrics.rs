@@ -162,6 +162,7 @@ pub struct Metrics {
     pub kernel_handler_map_full: Counter,
     pub kernel_stale_windows: Counter,
     pub attached_programs: Gauge,
+    pub kernel_open_windows: Gauge,
     start_time: Gauge<f64, AtomicU64>,
     last_kernel: std::sync::Mutex<KernelCounters>,
 }
@@ -296,6 +297,12 @@ impl Metrics {
             "Signal handler windows closed by timeout because no rt_sigreturn was seen",
             kernel_stale_windows.clone(),
         );
+        let kernel_open_windows = Gauge::default();
+        registry.register(
+            "kernel_open_handler_windows",
+            "Threads the kernel programs see inside a signal handler now (stuck above 0: a handler that never returned, e.g. siglongjmp)",
+            kernel_open_windows.clone(),
+        );
         let attached_programs = Gauge::default();
         registry.register(
             "attached_programs",
@@ -342,6 +349,7 @@ impl Metrics {
             kernel_handler_map_full,
             kernel_stale_windows,
             attached_programs,
+            kernel_open_windows,
             start_time,
             last_kernel: Default::default(),
         }

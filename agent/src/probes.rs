@@ -137,6 +137,7 @@ pub struct Probes {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     hooks: Vec<Hook>,
     counters: PerCpuArray<MapData, u64>,
+    open_windows: aya::maps::Array<MapData, u64>,
 }
 
 impl Probes {
@@ -203,7 +204,11 @@ impl Probes {
             ebpf.take_map("COUNTERS").ok_or_else(|| missing_map("COUNTERS"))?,
         )
         .map_err(|e| classify("opening map COUNTERS", e))?;
-        Ok(Probes { ebpf, logger, hooks, counters })
+        let open_windows = aya::maps::Array::try_from(
+            ebpf.take_map("OPEN_WINDOWS").ok_or_else(|| missing_map("OPEN_WINDOWS"))?,
+        )
+        .map_err(|e| classify("opening map OPEN_WINDOWS", e))?;
+        Ok(Probes { ebpf, logger, hooks, counters, open_windows })
     }
 
     /// The hooks in use, for the start-up report and `/readyz`.
@@ -226,6 +231,11 @@ impl Probes {
     /// The kernel log ring buffer reader, for the agent to drive.
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         self.logger.take()
+    }
+
+    /// Threads the kernel believes are inside a signal handler right now.
+    pub fn open_windows(&self) -> u64 {
+        self.open_windows.get(&0, 0).unwrap_or(0)
     }
 
     pub fn counters(&self) -> KernelCounters {

@@ -12,13 +12,18 @@
 //! offsets come from tracefs through the OFFSETS global.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has atomic add but no compare-and-swap, so
+// core's AtomicU64::fetch_add is not offered; the intrinsic lowers to
+// BPF_ATOMIC add. (Built with RUSTC_BOOTSTRAP=1 anyway, for build-std.)
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics for atomic_xadd, see above")]
 
 use aya_log_ebpf::warn;
 use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{fentry, fexit, map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
 use sigwake_common::{
@@ -40,6 +45,15 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 static IN_HANDLER: HashMap<u32, HandlerWindow> = HashMap::with_max_entries(16384, 0);
 
+/// How many IN_HANDLER entries exist: the write path's first check. It is
+/// zero almost all the time, and an array slot is read without a hash
+/// lookup, so writes on a host where no thread is in a handler pay only
+/// that read. Changed only when an entry is really added or removed, so it
+/// never undercounts (an entry left by a handler that never returned keeps
+/// it above zero: slower, never wrong).
+#[map]
+static OPEN_WINDOWS: Array<u64> = Array::with_max_entries(1, 0);
+
 /// tgid -> flags, maintained by the agent from its actor registry.
 #[map]
 static WATCHED_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(65536, 0);
@@ -60,6 +74,34 @@ fn bump(slot: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn open_windows_add(delta: u64) {
+    if let Some(slot) = OPEN_WINDOWS.get_ptr_mut(0) {
+        // SAFETY: a valid, aligned map value; the add is atomic across CPUs
+        // (BPF_ATOMIC add) and its result unused.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(slot, delta);
+        }
+    }
+}
+
+/// Removes the thread's handler window, keeping OPEN_WINDOWS in step.
+#[inline(always)]
+fn close_window(tid: u32) {
+    if IN_HANDLER.remove(&tid).is_ok() {
+        open_windows_add(u64::MAX); // -1
+    }
+}
+
+#[inline(always)]
+fn no_open_windows() -> bool {
+    match OPEN_WINDOWS.get_ptr(0) {
+        // SAFETY: valid map value; a racy read only errs towards a lookup.
+        Some(slot) => unsafe { core::ptr::read_volatile(slot) == 0 },
+        None => false,
     }
 }
 
@@ -181,7 +223,8 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
         ..HandlerWindow::default()
     };
     // SAFETY: read-only copy of the thread's own entry.
-    if let Some(prev) = unsafe { IN_HANDLER.get(&tid) } {
+    let existed = unsafe { IN_HANDLER.get(&tid) }.copied();
+    if let Some(prev) = existed.as_ref() {
         if now.wrapping_sub(prev.entered_ns) <= cfg.handler_window_ns {
             window = *prev;
             window.entered_ns = now;
@@ -201,6 +244,8 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
     if IN_HANDLER.insert(&tid, &window, 0).is_err() {
         bump(counter::HANDLER_MAP_FULL);
         warn!(ctx, "sigwake: handler window map full; tid {} not tracked", tid);
+    } else if existed.is_none() {
+        open_windows_add(1);
     }
     let _ = SEEN_PIDS.insert(&pid, &1, 0);
     Ok(())
@@ -231,7 +276,7 @@ fn try_sys_enter_rt_sigreturn() -> Result<(), i64> {
     ev.arg0 = depth as i64;
     ev.arg1 = ev.ts_ns.wrapping_sub(window.entered_ns) as i64;
     if depth <= 1 {
-        let _ = IN_HANDLER.remove(&tid);
+        close_window(tid);
     } else {
         window.depth -= 1;
         window.write_fd = -1;
@@ -244,8 +289,12 @@ fn try_sys_enter_rt_sigreturn() -> Result<(), i64> {
 
 #[tracepoint]
 pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
+    // Hot path: out at once while no thread on the host is in a handler.
+    if no_open_windows() {
+        return 0;
+    }
     let (_, tid) = current();
-    // Hot path: one lookup, and out for every thread not in a handler.
+    // Then one lookup, and out for every thread not in a handler.
     let Some(window) = IN_HANDLER.get_ptr_mut(&tid) else {
         return 0;
     };
@@ -264,6 +313,9 @@ pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
+    if no_open_windows() {
+        return 0;
+    }
     let (_, tid) = current();
     let Some(window) = IN_HANDLER.get_ptr_mut(&tid) else {
         return 0;
@@ -293,7 +345,7 @@ fn finish_write(tid: u32, window: *mut HandlerWindow, ret: i64) {
     let cfg = CONFIG.load();
     let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(window.entered_ns) > cfg.handler_window_ns {
-        let _ = IN_HANDLER.remove(&tid);
+        close_window(tid);
         bump(counter::STALE_WINDOWS);
         return;
     }
@@ -331,6 +383,9 @@ fn finish_write(tid: u32, window: *mut HandlerWindow, ret: i64) {
 /// ksys_write(unsigned int fd, const char __user *buf, size_t count) -> ssize_t
 #[fexit(function = "ksys_write")]
 pub fn fexit_ksys_write(ctx: FExitContext) -> u32 {
+    if no_open_windows() {
+        return 0;
+    }
     let (_, tid) = current();
     let Some(window) = IN_HANDLER.get_ptr_mut(&tid) else {
         return 0;
@@ -371,7 +426,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 
 fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let (pid, tid) = current();
-    let _ = IN_HANDLER.remove(&tid);
+    close_window(tid);
     let group_dead: u8 = read(ctx, OFFSETS.load().exit_group_dead)?;
     if group_dead == 0 {
         return Ok(());
