@@ -231,14 +231,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // The detector decides at confirm deadlines; 50 ms keeps that decision
     // within 50 ms of the deadline.
+    // It runs only while some actor is watched or starving, so an idle
+    // agent wakes once a second, not twenty times.
     let mut detect_tick = tokio::time::interval(Duration::from_millis(50));
+    detect_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut outputs = Vec::new();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             why = &mut shutdown => { tracing::info!("{}: detaching and stopping", why?); break; }
-            _ = detect_tick.tick() => {
+            _ = detect_tick.tick(), if !detector.is_idle() => {
                 let now = procinfo::monotonic_ns();
                 let active = detector.active();
                 let fds: HashMap<u32, Option<i32>> = {

@@ -78,6 +78,11 @@ impl Detector {
         self.tracks.remove(&pid);
     }
 
+    /// Nothing watched or starving: the caller need not tick.
+    pub fn is_idle(&self) -> bool {
+        self.tracks.values().all(|t| t.phase == Phase::Idle)
+    }
+
     /// Pids currently watched or starving (their fill level is worth polling).
     pub fn active(&self) -> Vec<u32> {
         self.tracks.iter().filter(|(_, t)| t.phase != Phase::Idle).map(|(p, _)| *p).collect()
@@ -129,6 +134,10 @@ impl Detector {
                 out.push(Output::Recovered { pid, at_ns: now });
             }
             _ => {}
+        }
+        // Only non-idle actors are kept: the caller stops ticking when none are.
+        if self.tracks.get(&pid).is_some_and(|t| t.phase == Phase::Idle) {
+            self.tracks.remove(&pid);
         }
     }
 
@@ -261,6 +270,16 @@ mod tests {
         assert_eq!(d.phase(7), Phase::Idle);
         run(&mut d, 8, Runtime::Other, 0, Input::WakeupDropped { sig: 15 });
         assert!(matches!(tick(&mut d, W, None)[..], [Output::Confirmed { pid: 8, drops: 1, fill: None, .. }]));
+    }
+
+    #[test]
+    fn idle_detector_keeps_nothing_and_needs_no_tick() {
+        let mut d = Detector::default();
+        assert!(d.is_idle());
+        assert!(run(&mut d, 7, Runtime::Trio, 0, Input::WakeupWritten).is_empty());
+        assert!(d.is_idle() && d.tracks.is_empty());
+        run(&mut d, 7, Runtime::Trio, 0, Input::StopSignal { sig: 2 });
+        assert!(!d.is_idle());
     }
 
     #[test]

@@ -216,6 +216,11 @@ pub struct ProcFacts {
 
 pub trait ProcReader: Send {
     fn facts(&self, pid: u32) -> Option<ProcFacts>;
+
+    /// Just the start time: what the once-a-second identity sweep needs.
+    fn start_time(&self, pid: u32) -> Option<u64> {
+        self.facts(pid).map(|f| f.start_time)
+    }
 }
 
 /// Reads the real /proc.
@@ -237,6 +242,10 @@ impl ProcReader for RealProc {
             comm: procinfo::comm(pid).unwrap_or_default(),
             cmdline: procinfo::cmdline(pid).unwrap_or_default(),
         })
+    }
+
+    fn start_time(&self, pid: u32) -> Option<u64> {
+        procinfo::start_time(pid)
     }
 }
 
@@ -539,7 +548,7 @@ impl Registry {
         let gone: Vec<u32> = self
             .actors
             .values()
-            .filter(|a| self.proc.facts(a.pid).is_none_or(|f| f.start_time != a.start_time))
+            .filter(|a| self.proc.start_time(a.pid) != Some(a.start_time))
             .map(|a| a.pid)
             .collect();
         for pid in &gone {
@@ -552,7 +561,7 @@ impl Registry {
 
     /// Whether `pid` still is the actor it was registered as.
     pub fn same_process(&self, pid: u32, start_time: u64) -> bool {
-        self.proc.facts(pid).is_some_and(|f| f.start_time == start_time)
+        self.proc.start_time(pid) == Some(start_time)
     }
 
     pub fn facts(&self, pid: u32) -> Option<ProcFacts> {
