@@ -7,8 +7,10 @@
 //! 1. hot path: ns per write(2) and per getppid(2) in a pinned C loop with no
 //!    agent, `sigwake run` idle, `sigwake run` with 1,000 registered actors,
 //!    the bpftrace peer (`bench/peer.bt`) and empty programs on the same two
-//!    write tracepoints (`bench/trivial.bt`); per-program cost from
-//!    `kernel.bpf_stats_enabled`; redis-benchmark throughput in the same states;
+//!    write tracepoints (`bench/trivial.bt`), interleaved with no-agent
+//!    baselines and reported as paired ratios; per-program cost from
+//!    `kernel.bpf_stats_enabled`; a perf profile split into syscall, tracepoint
+//!    machinery and BPF bodies; redis-benchmark throughput in the same states;
 //! 2. detection latency: failed handler write → `sigwake trace` line, and →
 //!    `/metrics` counter;
 //! 3. a signal storm: delivered/s, events lost, agent CPU and memory;
@@ -102,11 +104,11 @@ impl Plan {
     fn new(quick: bool) -> Plan {
         if quick {
             Plan {
-                rounds: 1,
-                iters: 300_000,
-                reps: 5,
+                rounds: 2,
+                iters: 200_000,
+                reps: 3,
                 stats_reps: 2,
-                redis_n: 50_000,
+                redis_n: 30_000,
                 footprint: Duration::from_secs(3),
                 actors: 1000,
                 drops: 1000,
@@ -118,11 +120,11 @@ impl Plan {
             }
         } else {
             Plan {
-                rounds: 2,
-                iters: 1_000_000,
-                reps: 9,
+                rounds: 5,
+                iters: 500_000,
+                reps: 5,
                 stats_reps: 3,
-                redis_n: 200_000,
+                redis_n: 50_000,
                 footprint: Duration::from_secs(10),
                 actors: 1000,
                 drops: 1000,
@@ -182,7 +184,16 @@ impl Ctx {
     }
 }
 
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Progress on stderr, with the time since the bench started.
+fn step(msg: &str) {
+    let t = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
+    super::step(&format!("[{t:6.1}s] {msg}"));
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
+    STARTED.get_or_init(Instant::now);
     procs::install_interrupt_handler();
     super::setup()?;
     super::require_root("`cargo xtask bench`")?;
@@ -190,7 +201,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let root = super::workspace_root();
     let plan = Plan::new(args.quick);
 
-    super::step("building the agent (release)");
+    step("building the agent (release)");
     super::status(super::cargo().current_dir(&root).args(["build", "--release", "--package", "sigwake"]))?;
     let bin = root.join("target/release/sigwake");
     let tools = build_tools(&root)?;
@@ -241,17 +252,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     results.insert("pinned_cpu".into(), json!(ctx.cpu));
 
     if ctx.wants(Section::Hot) || ctx.wants(Section::Redis) || ctx.wants(Section::Footprint) {
-        super::step("hot path, redis and footprint: every agent state, interleaved with no-agent baselines");
+        step("hot path, redis and footprint: every agent state, interleaved with no-agent baselines");
         let v = overhead(&ctx, &mut report)?;
         results.insert("overhead".into(), v);
     }
     if ctx.wants(Section::Latency) {
-        super::step("detection latency");
+        step("detection latency");
         let v = latency(&ctx, &mut report)?;
         results.insert("latency".into(), v);
     }
     if ctx.wants(Section::Storm) {
-        super::step("signal storm");
+        step("signal storm");
         let v = storm(&ctx, &mut report)?;
         results.insert("storm".into(), v);
     }
@@ -277,7 +288,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     fs::write(&out_path, serde_json::to_string_pretty(&Value::Object(results))?)
         .with_context(|| format!("writing {}", out_path.display()))?;
     println!("\n{table}");
-    super::step(&format!("results: {} (agent logs in {})", out_path.display(), ctx.logs.display()));
+    step(&format!("results: {} (agent logs in {})", out_path.display(), ctx.logs.display()));
     Ok(())
 }
 
@@ -309,7 +320,7 @@ fn ensure_tool(bin: &str, package: &str) -> bool {
     if have(bin) {
         return true;
     }
-    super::step(&format!("installing {package} (apt-get)"));
+    step(&format!("installing {package} (apt-get)"));
     let install = || {
         Command::new("apt-get")
             .args(["install", "-y", "-q", package])
@@ -356,6 +367,8 @@ struct Agent {
     proc: Proc,
     addr: SocketAddr,
     socket: Option<PathBuf>,
+    /// The agent's own account of its hooks ("N hooks attached: ..."), from its log.
+    hooks: Option<String>,
     _dir: TempDir,
 }
 
@@ -398,7 +411,8 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Agent { proc, addr, socket, _dir: dir })
+        let hooks = hooks_attached(&log);
+        Ok(Agent { proc, addr, socket, hooks, _dir: dir })
     }
 
     fn pid(&self) -> u32 {
@@ -408,6 +422,32 @@ impl Agent {
     fn metrics(&self) -> Result<Metrics> {
         Metrics::fetch(self.addr)
     }
+}
+
+/// Text without ANSI colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn hooks_attached(log: &Path) -> Option<String> {
+    let text = strip_ansi(&fs::read_to_string(log).ok()?);
+    let line = text.lines().find(|l| l.contains("hooks attached"))?;
+    let at = line.find("hooks attached")?;
+    let start = line[..at].trim_end().rfind(' ').map_or(0, |i| i + 1);
+    Some(line[start..].to_string())
 }
 
 fn tail(path: &Path, n: usize) -> String {
@@ -490,6 +530,8 @@ struct StateData {
     /// ns per write() with bpf_stats on, and per-program (name, runs, ns) per write loop.
     write_stats_on: Vec<f64>,
     progs: Vec<(String, u64, u64)>,
+    /// perf profile of the write loop: share of samples per category.
+    profile: Option<Profile>,
     unavailable: Option<String>,
     foreign: Vec<String>,
 }
@@ -577,16 +619,25 @@ fn foreign_tracers(ours: &[u32]) -> Vec<String> {
 
 /// Waits (bounded) until no other process holds tracing BPF programs, so
 /// that a baseline is a real no-agent baseline. Returns what was left.
+/// Once a wait has timed out, the same tracers are not waited for again.
 fn wait_quiet(ctx: &Ctx) -> Result<Vec<String>> {
+    static GAVE_UP_ON: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let end = Instant::now() + ctx.plan.quiet_wait;
     let mut said = false;
     loop {
         let f = foreign_tracers(&[std::process::id()]);
-        if f.is_empty() || Instant::now() >= end {
+        let mut gave_up = GAVE_UP_ON.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_empty() || f.iter().all(|x| gave_up.contains(x)) {
             return Ok(f);
         }
+        if Instant::now() >= end {
+            step(&format!("other tracers still loaded; measuring anyway (flagged in the results): {}", f.join("; ")));
+            gave_up.extend(f.iter().cloned());
+            return Ok(f);
+        }
+        drop(gave_up);
         if !said {
-            super::step(&format!(
+            step(&format!(
                 "waiting up to {:?} for other tracers to exit before a baseline: {}",
                 ctx.plan.quiet_wait,
                 f.join("; ")
@@ -595,6 +646,78 @@ fn wait_quiet(ctx: &Ctx) -> Result<Vec<String>> {
         }
         sleep(Duration::from_secs(1))?;
     }
+}
+
+/// Where the write loop's CPU time goes, from a flat `perf record` profile.
+#[derive(Clone, Debug, Default)]
+struct Profile {
+    /// The syscall itself: entry/exit, mitigations, vfs_write to /dev/null, libc.
+    syscall: f64,
+    /// Tracepoint dispatch: syscall_trace_enter/exit work, perf_syscall_*,
+    /// perf buffer set-up and argument copy, trace_call_bpf.
+    machinery: f64,
+    /// The BPF programs' own instructions and the helpers/maps they call.
+    bpf: f64,
+    top: Vec<(String, f64)>,
+}
+
+fn classify(sym: &str) -> u8 {
+    const BPF: [&str; 9] = [
+        "bpf_prog_", "htab_", "__htab_", "lookup_nulls_elem_raw", "bpf_get_current", "bpf_map_lookup", "bpf_ktime",
+        "bpf_probe_read", "__bpf_",
+    ];
+    const MACHINERY: [&str; 9] = [
+        "perf_", "trace_call_bpf", "syscall_trace_enter", "syscall_exit_work", "__pi_memcpy", "memcpy",
+        "bpf_prog_run", "migrate_", "__rcu_read",
+    ];
+    if BPF.iter().any(|p| sym.starts_with(p)) {
+        2
+    } else if MACHINERY.iter().any(|p| sym.starts_with(p)) {
+        1
+    } else {
+        0
+    }
+}
+
+fn perf_profile(ctx: &Ctx, tag: &str) -> Result<Option<Profile>> {
+    if !have("perf") {
+        return Ok(None);
+    }
+    let data = ctx.logs.join(format!("perf-{tag}.data"));
+    let mut cmd = Command::new("perf");
+    cmd.args(["record", "-q", "-F", "20000", "-o"]).arg(&data).arg("--").arg(&ctx.tools.writeloop);
+    cmd.args(["write", &ctx.plan.iters.to_string(), "2"]);
+    if procs::run_bounded(cmd, "perf record", Duration::from_secs(120), Some(ctx.cpu)).is_err() {
+        return Ok(None);
+    }
+    let mut cmd = Command::new("perf");
+    cmd.args(["report", "--no-children", "--stdio", "--sort", "sym", "-q", "-g", "none", "-i"]).arg(&data);
+    let Ok((out, _)) = procs::run_bounded(cmd, "perf report", Duration::from_secs(120), None) else {
+        return Ok(None);
+    };
+    let _ = fs::remove_file(&data);
+    let mut p = Profile::default();
+    for l in out.lines() {
+        let mut f = l.split_whitespace();
+        let (Some(pct), Some(_kind), Some(sym)) = (f.next(), f.next(), f.next()) else { continue };
+        let Ok(pct) = pct.trim_end_matches('%').parse::<f64>() else { continue };
+        match classify(sym) {
+            2 => p.bpf += pct,
+            1 => p.machinery += pct,
+            _ => p.syscall += pct,
+        }
+        if p.top.len() < 25 {
+            p.top.push((sym.to_string(), pct));
+        }
+    }
+    let total = p.syscall + p.machinery + p.bpf;
+    if total <= 0.0 {
+        return Ok(None);
+    }
+    p.syscall /= total;
+    p.machinery /= total;
+    p.bpf /= total;
+    Ok(Some(p))
 }
 
 /// Measures the workloads in the current state.
@@ -621,6 +744,9 @@ fn measure_state(
             data.getppid.push(cpu);
             data.getppid_wall.push(wall);
         }
+    }
+    if with_stats && ctx.wants(Section::Hot) && data.profile.is_none() {
+        data.profile = perf_profile(ctx, &format!("{}", owner.unwrap_or(0)))?;
     }
     if let Some(r) = redis {
         let (s, g) = redis_bench(ctx, r)?;
@@ -699,9 +825,86 @@ fn bpftrace_peer(ctx: &Ctx, script: &str, label: &str) -> Result<Proc> {
     Ok(p)
 }
 
+/// One measured stretch of one state: medians of its repetitions (NaN when not measured).
+#[derive(Clone, Debug)]
+struct Seg {
+    state: &'static str,
+    write: f64,
+    getppid: f64,
+    redis_set: f64,
+    redis_get: f64,
+}
+
+/// For every segment of `state`: its value over the mean of the nearest
+/// baseline segments before and after it (the machine drifts; adjacent
+/// baselines cancel most of it). Returns (ratios, differences).
+fn paired(segs: &[Seg], state: &str, f: impl Fn(&Seg) -> f64) -> (Vec<f64>, Vec<f64>) {
+    let mut ratios = Vec::new();
+    let mut diffs = Vec::new();
+    for (i, s) in segs.iter().enumerate() {
+        if s.state != state || !f(s).is_finite() {
+            continue;
+        }
+        let prev = segs[..i].iter().rev().find(|b| b.state == NONE && f(b).is_finite()).map(&f);
+        let next = segs[i + 1..].iter().find(|b| b.state == NONE && f(b).is_finite()).map(&f);
+        let base = match (prev, next) {
+            (Some(a), Some(b)) => (a + b) / 2.0,
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => continue,
+        };
+        ratios.push(f(s) / base);
+        diffs.push(f(s) - base);
+    }
+    (ratios, diffs)
+}
+
+fn ratio_text(ratios: &[f64], diffs: &[f64], unit: &str) -> String {
+    let r = Summary::of(ratios);
+    let d = Summary::of(diffs);
+    if r.n == 0 {
+        return String::new();
+    }
+    let diff = if unit.is_empty() { String::new() } else { format!(" ({:+.1} {unit})", d.median) };
+    if r.n == 1 {
+        format!("{:.3}×{diff}", r.median)
+    } else {
+        format!("{:.3}×{diff} [{:.2}–{:.2}, n={}]", r.median, r.min, r.max, r.n)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    ctx: &Ctx,
+    state: &'static str,
+    data: &mut BTreeMap<&str, StateData>,
+    segs: &mut Vec<Seg>,
+    redis: Option<&Redis>,
+    owner: Option<u32>,
+    first: bool,
+    tag: &str,
+) -> Result<()> {
+    step(&format!("{tag}: {state}"));
+    if state == NONE {
+        wait_quiet(ctx)?;
+    }
+    let d = data.get_mut(state).expect("known state");
+    let (w0, g0, s0) = (d.write.len(), d.getppid.len(), d.redis_set.len());
+    measure_state(ctx, d, redis, owner, first)?;
+    let med = |v: &[f64]| if v.is_empty() { f64::NAN } else { Summary::of(v).median };
+    segs.push(Seg {
+        state,
+        write: med(&d.write[w0..]),
+        getppid: med(&d.getppid[g0..]),
+        redis_set: med(&d.redis_set[s0..]),
+        redis_get: med(&d.redis_get[s0..]),
+    });
+    Ok(())
+}
+
 fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
     let plan = &ctx.plan;
     let mut data: BTreeMap<&str, StateData> = STATES.iter().map(|s| (*s, StateData::default())).collect();
+    let mut segs: Vec<Seg> = Vec::new();
     let redis = if ctx.wants(Section::Redis) { start_redis(ctx)? } else { None };
     if ctx.wants(Section::Redis) && redis.is_none() {
         report.note("redis-server/redis-benchmark unavailable: redis rows skipped");
@@ -709,28 +912,34 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
     let mut fp_idle = None;
     let mut fp_actors = None;
     let mut reg_json = json!(null);
+    let mut hooks_json = json!(null);
     let mut actors_seen = None;
-    let only_footprint = !ctx.wants(Section::Hot) && !ctx.wants(Section::Redis);
+    let loops = ctx.wants(Section::Hot) || ctx.wants(Section::Redis);
 
     for round in 0..plan.rounds {
         let first = round == 0;
-        super::step(&format!("round {}/{}: {NONE}", round + 1, plan.rounds));
-        if !only_footprint {
-            wait_quiet(ctx)?;
-            measure_state(ctx, data.get_mut(NONE).expect("state"), redis.as_ref(), None, false)?;
+        let tag = format!("round {}/{}", round + 1, plan.rounds);
+        if loops && first {
+            measure(ctx, NONE, &mut data, &mut segs, redis.as_ref(), None, first, &tag)?;
         }
 
         // (b) and (c): one agent; first idle, then with the actors registered.
-        super::step(&format!("round {}/{}: {IDLE}", round + 1, plan.rounds));
         let agent = Agent::start(ctx, &format!("overhead-{}", round + 1))?;
-        sleep(Duration::from_secs(1))?;
+        sleep(Duration::from_secs(if first { 2 } else { 1 }))?;
+        if first {
+            let hooks = agent.hooks.clone().unwrap_or_else(|| "not reported in its log".into());
+            report.note(format!("agent hooks: {hooks}"));
+            hooks_json = json!(hooks);
+        }
         if first && ctx.wants(Section::Footprint) {
+            step(&format!("{tag}: footprint, idle, {:?}", plan.footprint));
             fp_idle = Some(footprint(&agent, plan.footprint)?);
         }
-        if !only_footprint {
-            measure_state(ctx, data.get_mut(IDLE).expect("state"), redis.as_ref(), Some(agent.pid()), first)?;
+        if loops {
+            measure(ctx, IDLE, &mut data, &mut segs, redis.as_ref(), Some(agent.pid()), first, &tag)?;
         }
-        super::step(&format!("round {}/{}: {ACTORS}", round + 1, plan.rounds));
+        // The actors exist only for this state: the other states (and the
+        // idle footprint) see a host without 1,000 extra processes.
         let sleepers = Sleepers::spawn(plan.actors, 3600)?;
         match register_actors(&agent, &sleepers.pids())? {
             Registered::Unavailable(why) => {
@@ -743,14 +952,18 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                     report.note(format!(
                         "registration: {ok} actors registered over the socket in {secs:.2} s ({:.0}/s){}",
                         ok as f64 / secs.max(1e-9),
-                        if failed > 0 { format!(", {failed} refused, first: {}", first_error.clone().unwrap_or_default()) } else { String::new() }
+                        if failed > 0 {
+                            format!(", {failed} refused, first: {}", first_error.clone().unwrap_or_default())
+                        } else {
+                            String::new()
+                        }
                     ));
                 }
                 if ok == 0 {
                     data.get_mut(ACTORS).expect("state").unavailable =
                         Some(format!("no actor registered: {}", first_error.unwrap_or_default()));
                 } else {
-                    // Let a registry sweep / metrics tick run.
+                    // Let a registry sweep and a metrics tick run.
                     sleep(Duration::from_millis(1500))?;
                     if let Ok(m) = agent.metrics()
                         && m.has("sigwake_actors")
@@ -758,130 +971,155 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                         actors_seen = Some(m.sum("sigwake_actors", &[]));
                     }
                     if first && ctx.wants(Section::Footprint) {
+                        step(&format!("{tag}: footprint, {ok} actors, {:?}", plan.footprint));
                         fp_actors = Some(footprint(&agent, plan.footprint)?);
                     }
-                    if !only_footprint {
-                        measure_state(ctx, data.get_mut(ACTORS).expect("state"), redis.as_ref(), Some(agent.pid()), first)?;
+                    if loops {
+                        measure(ctx, ACTORS, &mut data, &mut segs, redis.as_ref(), Some(agent.pid()), first, &tag)?;
                     }
                 }
             }
         }
-        drop(sleepers);
         drop(agent);
-        if only_footprint {
+        drop(sleepers);
+        if !loops {
             break;
         }
-
-        super::step(&format!("round {}/{}: {NONE}", round + 1, plan.rounds));
-        wait_quiet(ctx)?;
-        measure_state(ctx, data.get_mut(NONE).expect("state"), redis.as_ref(), None, false)?;
-        for (state, script) in [(PEER, "peer.bt"), (TRIVIAL, "trivial.bt")] {
-            super::step(&format!("round {}/{}: {state}", round + 1, plan.rounds));
+        measure(ctx, NONE, &mut data, &mut segs, redis.as_ref(), None, first, &tag)?;
+        for (state, script, label) in [(PEER, "peer.bt", "peer"), (TRIVIAL, "trivial.bt", "trivial")] {
             if !ctx.bpftrace {
                 data.get_mut(state).expect("state").unavailable = Some("bpftrace not installed".into());
                 continue;
             }
-            let label = if state == PEER { "peer" } else { "trivial" };
             let peer = bpftrace_peer(ctx, script, label)?;
-            measure_state(ctx, data.get_mut(state).expect("state"), redis.as_ref(), Some(peer.pid()), first)?;
+            measure(ctx, state, &mut data, &mut segs, redis.as_ref(), Some(peer.pid()), first, &tag)?;
             drop(peer);
-            super::step(&format!("round {}/{}: {NONE}", round + 1, plan.rounds));
-            wait_quiet(ctx)?;
-            measure_state(ctx, data.get_mut(NONE).expect("state"), redis.as_ref(), None, false)?;
+            measure(ctx, NONE, &mut data, &mut segs, redis.as_ref(), None, first, &tag)?;
         }
     }
     let had_redis = redis.is_some();
     drop(redis);
 
     // ---- table
+    let hot = "hot path (ns per call, thread CPU time, loop pinned to one CPU)";
     let base = data.get(NONE).expect("state");
     let bw = Summary::of(&base.write);
     let bg = Summary::of(&base.getppid);
     let idle_w = Summary::of(&data[IDLE].write);
     let ns = |s: &Summary| format!("{:.1} ns ±{:.1}% (n={})", s.median, s.iqr_pct(), s.n);
-    let ratio = |s: &Summary, b: &Summary| format!("{:.3}× ({:+.1} ns)", s.median / b.median, s.median - b.median);
     if ctx.wants(Section::Hot) {
-        for (what, key, b) in [("write(fd, 1 B) to /dev/null", 'w', &bw), ("getppid()", 'g', &bg)] {
+        for (what, is_write, b) in [("write(fd, 1 B) to /dev/null", true, &bw), ("getppid()", false, &bg)] {
             for state in STATES {
                 let d = &data[state];
                 let label = format!("{what}: {state}");
                 if let Some(why) = &d.unavailable {
-                    report.row("hot path (ns per syscall: thread CPU time, pinned loop)", label, format!("n/a ({why})"));
+                    report.row(hot, label, format!("n/a ({why})"));
                     continue;
                 }
-                let s = Summary::of(if key == 'w' { &d.write } else { &d.getppid });
+                let s = Summary::of(if is_write { &d.write } else { &d.getppid });
                 if s.n == 0 {
                     continue;
                 }
-                let row = report.row("hot path (ns per syscall: thread CPU time, pinned loop)", label, ns(&s));
+                let row = report.row(hot, label, ns(&s));
                 if state == NONE {
                     row.ratio("1");
                     continue;
                 }
-                row.baseline(format!("{:.1} ns", b.median)).ratio(ratio(&s, b));
-                if key == 'w' && state == IDLE {
-                    row.target("≤ 1.10× no agent", Verdict::from(s.median / b.median <= 1.10));
+                let (r, diff) = paired(&segs, state, |g| if is_write { g.write } else { g.getppid });
+                let rmed = Summary::of(&r).median;
+                row.baseline(format!("{:.1} ns", b.median)).ratio(ratio_text(&r, &diff, "ns"));
+                if is_write && state == IDLE {
+                    row.target("≤ 1.10× no agent", if r.is_empty() { Verdict::Untested } else { Verdict::from(rmed <= 1.10) });
                 }
-                if key == 'w' && state == PEER && idle_w.n > 0 {
-                    row.target(
-                        format!("sigwake idle ({:.1} ns) < peer", idle_w.median),
-                        Verdict::from(idle_w.median < s.median),
-                    );
+                if is_write && state == PEER && idle_w.n > 0 {
+                    let (ri, _) = paired(&segs, IDLE, |g| g.write);
+                    let ri = Summary::of(&ri).median;
+                    row.target(format!("sigwake idle ({ri:.3}×) < peer"), Verdict::from(ri < rmed));
                 }
             }
+        }
+        // Another process's syscall tracepoint programs make the baseline pay
+        // the tracepoint machinery too, which the first tracer on a host pays
+        // alone: estimate the clean baseline from the no-agent profile.
+        let foreign_in_base = !data[NONE].foreign.is_empty();
+        if foreign_in_base
+            && let Some(p) = &data[NONE].profile
+            && idle_w.n > 0
+        {
+            let clean = bw.median * p.syscall;
+            let r = idle_w.median / clean;
+            report
+                .row(
+                    hot,
+                    format!("write(): {IDLE}, against an estimated clean baseline"),
+                    format!("{:.1} ns", idle_w.median),
+                )
+                .baseline(format!("≈{clean:.0} ns (no-agent loop × its syscall+write share; other tracers were loaded)"))
+                .ratio(format!("≈{r:.2}× ({:+.0} ns)", idle_w.median - clean))
+                .target("≤ 1.10× no agent", Verdict::from(r <= 1.10));
         }
         for state in [IDLE, ACTORS, PEER, TRIVIAL] {
             let d = &data[state];
             if d.progs.is_empty() {
                 continue;
             }
-            let loops = (ctx.plan.iters * ctx.plan.stats_reps as u64 + ctx.plan.iters) as f64;
-            let parts: Vec<String> = d
-                .progs
-                .iter()
-                .filter(|(n, runs, _)| n.contains("write") || *runs as f64 >= loops * 0.5)
-                .map(|(n, runs, t)| format!("{n} {:.1} ns", *t as f64 / *runs as f64))
-                .collect();
-            let body: f64 = d
-                .progs
-                .iter()
-                .filter(|(n, runs, _)| n.contains("write") || *runs as f64 >= loops * 0.5)
-                .map(|(_, runs, t)| *t as f64 / *runs as f64)
-                .sum();
+            let writes = (ctx.plan.iters * (ctx.plan.stats_reps as u64 + 1)) as f64;
+            let hot_progs: Vec<&(String, u64, u64)> =
+                d.progs.iter().filter(|(n, runs, _)| n.contains("write") || *runs as f64 >= writes * 0.5).collect();
+            let parts: Vec<String> =
+                hot_progs.iter().map(|(n, runs, t)| format!("{n} {:.1}", *t as f64 / *runs as f64)).collect();
+            let body: f64 = hot_progs.iter().map(|(_, runs, t)| *t as f64 / *runs as f64).sum();
             let son = Summary::of(&d.write_stats_on);
             report
+                .row(hot, format!("BPF run time per write() (bpf_stats): {state}"), format!("{body:.1} ns ({})", parts.join(" + ")))
+                .baseline(format!("loop with stats on: {:.1} ns", son.median));
+        }
+        for state in STATES {
+            let d = &data[state];
+            let Some(p) = &d.profile else { continue };
+            let per = Summary::of(&d.write).median;
+            report
                 .row(
-                    "hot path (ns per syscall: thread CPU time, pinned loop)",
-                    format!("BPF program bodies per write(), bpf_stats: {state}"),
-                    format!("{body:.1} ns ({})", parts.join(" + ")),
+                    "where a write() goes (perf record of the loop, flat profile × ns per write)",
+                    state,
+                    format!(
+                        "syscall+write {:.0} ns | tracepoint machinery {:.0} ns | BPF bodies {:.0} ns",
+                        p.syscall * per,
+                        p.machinery * per,
+                        p.bpf * per
+                    ),
                 )
-                .baseline(format!("stats on: {:.1} ns/write", son.median));
+                .baseline(format!(
+                    "{:.0}% / {:.0}% / {:.0}% of {per:.0} ns",
+                    p.syscall * 100.0,
+                    p.machinery * 100.0,
+                    p.bpf * 100.0
+                ));
         }
     }
-    if had_redis && ctx.wants(Section::Redis) {
+    if had_redis {
+        let sec = "redis-benchmark on loopback (requests/s)";
         let bs = Summary::of(&base.redis_set);
         let bgt = Summary::of(&base.redis_get);
         for state in STATES {
             let d = &data[state];
             if let Some(why) = &d.unavailable {
-                report.row("redis-benchmark, loopback (requests/s)", format!("SET/GET: {state}"), format!("n/a ({why})"));
+                report.row(sec, format!("SET / GET: {state}"), format!("n/a ({why})"));
                 continue;
             }
             let (s, g) = (Summary::of(&d.redis_set), Summary::of(&d.redis_get));
             if s.n == 0 {
                 continue;
             }
-            let row = report.row(
-                "redis-benchmark, loopback (requests/s)",
-                format!("SET / GET: {state}"),
-                format!("{:.0} / {:.0} (n={})", s.median, g.median, s.n),
-            );
-            if state != NONE {
-                row.baseline(format!("{:.0} / {:.0}", bs.median, bgt.median))
-                    .ratio(format!("{:.3}× / {:.3}×", s.median / bs.median, g.median / bgt.median));
-            } else {
+            let row = report.row(sec, format!("SET / GET: {state}"), format!("{:.0} / {:.0} (n={})", s.median, g.median, s.n));
+            if state == NONE {
                 row.ratio("1");
+                continue;
             }
+            let (rs, ds) = paired(&segs, state, |x| x.redis_set);
+            let (rg, dg) = paired(&segs, state, |x| x.redis_get);
+            row.baseline(format!("{:.0} / {:.0}", bs.median, bgt.median))
+                .ratio(format!("{} / {}", ratio_text(&rs, &ds, ""), ratio_text(&rg, &dg, "")));
         }
     }
     if ctx.wants(Section::Footprint) {
@@ -928,13 +1166,15 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
     if !foreign.is_empty() {
         report.note(format!(
             "WARNING: other processes had tracing BPF programs loaded during the overhead section \
-             (they tax every state, the baseline included): {}",
+             (they tax every state, the baseline included, and shrink the ratios): {}",
             foreign.join("; ")
         ));
     }
 
     let fp_json = |f: &Option<Footprint>| {
-        f.as_ref().map(|f| json!({"events_per_s": f.events_per_s, "cpu_pct": f.cpu_pct, "rss_mib": f.rss_mib, "hwm_mib": f.hwm_mib, "seconds": f.secs}))
+        f.as_ref().map(|f| {
+            json!({"events_per_s": f.events_per_s, "cpu_pct": f.cpu_pct, "rss_mib": f.rss_mib, "hwm_mib": f.hwm_mib, "seconds": f.secs})
+        })
     };
     let states: serde_json::Map<String, Value> = data
         .iter()
@@ -947,17 +1187,29 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                     "getppid_ns_cpu": {"summary": Summary::of(&d.getppid).json(), "samples": d.getppid},
                     "write_ns_wall": {"summary": Summary::of(&d.write_wall).json(), "samples": d.write_wall},
                     "getppid_ns_wall": {"summary": Summary::of(&d.getppid_wall).json(), "samples": d.getppid_wall},
+                    "write_paired_ratios": paired(&segs, k, |g| g.write).0,
+                    "getppid_paired_ratios": paired(&segs, k, |g| g.getppid).0,
                     "redis_set_rps": d.redis_set, "redis_get_rps": d.redis_get,
+                    "redis_set_paired_ratios": paired(&segs, k, |g| g.redis_set).0,
+                    "redis_get_paired_ratios": paired(&segs, k, |g| g.redis_get).0,
                     "write_ns_bpf_stats_on": d.write_stats_on,
                     "bpf_programs": d.progs.iter().map(|(n, r, t)| json!({"name": n, "runs": r, "run_time_ns": t, "ns_per_run": *t as f64 / (*r).max(1) as f64})).collect::<Vec<_>>(),
                     "foreign_tracers": d.foreign,
+                    "perf_profile": d.profile.as_ref().map(|p| json!({
+                        "syscall_share": p.syscall, "machinery_share": p.machinery, "bpf_share": p.bpf,
+                        "top_symbols": p.top.iter().map(|(s, v)| json!([s, v])).collect::<Vec<_>>(),
+                    })),
                 }),
             )
         })
         .collect();
+    let order: Vec<Value> =
+        segs.iter().map(|s| json!({"state": s.state, "write": s.write, "getppid": s.getppid, "redis_set": s.redis_set, "redis_get": s.redis_get})).collect();
     Ok(json!({
         "states": states,
+        "segments": order,
         "registration": reg_json,
+        "agent_hooks": hooks_json,
         "actors_gauge": actors_seen,
         "footprint": {"idle": fp_json(&fp_idle), "actors_1000": fp_json(&fp_actors)},
     }))
@@ -1048,7 +1300,7 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
         vec!["spaced".to_string(), n.to_string(), plan.drop_gap_us.to_string()];
 
     // 1. failed write -> `sigwake trace --only-drops` line.
-    super::step(&format!("latency: {n} dropped wakeups under sigwake trace --only-drops"));
+    step(&format!("latency: {n} dropped wakeups under sigwake trace --only-drops"));
     {
         let (mut d, pid) = dropper(ctx, &spaced_args, "trace")?;
         let mut cmd = Command::new(&ctx.bin);
@@ -1089,7 +1341,7 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
 
     // 1b. the same through the bpftrace peer, for comparison.
     if ctx.bpftrace {
-        super::step(&format!("latency: {n} dropped wakeups under the bpftrace peer"));
+        step(&format!("latency: {n} dropped wakeups under the bpftrace peer"));
         let (mut d, pid) = dropper(ctx, &spaced_args, "peer")?;
         let mut peer = bpftrace_peer(ctx, "peer.bt", "latency")?;
         let (seen, user) = traced_drops(ctx, &mut peer, &mut d, |l| {
@@ -1110,7 +1362,7 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
     }
 
     // 2. failed write -> /metrics counter, one drop at a time, then a burst.
-    super::step(&format!("latency: failed write → /metrics, {} single drops then a burst of {}", plan.metric_steps, plan.burst));
+    step(&format!("latency: failed write → /metrics, {} single drops then a burst of {}", plan.metric_steps, plan.burst));
     let agent = Agent::start(ctx, "latency")?;
     let dropped = |m: &Metrics| m.sum("sigwake_wakeup_writes_dropped_total", &[]);
     {
@@ -1221,7 +1473,10 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
         }
     }
     if !own.contains_key("action") {
-        report.row(sec, "confirmed starvation → escalation action", "n/a (escalation not implemented)");
+        // The dropper's handler is SIGUSR1 (not a stop signal) and it is an
+        // observe-only discovered actor, so nothing is escalated here; the
+        // escalation suite (tests/tests/escalation.rs) measures this stage.
+        report.row(sec, "confirmed starvation → escalation action", "not exercised here (SIGUSR1 dropper, observe-only); see tests/tests/escalation.rs");
     }
     out.insert("agent_histogram".into(), Value::Object(own));
     drop(agent);
@@ -1236,10 +1491,10 @@ struct StormRun {
     secs: f64,
 }
 
-fn run_storm(ctx: &Ctx, cpu: Option<usize>) -> Result<StormRun> {
+fn run_storm(ctx: &Ctx, cpu: Option<usize>, secs: f64) -> Result<StormRun> {
     let mut cmd = Command::new(&ctx.tools.storm);
-    cmd.args([ctx.storm_receivers.to_string(), ctx.storm_senders.to_string(), ctx.plan.storm_secs.to_string()]);
-    let (out, _) = procs::run_bounded(cmd, "storm", Duration::from_secs_f64(ctx.plan.storm_secs + 60.0), cpu)?;
+    cmd.args([ctx.storm_receivers.to_string(), ctx.storm_senders.to_string(), secs.to_string()]);
+    let (out, _) = procs::run_bounded(cmd, "storm", Duration::from_secs_f64(secs + 60.0), cpu)?;
     let field = |k: &str| {
         out.split_whitespace().find_map(|f| f.strip_prefix(k)).and_then(|v| v.parse::<f64>().ok())
     };
@@ -1268,9 +1523,9 @@ fn storm_variant(ctx: &Ctx, report: &mut Report, cpu: Option<usize>) -> Result<V
     let sec = sec.as_str();
     let shape = format!("{} senders → {} receivers, {:.0} s", ctx.storm_senders, ctx.storm_receivers, ctx.plan.storm_secs);
     wait_quiet(ctx)?;
-    super::step(&format!("{sec}: without the agent ({shape})"));
-    let base = run_storm(ctx, cpu)?;
-    super::step(&format!("{sec}: with sigwake run"));
+    step(&format!("{sec}: without the agent ({shape})"));
+    let base1 = run_storm(ctx, cpu, ctx.plan.storm_secs)?;
+    step(&format!("{sec}: with sigwake run"));
     let agent = Agent::start(ctx, if cpu.is_some() { "storm-confined" } else { "storm" })?;
     sleep(Duration::from_secs(1))?;
     let usr1 = ["signal=\"SIGUSR1\""];
@@ -1284,43 +1539,66 @@ fn storm_variant(ctx: &Ctx, report: &mut Report, cpu: Option<usize>) -> Result<V
         )
     };
     let m0 = counts(&agent.metrics()?);
-    let stats = Sysctl::set("kernel.bpf_stats_enabled", "1").ok();
-    let snap = || {
-        let mut p = procs::bpf_progs(Some(&[agent.pid()]));
-        if ctx.bpftool {
-            procs::name_progs(&mut p);
-        }
-        p
-    };
-    let p0 = snap();
     let u0 = procs::usage(agent.pid()).context("agent /proc")?;
     let t0 = Instant::now();
-    let with = run_storm(ctx, cpu)?;
+    let with = run_storm(ctx, cpu, ctx.plan.storm_secs)?;
     let storm_wall = t0.elapsed().as_secs_f64();
     let u1 = procs::usage(agent.pid()).context("agent /proc")?;
-    let p1 = snap();
-    drop(stats);
     // Let the agent drain its ring buffer and tick its kernel counters.
     let t_end = Instant::now();
     let mut last = counts(&agent.metrics()?);
     let mut stable = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut caught_up = None;
     while Instant::now() < deadline {
         sleep(Duration::from_millis(300))?;
         let c = counts(&agent.metrics()?);
         if c.0 == last.0 && c.4 == last.4 {
             stable += 1;
+            caught_up.get_or_insert(t_end.elapsed().as_secs_f64() - 0.3);
         } else {
             stable = 0;
+            caught_up = None;
         }
         last = c;
         if stable >= 3 && t_end.elapsed() >= Duration::from_millis(1500) {
             break;
         }
     }
-    let caught_up = t_end.elapsed().as_secs_f64() - 0.9;
+    let caught_up = caught_up.unwrap_or(f64::NAN).max(0.0);
     let u2 = procs::usage(agent.pid()).context("agent /proc")?;
     let m1 = last;
+
+    // Per-program cost, from a shorter storm with bpf_stats on (the stats
+    // themselves cost two clock reads per program run, so not in the storm above).
+    let mut progs: Vec<(String, u64, u64)> = Vec::new();
+    if cpu.is_none() {
+        step(&format!("{sec}: per-program cost with kernel.bpf_stats_enabled=1"));
+        let _stats = Sysctl::set("kernel.bpf_stats_enabled", "1")?;
+        let snap = || {
+            let mut p = procs::bpf_progs(Some(&[agent.pid()]));
+            if ctx.bpftool {
+                procs::name_progs(&mut p);
+            }
+            p
+        };
+        let p0 = snap();
+        run_storm(ctx, cpu, (ctx.plan.storm_secs / 2.0).max(1.0))?;
+        let p1 = snap();
+        progs = p1
+            .values()
+            .filter_map(|a| {
+                let b = p0.get(&a.id)?;
+                let runs = a.run_cnt.saturating_sub(b.run_cnt);
+                (runs > 0).then(|| (a.name.clone(), runs, a.run_time_ns.saturating_sub(b.run_time_ns)))
+            })
+            .collect();
+        progs.sort();
+    }
+    drop(agent);
+    step(&format!("{sec}: without the agent again"));
+    let base2 = run_storm(ctx, cpu, ctx.plan.storm_secs)?;
+
     let delivered = m1.0 - m0.0;
     let generated = m1.1 - m0.1;
     let lost = m1.2 - m0.2;
@@ -1329,15 +1607,18 @@ fn storm_variant(ctx: &Ctx, report: &mut Report, cpu: Option<usize>) -> Result<V
     let cpu_pct = (u1.cpu_ns - u0.cpu_ns) as f64 / 1e9 / storm_wall * 100.0;
     let cpu_total_pct = (u2.cpu_ns - u0.cpu_ns) as f64 / 1e9 / storm_wall * 100.0;
     let rate = with.handled / with.secs;
-    let base_rate = base.handled / base.secs;
+    let (b1, b2) = (base1.handled / base1.secs, base2.handled / base2.secs);
+    let base_rate = (b1 + b2) / 2.0;
+    let base_sent = (base1.sent / base1.secs + base2.sent / base2.secs) / 2.0;
 
     report
-        .row(sec, format!("handled by receivers: no agent ({shape})"), format!("{:.0}/s ({:.0} kill()s/s)", base_rate, base.sent / base.secs))
+        .row(sec, format!("handled by receivers: no agent ({shape})"), format!("{base_rate:.0}/s ({base_sent:.0} kill()s/s)"))
+        .baseline(format!("before {b1:.0}/s, after {b2:.0}/s"))
         .ratio("1");
     report
         .row(sec, "handled by receivers: sigwake run", format!("{rate:.0}/s ({:.0} kill()s/s)", with.sent / with.secs))
         .baseline(format!("{base_rate:.0}/s"))
-        .ratio(format!("{:.3}×", rate / base_rate));
+        .ratio(format!("{:.3}× (kill()s {:.3}×)", rate / base_rate, with.sent / with.secs / base_sent));
     report
         .row(sec, "agent: sigwake_signals_delivered_total{SIGUSR1} delta", format!("{delivered:.0}"))
         .baseline(format!("{:.0} handled", with.handled))
@@ -1354,39 +1635,37 @@ fn storm_variant(ctx: &Ctx, report: &mut Report, cpu: Option<usize>) -> Result<V
         Verdict::Untested
     };
     report
-        .row(sec, "events lost (sigwake_kernel_lost_events_total delta)", format!("{lost:.0} of {events:.0} decoded; {decode:.0} decode errors"))
+        .row(
+            sec,
+            "events lost (sigwake_kernel_lost_events_total delta)",
+            format!("{lost:.0} of {events:.0} decoded ({:.0}/s); {decode:.0} decode errors", events / storm_wall),
+        )
         .target(format!("0 at ≥ 100,000 deliveries/s (reached {rate:.0}/s)"), verdict);
     report
         .row(sec, "agent CPU during the storm", format!("{cpu_pct:.1}% of a core ({cpu_total_pct:.1}% incl. catch-up)"))
-        .baseline(format!("caught up {:.1} s after", caught_up.max(0.0)));
-    report.row(sec, "agent RSS after the storm", format!("{:.1} MiB (peak {:.1})", u2.rss_kib as f64 / 1024.0, u2.hwm_kib as f64 / 1024.0));
-    let mut progs: Vec<(String, u64, u64)> = p1
-        .values()
-        .filter_map(|a| {
-            let b = p0.get(&a.id)?;
-            let runs = a.run_cnt.saturating_sub(b.run_cnt);
-            (runs > 0).then(|| (a.name.clone(), runs, a.run_time_ns.saturating_sub(b.run_time_ns)))
-        })
-        .collect();
-    progs.sort();
+        .baseline(format!("caught up {caught_up:.1} s after"));
+    report.row(
+        sec,
+        "agent RSS after the storm",
+        format!("{:.1} MiB (peak {:.1})", u2.rss_kib as f64 / 1024.0, u2.hwm_kib as f64 / 1024.0),
+    );
     if !progs.is_empty() {
-        report
-            .row(
-                sec,
-                "BPF program cost per run during the storm (bpf_stats on for the agent run only)",
-                progs
-                    .iter()
-                    .filter(|(n, _, _)| !n.contains("write"))
-                    .map(|(n, r, t)| format!("{n} {:.0} ns × {r}", *t as f64 / *r as f64))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            );
+        report.row(
+            sec,
+            "BPF run time per program run (bpf_stats, separate shorter storm)",
+            progs
+                .iter()
+                .filter(|(n, _, _)| !n.contains("write"))
+                .map(|(n, r, t)| format!("{n} {:.0} ns × {r}", *t as f64 / *r as f64))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
     }
-    drop(agent);
     Ok(json!({
         "pinned_cpu": cpu,
         "receivers": ctx.storm_receivers, "senders": ctx.storm_senders, "seconds": ctx.plan.storm_secs,
-        "baseline": {"sent": base.sent, "handled": base.handled, "seconds": base.secs},
+        "baseline_before": {"sent": base1.sent, "handled": base1.handled, "seconds": base1.secs},
+        "baseline_after": {"sent": base2.sent, "handled": base2.handled, "seconds": base2.secs},
         "with_agent": {"sent": with.sent, "handled": with.handled, "seconds": with.secs},
         "agent": {
             "delivered_delta": delivered, "generated_delta": generated, "lost_delta": lost,
@@ -1396,4 +1675,15 @@ fn storm_variant(ctx: &Ctx, report: &mut Report, cpu: Option<usize>) -> Result<V
         },
         "bpf_programs": progs.iter().map(|(n, r, t)| json!({"name": n, "runs": r, "run_time_ns": t})).collect::<Vec<_>>(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hooks_line_is_found_without_colours() {
+        let dir = super::TempDir::new("test").unwrap();
+        let log = dir.0.join("a.log");
+        std::fs::write(&log, "x\n\u{1b}[2m2026-11-22T01:57:24Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m sigwake::app: 7 hooks attached: tracepoint a, tracepoint b\n").unwrap();
+        assert_eq!(super::hooks_attached(&log).as_deref(), Some("7 hooks attached: tracepoint a, tracepoint b"));
+    }
 }
