@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Make this machine ready: rust-src, bpf-linker (against rustc's LLVM), the Python test venv.
+    /// Make this machine ready: rust-src, bpf-linker (against rustc's LLVM), the Python test venv, prometheus/promtool.
     Setup,
     /// Set up, build the agent (release) and run `sigwake run` as root; extra args go to sigwake.
     Run {
