@@ -21,7 +21,7 @@ use crate::{
     http::{self, HttpState},
     metrics::Metrics,
     registration,
-    registry::{ActorState, RealProc, Registry, WatchedSink},
+    registry::{ActorState, RealProc, Registry, Runtime, WatchedSink},
     config::Policy,
     detector::{Detector, Input, Output},
     escalation::{Confirmation, Engine},
@@ -340,14 +340,19 @@ fn feed_detector(
     out: &mut Vec<Output>,
 ) {
     let pid = ev.subject_pid();
-    let Some(actor) = reg.all().find(|a| a.pid == pid) else { return };
+    // An exit needs no actor (the registry has already moved it to its
+    // record); everything else is about a live actor, found in O(1).
+    if let EventBody::ProcessExit(_) = ev.body {
+        detector.input(pid, Runtime::Unknown, 0, ev.mono_ns, Input::Exited, out);
+        return;
+    }
+    let Some(actor) = reg.get(pid) else { return };
     let input = match &ev.body {
         EventBody::SignalDeliver(d) if matches!(d.disposition, Disposition::Handler(_)) && Registry::is_stop_signal(d.signal) => {
             Input::StopSignal { sig: d.signal.0 }
         }
         EventBody::HandlerWrite(w) if w.count == 1 && w.is_dropped_wakeup() => Input::WakeupDropped { sig: w.signal.0 },
         EventBody::HandlerWrite(w) if w.count == 1 => Input::WakeupWritten,
-        EventBody::ProcessExit(_) => Input::Exited,
         _ => return,
     };
     let policy = actor.policy.as_ref().and_then(|p| config.policies.get(p)).unwrap_or(default_policy);
