@@ -163,7 +163,6 @@ pub struct Metrics {
     pub kernel_stale_windows: Counter,
     pub attached_programs: Gauge,
     pub kernel_open_windows: Gauge,
-    start_time: Gauge<f64, AtomicU64>,
     last_kernel: std::sync::Mutex<KernelCounters>,
 }
 
@@ -314,7 +313,7 @@ impl Metrics {
         registry.register(
             "start_time_seconds",
             "Unix time the agent started",
-            start_time.clone(),
+            start_time,
         );
         registry.register(
             "build",
@@ -350,7 +349,6 @@ impl Metrics {
             kernel_stale_windows,
             attached_programs,
             kernel_open_windows,
-            start_time,
             last_kernel: Default::default(),
         }
     }
@@ -471,13 +469,6 @@ impl Metrics {
         out
     }
 
-    pub fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
-    }
-
-    pub fn start_time_seconds(&self) -> f64 {
-        self.start_time.get()
-    }
 }
 
 fn clock_ticks_per_second() -> f64 {

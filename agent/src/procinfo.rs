@@ -85,12 +85,6 @@ pub fn uid_of(pid: u32) -> Option<u32> {
     status_field(&status, "Uid:")?.parse().ok()
 }
 
-/// Parent process id.
-pub fn ppid_of(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(proc_path(pid, "status")).ok()?;
-    status_field(&status, "PPid:")?.parse().ok()
-}
-
 fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
     status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next())
 }

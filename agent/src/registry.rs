@@ -495,8 +495,8 @@ impl Registry {
         if caller.uid != 0 && caller.uid != actor.uid {
             return Err(RegistryError::NotPermitted { pid, caller_uid: caller.uid });
         }
-        let source = actor.source.max_by_rank(Source::Socket);
-        self.upsert(&ActorSpec { pid: Some(pid), ..spec.clone() }, source, Some(caller))
+        // Socket outranks every other source, so the update may rename and re-policy.
+        self.upsert(&ActorSpec { pid: Some(pid), ..spec.clone() }, Source::Socket, Some(caller))
     }
 
     /// Records what an event says about its actor; returns the actor's
@@ -559,11 +559,6 @@ impl Registry {
         gone
     }
 
-    /// Whether `pid` still is the actor it was registered as.
-    pub fn same_process(&self, pid: u32, start_time: u64) -> bool {
-        self.proc.start_time(pid) == Some(start_time)
-    }
-
     pub fn facts(&self, pid: u32) -> Option<ProcFacts> {
         self.proc.facts(pid)
     }
@@ -597,14 +592,6 @@ impl Registry {
     }
 }
 
-trait MaxByRank {
-    fn max_by_rank(self, other: Source) -> Source;
-}
-impl MaxByRank for Source {
-    fn max_by_rank(self, other: Source) -> Source {
-        if self.rank() >= other.rank() { self } else { other }
-    }
-}
 
 #[cfg(test)]
 pub(crate) mod tests {
