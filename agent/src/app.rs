@@ -125,8 +125,10 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
                     if let EventBody::ProcessExit(e) = &ev.body {
                         alive.retain(|p| *p != e.task.pid);
                     }
+                    // The target's process is a /proc read: only for events
+                    // that can still be shown.
                     let target_pid = match &ev.body {
-                        EventBody::SignalGenerate(g) => procinfo::tgid_of(g.target_tid),
+                        EventBody::SignalGenerate(g) if filter.matches_except_pids(&ev) => procinfo::tgid_of(g.target_tid),
                         _ => None,
                     };
                     if !filter.matches(&ev, target_pid) {

@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{UnixListener, UnixStream},
+    net::{UnixListener, UnixStream, unix::UCred},
     sync::Semaphore,
 };
 
@@ -79,7 +79,9 @@ pub async fn serve(listener: UnixListener, registry: Arc<Mutex<Registry>>) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+        // No credentials, no service: authorisation rests on them.
+        let Ok(cred) = stream.peer_cred() else { continue };
+        let uid = cred.uid();
         let per_uid_ok = uid == 0 || {
             let mut counts = per_uid.lock().unwrap_or_else(|e| e.into_inner());
             let n = counts.entry(uid).or_insert(0);
@@ -109,7 +111,7 @@ pub async fn serve(listener: UnixListener, registry: Arc<Mutex<Registry>>) {
         let per_uid = per_uid.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = client(stream, registry).await {
+            if let Err(e) = client(stream, cred, registry).await {
                 tracing::debug!("registration client: {e}");
             }
             if uid != 0 {
@@ -123,8 +125,7 @@ fn error_reply(code: &str, message: &str) -> String {
     format!("{}\n", json!({"ok": false, "code": code, "error": message}))
 }
 
-async fn client(mut stream: UnixStream, registry: Arc<Mutex<Registry>>) -> std::io::Result<()> {
-    let cred = stream.peer_cred()?;
+async fn client(mut stream: UnixStream, cred: UCred, registry: Arc<Mutex<Registry>>) -> std::io::Result<()> {
     let caller = Caller {
         pid: cred.pid().map(|p| p as u32).unwrap_or(0),
         uid: cred.uid(),

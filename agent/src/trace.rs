@@ -24,12 +24,19 @@ impl TraceFilter {
     /// `target_pid` is the resolved process of a generate event's target
     /// thread, when known.
     pub fn matches(&self, ev: &Event, target_pid: Option<u32>) -> bool {
+        self.matches_except_pids(ev) && self.matches_pids(ev, target_pid)
+    }
+
+    /// The criteria that need no /proc look-up: callers resolve a target's
+    /// process only for events that pass these.
+    pub fn matches_except_pids(&self, ev: &Event) -> bool {
         if self.only_drops && !ev.is_drop() {
             return false;
         }
-        if !self.signals.is_empty() && ev.signal().is_some_and(|s| !self.signals.contains(&s)) {
-            return false;
-        }
+        self.signals.is_empty() || ev.signal().is_none_or(|s| self.signals.contains(&s))
+    }
+
+    fn matches_pids(&self, ev: &Event, target_pid: Option<u32>) -> bool {
         if !self.pids.is_empty() {
             let mut pids = vec![ev.subject_pid()];
             if let EventBody::SignalGenerate(g) = &ev.body {
