@@ -413,17 +413,8 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), DiagnosticsError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-    use std::process::Child;
+    use crate::pidfd::tests::Reaper;
     use std::sync::{Arc, Barrier};
-
-    struct Reaper(Child);
-
-    impl Drop for Reaper {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 
     fn opts(dir: &Path, py_spy: bool) -> CaptureOptions {
         CaptureOptions {

@@ -706,14 +706,14 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::{BufRead, BufReader};
     use std::os::unix::fs::MetadataExt;
     use std::process::{Child, Command, Stdio};
 
     /// Kills and reaps the child when the test ends, pass or fail.
-    struct Reaper(Child);
+    pub(crate) struct Reaper(pub(crate) Child);
 
     impl Drop for Reaper {
         fn drop(&mut self) {
