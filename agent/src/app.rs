@@ -14,7 +14,7 @@ use sigwake_common::Config as KernelConfig;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    cli::{ActorsArgs, Format, IncidentsArgs, RunArgs, TraceArgs},
+    cli::{ActorsArgs, CheckArgs, Format, IncidentsArgs, RunArgs, TraceArgs},
     config::{Config, Overrides},
     discovery::Discovery,
     events::EventBody,
@@ -29,7 +29,7 @@ use crate::{
     incidents,
     metrics::ActorLabel,
     pidfd,
-    probes::{HookPreference, Probes},
+    probes::{self, HookPreference, Probes},
     procinfo::{self, Clock},
     source,
     trace::{self, TraceFilter},
@@ -47,9 +47,35 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 
 fn load_probes(config: KernelConfig, preference: HookPreference) -> anyhow::Result<Probes> {
     let probes = Probes::load(config, preference)?;
+    for line in probes::report_lines(probes.report()) {
+        tracing::info!("{line}");
+    }
     let hooks: Vec<_> = probes.hooks().iter().map(|h| h.attach_point.as_str()).collect();
-    tracing::info!("{} hooks attached: {}", hooks.len(), hooks.join(", "));
+    tracing::info!("{} hooks attached, {} tier: {}", hooks.len(), probes.report().tier.as_str(), hooks.join(", "));
     Ok(probes)
+}
+
+/// Starts the pipeline's event source: the self-test's backlog, then the
+/// ring buffer.
+fn start_source(probes: &mut Probes) -> anyhow::Result<tokio::sync::mpsc::Receiver<source::Batch>> {
+    let backlog = probes.take_backlog();
+    let (batches, _reader) =
+        source::spawn_ringbuf_reader(probes.take_events()?, backlog).context("polling the event ring buffer")?;
+    Ok(batches)
+}
+
+/// `sigwake check`: load, attach, self-test, report, detach.
+pub async fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let probes = Probes::load(KernelConfig::DEFAULT, args.hooks)?;
+    let report = probes.report();
+    if args.json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        for line in probes::report_lines(report) {
+            println!("{line}");
+        }
+    }
+    Ok(())
 }
 
 /// Feeds aya-log records from the kernel programs into `log`/`tracing`.
@@ -75,8 +101,7 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
     }
     let mut probes = load_probes(config, args.hooks)?;
     spawn_kernel_logger(&mut probes);
-    let (mut batches, _reader) =
-        source::spawn_ringbuf_reader(probes.take_events()?).context("polling the event ring buffer")?;
+    let mut batches = start_source(&mut probes)?;
     // The kernel reports exits of watched processes; mark the --pid ones
     // before checking which are alive, so that no exit falls in between.
     let mut watched = probes.take_watched_pids()?;
@@ -195,6 +220,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut probes = load_probes(kernel_config, args.hooks)?;
     spawn_kernel_logger(&mut probes);
     metrics.attached_programs.set(probes.hooks().len() as i64);
+    metrics.set_hooks(probes.report());
     let watched = KernelWatched(probes.take_watched_pids()?);
     let registry = Arc::new(Mutex::new(Registry::new(Box::new(watched), Box::new(RealProc), config.max_actors)));
     let mut discovery = Discovery::new(config.selectors.clone(), config.discovery);
@@ -226,8 +252,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.socket.display(),
         config.state_dir.display()
     );
-    let (mut batches, _reader) =
-        source::spawn_ringbuf_reader(probes.take_events()?).context("polling the event ring buffer")?;
+    let mut batches = start_source(&mut probes)?;
     state.ready.store(true, Ordering::Release);
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -32,6 +32,18 @@ pub enum Command {
     Actors(ActorsArgs),
     /// List current and past starvation incidents and what was done about them.
     Incidents(IncidentsArgs),
+    /// Load and attach the kernel programs, prove them with the self-test, print which hooks serve each job, detach.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints
+    #[arg(long, value_enum, default_value_t = HookPreference::Auto)]
+    pub hooks: HookPreference,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]

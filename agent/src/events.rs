@@ -144,12 +144,15 @@ pub struct SignalDeliver {
     pub disposition: Disposition,
 }
 
-/// A write(2) issued from inside a signal handler, and its result.
+/// A write, writev, sendto or sendmsg issued from inside a signal
+/// handler, and its result.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandlerWrite {
     pub task: Task,
     /// The signal whose handler is running (innermost when nested).
     pub signal: Signal,
+    /// Which call, one of `sigwake_common::write_call`.
+    pub call: u32,
     pub fd: i32,
     pub count: u64,
     /// Bytes written, or `-errno`.
@@ -157,6 +160,11 @@ pub struct HandlerWrite {
 }
 
 impl HandlerWrite {
+    /// `write`, `writev`, `sendto`, `sendmsg`.
+    pub fn call_name(&self) -> &'static str {
+        crate::selftest::call_name(self.call)
+    }
+
     /// The errno of a failed write.
     pub fn errno(&self) -> Option<i32> {
         (self.ret < 0).then(|| (-self.ret) as i32)
@@ -314,6 +322,7 @@ impl TryFrom<&RawEvent> for Event {
             kind::HANDLER_WRITE => EventBody::HandlerWrite(HandlerWrite {
                 task,
                 signal: signal(raw.sig)?,
+                call: raw.call,
                 fd: raw.arg0 as i32,
                 count: raw.arg1 as u64,
                 ret: raw.arg2,
@@ -357,6 +366,7 @@ pub(crate) mod testing {
         r.arg0 = fd as i64;
         r.arg1 = 1;
         r.arg2 = -(libc::EAGAIN as i64);
+        r.call = sigwake_common::write_call::WRITE;
         r.ts_ns = mono_ns;
         Event::try_from(&r).expect("valid event")
     }
@@ -373,9 +383,11 @@ mod tests {
         r.arg0 = 37;
         r.arg1 = 1;
         r.arg2 = -11;
+        r.call = sigwake_common::write_call::SENDTO;
         let ev = Event::try_from(bytes(&r).as_slice()).unwrap();
         let EventBody::HandlerWrite(w) = &ev.body else { panic!("wrong kind: {ev:?}") };
         assert_eq!((w.task.pid, w.task.tid, w.fd, w.count), (100, 101, 37, 1));
+        assert_eq!(w.call_name(), "sendto");
         assert_eq!(w.task.comm, "python");
         assert_eq!(w.signal, Signal::INT);
         assert_eq!(w.errno(), Some(libc::EAGAIN));

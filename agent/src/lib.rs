@@ -9,6 +9,7 @@
 //! `app` wires the stages for each command; `main.rs` only parses and runs.
 
 pub mod app;
+pub mod btf;
 pub mod cli;
 pub mod config;
 pub mod detector;
@@ -24,6 +25,7 @@ pub mod probes;
 pub mod procinfo;
 pub mod registration;
 pub mod registry;
+pub mod selftest;
 pub mod source;
 pub mod trace;
 pub mod tracefs;

@@ -5,6 +5,12 @@ use sigwake::{app, cli};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // The start-up self-test runs this binary as its child (selftest.rs);
+    // kept out of clap so it never shows in --help.
+    let mut argv = std::env::args();
+    if argv.nth(1).as_deref() == Some(sigwake::selftest::CHILD_ARG) {
+        return sigwake::selftest::child_main(&argv.next().unwrap_or_default());
+    }
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
@@ -26,6 +32,7 @@ fn main() -> ExitCode {
         match cli.command {
             cli::Command::Trace(args) => app::trace(args).await,
             cli::Command::Run(args) => app::run(args).await,
+            cli::Command::Check(args) => app::check(args).await,
             cli::Command::Actors(_) | cli::Command::Incidents(_) => unreachable!("handled above"),
         }
     });

@@ -70,6 +70,12 @@ pub struct StageLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabels {
+    pub job: String,
+    pub tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProgramLabels {
     pub program: String,
 }
@@ -162,6 +168,7 @@ pub struct Metrics {
     pub kernel_handler_map_full: Counter,
     pub kernel_stale_windows: Counter,
     pub attached_programs: Gauge,
+    pub hook_tier: Family<HookLabels, Gauge>,
     pub kernel_open_windows: Gauge,
     last_kernel: std::sync::Mutex<KernelCounters>,
 }
@@ -308,6 +315,12 @@ impl Metrics {
             "Kernel programs attached by this agent",
             attached_programs.clone(),
         );
+        let hook_tier = Family::default();
+        registry.register(
+            "hook_tier",
+            "1 for the hook tier serving each job (fentry/fexit, tracepoint, syscall_tracepoint), chosen and self-tested at start-up",
+            hook_tier.clone(),
+        );
         let start_time = Gauge::<f64, AtomicU64>::default();
         start_time.set(crate::procinfo::realtime_ns() as f64 / 1e9);
         registry.register(
@@ -348,8 +361,16 @@ impl Metrics {
             kernel_handler_map_full,
             kernel_stale_windows,
             attached_programs,
+            hook_tier,
             kernel_open_windows,
             last_kernel: Default::default(),
+        }
+    }
+
+    /// Publishes which tier serves each job.
+    pub fn set_hooks(&self, report: &crate::probes::HookReport) {
+        for j in &report.jobs {
+            self.hook_tier.get_or_create(&HookLabels { job: j.job.as_str().into(), tier: j.tier.into() }).set(1);
         }
     }
 

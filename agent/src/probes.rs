@@ -10,9 +10,13 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{ProgramError, TracePoint},
 };
-use sigwake_common::{Config, TracepointOffsets, counter};
+use sigwake_common::{Config, TracepointOffsets, counter, exit_source};
 
-use crate::tracefs::{self, TracefsError};
+use crate::{
+    events::Event,
+    selftest::{self, SelfTestReport},
+    tracefs::{self, TracefsError},
+};
 
 /// The kernel programs, built by build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sigwake"));
@@ -22,34 +26,159 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 pub struct Hook {
     /// The program's name in the object (`signal_deliver`, …).
     pub program: &'static str,
-    /// What it is attached to (`tracepoint signal:signal_deliver`).
+    pub job: Job,
+    /// `fentry`, `fexit`, `tracepoint` or `syscall_tracepoint`.
+    pub tier: &'static str,
+    /// What it is attached to (`signal:signal_deliver`, `__x64_sys_write`).
     pub attach_point: String,
 }
 
-/// Program name → tracepoint (group, event), always attached.
-const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("signal_generate", "signal", "signal_generate"),
-    ("signal_deliver", "signal", "signal_deliver"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
-    ("sched_process_exec", "sched", "sched_process_exec"),
+/// Program name → tracepoint (group, event), always attached, with the
+/// job each does in the start-up report.
+const TRACEPOINTS: &[(&str, &str, &str, Job)] = &[
+    ("signal_generate", "signal", "signal_generate", Job::SignalPath),
+    ("signal_deliver", "signal", "signal_deliver", Job::SignalPath),
+    ("sched_process_exit", "sched", "sched_process_exit", Job::Exit),
+    ("sched_process_exec", "sched", "sched_process_exec", Job::Exec),
 ];
 
 /// The write path and handler return as syscall tracepoints: the fallback.
 /// While any syscall tracepoint is attached, every syscall on the host
 /// takes the slow path (TIF_SYSCALL_TRACEPOINT).
-const SYSCALL_TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("sys_enter_rt_sigreturn", "syscalls", "sys_enter_rt_sigreturn"),
-    ("sys_enter_write", "syscalls", "sys_enter_write"),
-    ("sys_exit_write", "syscalls", "sys_exit_write"),
+const SYSCALL_TRACEPOINTS: &[(&str, &str, &str, Job)] = &[
+    ("sys_enter_rt_sigreturn", "syscalls", "sys_enter_rt_sigreturn", Job::HandlerReturn),
+    ("sys_enter_write", "syscalls", "sys_enter_write", Job::WritePath),
+    ("sys_enter_writev", "syscalls", "sys_enter_writev", Job::WritePath),
+    ("sys_enter_sendto", "syscalls", "sys_enter_sendto", Job::WritePath),
+    ("sys_enter_sendmsg", "syscalls", "sys_enter_sendmsg", Job::WritePath),
+    ("sys_exit_wakeup_write", "syscalls", "sys_exit_write", Job::WritePath),
+    ("sys_exit_wakeup_write", "syscalls", "sys_exit_writev", Job::WritePath),
+    ("sys_exit_wakeup_write", "syscalls", "sys_exit_sendto", Job::WritePath),
+    ("sys_exit_wakeup_write", "syscalls", "sys_exit_sendmsg", Job::WritePath),
 ];
 
-/// The same, as BTF trampolines that run only for these calls: preferred.
+/// The same jobs as BTF trampolines on the syscalls' arch entry points,
+/// which run only for these calls: preferred. (program, candidate
+/// functions in order, is_exit). A function must be in the kernel's BTF to
+/// be hooked; some kernels' BTF lacks `__x64_sys_rt_sigreturn` (an alias
+/// of `__do_sys_rt_sigreturn`, which takes no arguments either way).
 #[cfg(target_arch = "aarch64")]
-const BTF_HOOKS: &[(&str, &str, bool)] =
-    &[("fexit_ksys_write", "ksys_write", true), ("fentry_rt_sigreturn", "__arm64_sys_rt_sigreturn", false)];
+const BTF_HOOKS: &[(&str, &[&str], bool)] = &[
+    ("fentry_rt_sigreturn", &["__arm64_sys_rt_sigreturn", "__do_sys_rt_sigreturn"], false),
+    ("fexit_sys_write", &["__arm64_sys_write"], true),
+    ("fexit_sys_writev", &["__arm64_sys_writev"], true),
+    ("fexit_sys_sendto", &["__arm64_sys_sendto"], true),
+    ("fexit_sys_sendmsg", &["__arm64_sys_sendmsg"], true),
+];
 #[cfg(not(target_arch = "aarch64"))]
-const BTF_HOOKS: &[(&str, &str, bool)] =
-    &[("fexit_ksys_write", "ksys_write", true), ("fentry_rt_sigreturn", "__x64_sys_rt_sigreturn", false)];
+const BTF_HOOKS: &[(&str, &[&str], bool)] = &[
+    ("fentry_rt_sigreturn", &["__x64_sys_rt_sigreturn", "__do_sys_rt_sigreturn"], false),
+    ("fexit_sys_write", &["__x64_sys_write"], true),
+    ("fexit_sys_writev", &["__x64_sys_writev"], true),
+    ("fexit_sys_sendto", &["__x64_sys_sendto"], true),
+    ("fexit_sys_sendmsg", &["__x64_sys_sendmsg"], true),
+];
+
+/// What a group of hooks is for, as reported at start-up and on /metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Job {
+    /// Signal generation and delivery (opens handler windows).
+    SignalPath,
+    /// The handler's return (closes handler windows).
+    HandlerReturn,
+    /// Writes and sends made inside a handler.
+    WritePath,
+    /// Process exits.
+    Exit,
+    /// Process execs (discovery).
+    Exec,
+}
+
+impl Job {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Job::SignalPath => "signal_path",
+            Job::HandlerReturn => "handler_return",
+            Job::WritePath => "write_path",
+            Job::Exit => "exit",
+            Job::Exec => "exec",
+        }
+    }
+}
+
+/// How the write path and handler return are hooked, fastest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// fentry/fexit on the syscalls' entry points: only those calls pay.
+    Fentry,
+    /// `syscalls:*` tracepoints: every syscall on the host pays while attached.
+    SyscallTracepoint,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Fentry => "fentry",
+            Tier::SyscallTracepoint => "syscall_tracepoint",
+        }
+    }
+}
+
+/// How the exit hook tells that a process (not just a thread) ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitSource {
+    /// `sched_process_exit.group_dead` (6.16+).
+    GroupDeadField,
+    /// `current->signal->live`, offsets from BTF.
+    LiveCount,
+    /// The thread-group leader exited.
+    Leader,
+}
+
+impl ExitSource {
+    fn raw(self) -> u32 {
+        match self {
+            ExitSource::GroupDeadField => exit_source::FIELD,
+            ExitSource::LiveCount => exit_source::LIVE_COUNT,
+            ExitSource::Leader => exit_source::LEADER,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            ExitSource::GroupDeadField => "last thread from the tracepoint's group_dead field",
+            ExitSource::LiveCount => "last thread from task->signal->live (BTF offsets)",
+            ExitSource::Leader => "thread-group leader exit (no group_dead field, no BTF)",
+        }
+    }
+}
+
+/// One job in the start-up report.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct JobReport {
+    pub job: Job,
+    /// `fentry`, `fexit`, `tracepoint`, `syscall_tracepoint`.
+    pub tier: &'static str,
+    pub attach_points: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// What was attached, why faster choices were not, and the self-test.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HookReport {
+    /// `uname -r`.
+    pub kernel: String,
+    pub tier: Tier,
+    pub exit_source: ExitSource,
+    pub jobs: Vec<JobReport>,
+    /// Each faster plan that was tried and given up, with the reason.
+    pub fallbacks: Vec<String>,
+    pub self_test: SelfTestReport,
+}
 
 /// Which hooks carry the write path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -86,6 +215,19 @@ pub enum LoadError {
     /// Tracepoint formats could not be read.
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
+    /// The kernel is older than sigwake supports.
+    #[error(
+        "sigwake needs Linux {major}.{minor} or newer and this is {0}: upgrade the kernel (every LTS kernel from 5.10 up works)",
+        major = MIN_KERNEL.0, minor = MIN_KERNEL.1
+    )]
+    KernelTooOld(String),
+    /// Every plan loaded, but none passed the self-test.
+    #[error(
+        "the start-up self-test failed: a signal handler's failed write to a full socket was not \
+         reported ({detail}); tried: {tried}. sigwake cannot see lost wakeups on this kernel; \
+         please report it with `uname -r`"
+    )]
+    SelfTest { detail: String, tried: String },
     /// Anything else the loader or kernel refused.
     #[error("{what} failed")]
     Other {
@@ -136,20 +278,128 @@ pub struct Probes {
     ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     hooks: Vec<Hook>,
+    report: Option<HookReport>,
     counters: PerCpuArray<MapData, u64>,
     open_windows: aya::maps::Array<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    watched: Option<HashMap<MapData, u32, u32>>,
+    /// Events the self-test read that were not its own, for the pipeline.
+    backlog: Vec<Event>,
+}
+
+/// The oldest kernel sigwake runs on: the oldest its kernel matrix proves
+/// (the programs themselves need 5.8 for the BPF ring buffer).
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// `6.1.0-47-amd64` → (6, 1).
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+fn check_kernel_version(release: &str) -> Result<(), LoadError> {
+    match parse_release(release) {
+        Some(v) if v >= MIN_KERNEL => Ok(()),
+        _ => Err(LoadError::KernelTooOld(release.to_string())),
+    }
+}
+
+/// One way to load the programs: a tier for the syscall hooks and a way
+/// to detect process exits.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    tier: Tier,
+    exit: ExitSource,
 }
 
 impl Probes {
-    /// Loads the programs with this kernel's tracepoint offsets and
-    /// attaches all of them.
+    /// Loads the programs with this kernel's offsets, attaching the fastest
+    /// hooks the kernel allows, and proves them with a self-test: a child
+    /// whose handler writes to a full socket must be reported. A plan that
+    /// loads but fails the self-test (a hook that never fires) is detached
+    /// and the next one tried.
     pub fn load(config: Config, preference: HookPreference) -> Result<Self, LoadError> {
         if PROGRAMS.is_empty() {
             return Err(LoadError::NoPrograms);
         }
+        let kernel = kernel_release();
+        check_kernel_version(&kernel)?;
         raise_memlock_limit();
         let root = tracefs::tracefs_root()?;
-        let offsets: TracepointOffsets = tracefs::read_offsets(&root)?;
+        let formats = tracefs::read_offsets(&root)?;
+        let mut fallbacks = Vec::new();
+        // Ways to tell a process exit from a thread exit, best first.
+        let mut exits = Vec::new();
+        let mut config = config;
+        if formats.has_exit_group_dead {
+            exits.push(ExitSource::GroupDeadField);
+        } else {
+            match exit_offsets() {
+                Ok((signal, live)) => {
+                    config.task_signal_offset = signal;
+                    config.signal_live_offset = live;
+                    exits.push(ExitSource::LiveCount);
+                }
+                Err(why) => fallbacks.push(format!("exit: no group_dead field, and {why}")),
+            }
+        }
+        exits.push(ExitSource::Leader);
+        let tiers: &[Tier] = match preference {
+            HookPreference::Auto => &[Tier::Fentry, Tier::SyscallTracepoint],
+            HookPreference::Tracepoint => &[Tier::SyscallTracepoint],
+        };
+        let plans = tiers.iter().flat_map(|&tier| exits.iter().map(move |&exit| Plan { tier, exit }));
+        let mut last_failure = None;
+        for plan in plans {
+            // A tier already refused at attach needs no second try with
+            // another exit source.
+            if fallbacks.iter().any(|f: &String| f.starts_with(plan.tier.refused_prefix())) {
+                continue;
+            }
+            let mut cfg = config;
+            cfg.exit_source = plan.exit.raw();
+            let mut probes = match Self::attach(cfg, formats.offsets, plan.tier) {
+                Ok(p) => p,
+                Err(LoadError::Permission { what, .. }) if plan.tier == Tier::Fentry => {
+                    fallbacks.push(format!(
+                        "{}{what}: permission denied (this kernel forbids BPF trampolines to root: lockdown or a security policy)",
+                        plan.tier.refused_prefix()
+                    ));
+                    continue;
+                }
+                Err(e) if plan.tier == Tier::Fentry => {
+                    fallbacks.push(format!("{}{}", plan.tier.refused_prefix(), error_chain(&e)));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match probes.self_test(&config) {
+                Ok(self_test) => {
+                    let jobs = probes.job_reports(plan);
+                    probes.report =
+                        Some(HookReport { kernel, tier: plan.tier, exit_source: plan.exit, jobs, fallbacks, self_test });
+                    return Ok(probes);
+                }
+                Err(failed) => {
+                    fallbacks.push(format!(
+                        "{} hooks with exit detection by {}: self-test failed: {failed}",
+                        plan.tier.as_str(),
+                        plan.exit.describe()
+                    ));
+                    last_failure = Some(failed);
+                }
+            }
+        }
+        Err(LoadError::SelfTest { detail: last_failure.unwrap_or_default(), tried: fallbacks.join("; ") })
+    }
+
+    /// Loads the object and attaches one plan's programs.
+    fn attach(config: Config, offsets: TracepointOffsets, tier: Tier) -> Result<Self, LoadError> {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("CONFIG", &config, true)
@@ -163,25 +413,14 @@ impl Probes {
             }
         };
         let mut hooks = Vec::new();
-        let btf_hooks = match preference {
-            HookPreference::Auto => match attach_btf_hooks(&mut ebpf) {
-                Ok(h) => Some(h),
-                Err(why) => {
-                    tracing::info!(
-                        "fentry/fexit hooks refused ({why}); falling back to syscall tracepoints, \
-                         which put every syscall on this host on the tracing slow path"
-                    );
-                    None
-                }
-            },
-            HookPreference::Tracepoint => None,
+        let tracepoints: Vec<_> = match tier {
+            Tier::Fentry => {
+                hooks.extend(attach_btf_hooks(&mut ebpf)?);
+                TRACEPOINTS.to_vec()
+            }
+            Tier::SyscallTracepoint => TRACEPOINTS.iter().chain(SYSCALL_TRACEPOINTS).copied().collect(),
         };
-        let tracepoints: Vec<_> = match &btf_hooks {
-            Some(_) => TRACEPOINTS.to_vec(),
-            None => TRACEPOINTS.iter().chain(SYSCALL_TRACEPOINTS).copied().collect(),
-        };
-        hooks.extend(btf_hooks.unwrap_or_default());
-        for (program, group, event) in tracepoints {
+        for (program, group, event, job) in tracepoints {
             let prog: &mut TracePoint = ebpf
                 .program_mut(program)
                 .ok_or_else(|| LoadError::Other {
@@ -190,42 +429,99 @@ impl Probes {
                 })?
                 .try_into()
                 .map_err(|e| classify(format!("program `{program}`"), e))?;
-            prog.load().map_err(|e| match e {
-                e @ ProgramError::LoadError { .. } if !is_permission_denied(&e) => {
-                    LoadError::Verifier { program: program.to_string(), source: e }
-                }
-                e => classify(format!("load program `{program}`"), e),
-            })?;
+            // One program may serve several tracepoints: load it once.
+            if prog.fd().is_err() {
+                prog.load().map_err(|e| match e {
+                    e @ ProgramError::LoadError { .. } if !is_permission_denied(&e) => {
+                        LoadError::Verifier { program: program.to_string(), source: e }
+                    }
+                    e => classify(format!("load program `{program}`"), e),
+                })?;
+            }
             prog.attach(group, event)
                 .map_err(|e| classify(format!("attach `{program}` to tracepoint {group}:{event}"), e))?;
-            hooks.push(Hook { program, attach_point: format!("tracepoint {group}:{event}") });
+            let kind = if group == "syscalls" { "syscall_tracepoint" } else { "tracepoint" };
+            hooks.push(Hook { program, job, tier: kind, attach_point: format!("{group}:{event}") });
         }
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map("COUNTERS").ok_or_else(|| missing_map("COUNTERS"))?,
-        )
-        .map_err(|e| classify("opening map COUNTERS", e))?;
-        let open_windows = aya::maps::Array::try_from(
-            ebpf.take_map("OPEN_WINDOWS").ok_or_else(|| missing_map("OPEN_WINDOWS"))?,
-        )
-        .map_err(|e| classify("opening map OPEN_WINDOWS", e))?;
-        Ok(Probes { ebpf, logger, hooks, counters, open_windows })
+        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").ok_or_else(|| missing_map("COUNTERS"))?)
+            .map_err(|e| classify("opening map COUNTERS", e))?;
+        let open_windows =
+            aya::maps::Array::try_from(ebpf.take_map("OPEN_WINDOWS").ok_or_else(|| missing_map("OPEN_WINDOWS"))?)
+                .map_err(|e| classify("opening map OPEN_WINDOWS", e))?;
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| missing_map("EVENTS"))?)
+            .map_err(|e| classify("opening map EVENTS", e))?;
+        let watched = HashMap::try_from(ebpf.take_map("WATCHED_PIDS").ok_or_else(|| missing_map("WATCHED_PIDS"))?)
+            .map_err(|e| classify("opening map WATCHED_PIDS", e))?;
+        Ok(Probes {
+            ebpf,
+            logger,
+            hooks,
+            report: None,
+            counters,
+            open_windows,
+            events: Some(events),
+            watched: Some(watched),
+            backlog: Vec::new(),
+        })
     }
 
-    /// The hooks in use, for the start-up report and `/readyz`.
+    /// Runs the self-test child and reads what the kernel reported about it.
+    fn self_test(&mut self, config: &Config) -> Result<SelfTestReport, String> {
+        let (Some(ring), Some(watched)) = (self.events.as_mut(), self.watched.as_mut()) else {
+            return Err("maps already handed out".into());
+        };
+        let signal = selftest::pick_signal(config.signal_mask);
+        let outcome = selftest::run(ring, watched, signal);
+        self.backlog.extend(outcome.others);
+        outcome.result
+    }
+
+    fn job_reports(&self, plan: Plan) -> Vec<JobReport> {
+        let mut jobs: Vec<JobReport> = Vec::new();
+        for hook in &self.hooks {
+            match jobs.iter_mut().find(|j| j.job == hook.job) {
+                Some(j) => j.attach_points.push(hook.attach_point.clone()),
+                None => jobs.push(JobReport {
+                    job: hook.job,
+                    tier: hook.tier,
+                    attach_points: vec![hook.attach_point.clone()],
+                    note: None,
+                }),
+            }
+        }
+        for j in &mut jobs {
+            if j.job == Job::Exit {
+                j.note = Some(plan.exit.describe().to_string());
+            }
+        }
+        jobs.sort_by_key(|j| j.job);
+        jobs
+    }
+
+    /// The hooks in use.
     pub fn hooks(&self) -> &[Hook] {
         &self.hooks
     }
 
+    /// What was attached and why, for the start-up report and /metrics.
+    pub fn report(&self) -> &HookReport {
+        self.report.as_ref().expect("Probes::load sets the report before returning")
+    }
+
     /// The event ring buffer; can be taken once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| missing_map("EVENTS"))?;
-        RingBuf::try_from(map).map_err(|e| classify("opening map EVENTS", e))
+        self.events.take().ok_or_else(|| missing_map("EVENTS"))
+    }
+
+    /// Events read during the self-test that belong to the pipeline, in
+    /// order: feed them before the ring buffer's.
+    pub fn take_backlog(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.backlog)
     }
 
     /// The watched-process map (tgid → flags); can be taken once.
     pub fn take_watched_pids(&mut self) -> Result<HashMap<MapData, u32, u32>, LoadError> {
-        let map = self.ebpf.take_map("WATCHED_PIDS").ok_or_else(|| missing_map("WATCHED_PIDS"))?;
-        HashMap::try_from(map).map_err(|e| classify("opening map WATCHED_PIDS", e))
+        self.watched.take().ok_or_else(|| missing_map("WATCHED_PIDS"))
     }
 
     /// The kernel log ring buffer reader, for the agent to drive.
@@ -239,9 +535,7 @@ impl Probes {
     }
 
     pub fn counters(&self) -> KernelCounters {
-        let sum = |slot: u32| -> u64 {
-            self.counters.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
-        };
+        let sum = |slot: u32| -> u64 { self.counters.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0) };
         KernelCounters {
             ringbuf_lost: sum(counter::RINGBUF_LOST),
             handler_map_full: sum(counter::HANDLER_MAP_FULL),
@@ -262,55 +556,105 @@ impl Probes {
     }
 }
 
-/// Loads and attaches the fentry/fexit programs, all or none.
-fn attach_btf_hooks(ebpf: &mut Ebpf) -> Result<Vec<Hook>, String> {
+impl Tier {
+    fn refused_prefix(self) -> &'static str {
+        match self {
+            Tier::Fentry => "fentry/fexit refused: ",
+            Tier::SyscallTracepoint => "syscall tracepoints refused: ",
+        }
+    }
+}
+
+/// The start-up report as lines: a table of jobs, why faster plans were
+/// not used, and what the self-test proved.
+pub fn report_lines(r: &HookReport) -> Vec<String> {
+    let mut lines = vec![format!("kernel {}: hooks by job", r.kernel)];
+    lines.push(format!("  {:<15} {:<19} attached to", "job", "tier"));
+    for j in &r.jobs {
+        let mut line = format!("  {:<15} {:<19} {}", j.job.as_str(), j.tier, j.attach_points.join(", "));
+        if let Some(note) = &j.note {
+            line.push_str(&format!(" ({note})"));
+        }
+        lines.push(line);
+    }
+    if r.tier == Tier::SyscallTracepoint {
+        lines.push(
+            "  syscall tracepoints put every syscall on this host on the tracing slow path while attached".into(),
+        );
+    }
+    for f in &r.fallbacks {
+        lines.push(format!("  fell back: {f}"));
+    }
+    let t = &r.self_test;
+    lines.push(format!(
+        "  self-test: failed {} from a {} handler reported, handler return and exit seen, in {} ms",
+        t.calls.join("/"),
+        t.signal,
+        t.elapsed_ms
+    ));
+    lines
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        text.push_str(&format!(": {cause}"));
+        cur = cause.source();
+    }
+    text
+}
+
+/// Offsets of `task_struct.signal` and `signal_struct.live` from BTF.
+fn exit_offsets() -> Result<(u32, u32), String> {
+    let btf = crate::btf::Btf::from_sys_fs().map_err(|e| format!("no usable kernel BTF ({e})"))?;
+    let signal = btf.member_offset("task_struct", "signal").map_err(|e| e.to_string())?;
+    let live = btf.member_offset("signal_struct", "live").map_err(|e| e.to_string())?;
+    Ok((signal, live))
+}
+
+/// Loads and attaches the fentry/fexit programs. On error the caller drops
+/// the whole object, which detaches whatever was attached: all or none (a
+/// write path on fexit with rt_sigreturn missing would leave handler
+/// windows open).
+fn attach_btf_hooks(ebpf: &mut Ebpf) -> Result<Vec<Hook>, LoadError> {
     use aya::{
         Btf,
         programs::{FEntry, FExit},
     };
-    let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
-    // Detachers of what is attached so far, for all-or-none.
-    type Detach = Box<dyn FnOnce(&mut Ebpf)>;
-    let mut links: Vec<Detach> = Vec::new();
+    let btf = Btf::from_sys_fs().map_err(|e| classify("reading kernel BTF for fentry/fexit", e))?;
     let mut hooks = Vec::new();
-    let result = (|| -> Result<(), String> {
-        for &(program, function, is_exit) in BTF_HOOKS {
-            let prog = ebpf.program_mut(program).ok_or_else(|| format!("{program} missing from the object"))?;
-            if is_exit {
-                let p: &mut FExit = prog.try_into().map_err(|e| format!("{program}: {e}"))?;
-                p.load(function, &btf).map_err(|e| format!("loading fexit {function}: {e}"))?;
-                let link = p.attach().map_err(|e| format!("attaching fexit {function}: {e}"))?;
-                links.push(Box::new(move |ebpf: &mut Ebpf| {
-                    if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut FExit>::try_from) {
-                        let _ = p.detach(link);
-                    }
-                }));
-                hooks.push(Hook { program, attach_point: format!("fexit {function}") });
-            } else {
-                let p: &mut FEntry = prog.try_into().map_err(|e| format!("{program}: {e}"))?;
-                p.load(function, &btf).map_err(|e| format!("loading fentry {function}: {e}"))?;
-                let link = p.attach().map_err(|e| format!("attaching fentry {function}: {e}"))?;
-                links.push(Box::new(move |ebpf: &mut Ebpf| {
-                    if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut FEntry>::try_from) {
-                        let _ = p.detach(link);
-                    }
-                }));
-                hooks.push(Hook { program, attach_point: format!("fentry {function}") });
-            }
-        }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => Ok(hooks),
-        Err(e) => {
-            // All or none: a write path on fexit with rt_sigreturn missing
-            // would leave handler windows open.
-            for detach in links {
-                detach(ebpf);
-            }
-            Err(e)
-        }
+    for &(program, functions, is_exit) in BTF_HOOKS {
+        let prog = ebpf.program_mut(program).ok_or_else(|| LoadError::Other {
+            what: format!("finding program `{program}` in the object"),
+            source: "missing from the embedded object".into(),
+        })?;
+        let (tier, job) = if is_exit { ("fexit", Job::WritePath) } else { ("fentry", Job::HandlerReturn) };
+        // The first candidate in this kernel's BTF.
+        let function = functions
+            .iter()
+            .copied()
+            .find(|f| btf.id_by_type_name_kind(f, aya_obj::btf::BtfKind::Func).is_ok())
+            .ok_or_else(|| LoadError::Other {
+                what: format!("finding {} in the kernel's BTF", functions.join(" or ")),
+                source: "not there: this kernel cannot hook it with fentry/fexit".into(),
+            })?;
+        let attached = if is_exit {
+            let p: &mut FExit = prog.try_into().map_err(|e| classify(format!("program `{program}`"), e))?;
+            p.load(function, &btf)
+                .map_err(|e| classify(format!("load fexit {function}"), e))
+                .and_then(|()| p.attach().map(drop).map_err(|e| classify(format!("attach fexit {function}"), e)))
+        } else {
+            let p: &mut FEntry = prog.try_into().map_err(|e| classify(format!("program `{program}`"), e))?;
+            p.load(function, &btf)
+                .map_err(|e| classify(format!("load fentry {function}"), e))
+                .and_then(|()| p.attach().map(drop).map_err(|e| classify(format!("attach fentry {function}"), e)))
+        };
+        attached?;
+        hooks.push(Hook { program, job, tier, attach_point: function.to_string() });
     }
+    Ok(hooks)
 }
 
 fn missing_map(name: &str) -> LoadError {

@@ -18,14 +18,20 @@ pub type Batch = Vec<Result<Event, DecodeError>>;
 const MAX_BATCH: usize = 4096;
 
 /// Spawns the reader; the task ends when the receiver is dropped.
+/// `backlog` (events read before, by the start-up self-test) is the first
+/// batch.
 pub fn spawn_ringbuf_reader(
     ring: RingBuf<MapData>,
+    backlog: Vec<Event>,
 ) -> std::io::Result<(mpsc::Receiver<Batch>, JoinHandle<()>)> {
     let mut fd = // SAFETY: the map's fd is owned by `ring`, which the AsyncFd owns and
     // never replaces, so it stays open and the same for the AsyncFd's life.
     unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }?;
     let (tx, rx) = mpsc::channel::<Batch>(256);
     let task = tokio::spawn(async move {
+        if !backlog.is_empty() && tx.send(backlog.into_iter().map(Ok).collect()).await.is_err() {
+            return;
+        }
         loop {
             let mut guard = match fd.readable_mut().await {
                 Ok(g) => g,

@@ -119,6 +119,7 @@ pub fn to_json(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option
         }
         EventBody::HandlerWrite(w) => {
             put_task(o, &w.task);
+            o.insert("syscall".into(), w.call_name().into());
             o.insert("fd".into(), w.fd.into());
             o.insert("bytes".into(), w.count.into());
             match w.errno() {
@@ -171,8 +172,8 @@ pub fn to_text(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option
         EventBody::HandlerWrite(w) => (
             &w.task,
             match w.errno() {
-                Some(e) => format!("write(fd {}, {} B) = -{}", w.fd, w.count, errno_name(e)),
-                None => format!("write(fd {}, {} B) = {}", w.fd, w.count, w.ret),
+                Some(e) => format!("{}(fd {}, {} B) = -{}", w.call_name(), w.fd, w.count, errno_name(e)),
+                None => format!("{}(fd {}, {} B) = {}", w.call_name(), w.fd, w.count, w.ret),
             },
         ),
         EventBody::HandlerReturn(r) => (&r.task, format!("depth={} in handler {} ns", r.depth, r.duration_ns)),

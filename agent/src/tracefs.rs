@@ -32,6 +32,9 @@ pub enum TracefsError {
     /// The format file lacks a field the programs need.
     #[error("tracepoint {event} has no field `{field}` (this kernel's format differs from what sigwake knows)")]
     MissingField { event: String, field: String },
+    /// Two records the programs read the same way place a field differently.
+    #[error("tracepoint {event} has `{field}` at offset {offset}, not {expected} like sys_exit_write; sigwake reads them with one program")]
+    FieldOffset { event: String, field: String, offset: u32, expected: u32 },
     /// A field has a size the programs do not read.
     #[error("tracepoint {event} field `{field}` is {size} bytes; sigwake reads {expected}")]
     FieldSize { event: String, field: String, size: u32, expected: u32 },
@@ -125,14 +128,45 @@ impl Format {
     }
 }
 
+/// Every offset the kernel programs use, and which optional fields this
+/// kernel has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelFormats {
+    pub offsets: TracepointOffsets,
+    /// `sched_process_exit` has `group_dead` (6.16+); without it the
+    /// programs learn "last thread of the process" another way.
+    pub has_exit_group_dead: bool,
+}
+
 /// Reads every offset the kernel programs use.
-pub fn read_offsets(root: &Path) -> Result<TracepointOffsets, TracefsError> {
+pub fn read_offsets(root: &Path) -> Result<KernelFormats, TracefsError> {
     let generate = Format::read(root, "signal", "signal_generate")?;
     let deliver = Format::read(root, "signal", "signal_deliver")?;
     let enter_write = Format::read(root, "syscalls", "sys_enter_write")?;
+    let enter_writev = Format::read(root, "syscalls", "sys_enter_writev")?;
+    let enter_sendto = Format::read(root, "syscalls", "sys_enter_sendto")?;
+    let enter_sendmsg = Format::read(root, "syscalls", "sys_enter_sendmsg")?;
     let exit_write = Format::read(root, "syscalls", "sys_exit_write")?;
     let exit = Format::read(root, "sched", "sched_process_exit")?;
-    Ok(TracepointOffsets {
+    // One exit program serves all four calls: their exit records must agree.
+    let ret = exit_write.offset("ret", 8)?;
+    for event in ["sys_exit_writev", "sys_exit_sendto", "sys_exit_sendmsg"] {
+        let other = Format::read(root, "syscalls", event)?.offset("ret", 8)?;
+        if other != ret {
+            return Err(TracefsError::FieldOffset {
+                event: format!("syscalls:{event}"),
+                field: "ret".into(),
+                offset: other,
+                expected: ret,
+            });
+        }
+    }
+    let group_dead = match exit.offset("group_dead", 1) {
+        Ok(offset) => Some(offset),
+        Err(TracefsError::MissingField { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let offsets = TracepointOffsets {
         gen_sig: generate.offset("sig", 4)?,
         gen_code: generate.offset("code", 4)?,
         gen_comm: generate.offset("comm", 16)?,
@@ -145,11 +179,19 @@ pub fn read_offsets(root: &Path) -> Result<TracepointOffsets, TracefsError> {
         deliver_sa_flags: deliver.offset("sa_flags", 8)?,
         write_fd: enter_write.offset("fd", 8)?,
         write_count: enter_write.offset("count", 8)?,
-        write_ret: exit_write.offset("ret", 8)?,
+        write_ret: ret,
+        writev_fd: enter_writev.offset("fd", 8)?,
+        writev_vec: enter_writev.offset("vec", 8)?,
+        writev_vlen: enter_writev.offset("vlen", 8)?,
+        sendto_fd: enter_sendto.offset("fd", 8)?,
+        sendto_len: enter_sendto.offset("len", 8)?,
+        sendmsg_fd: enter_sendmsg.offset("fd", 8)?,
+        sendmsg_msg: enter_sendmsg.offset("msg", 8)?,
         exit_pid: exit.offset("pid", 4)?,
-        exit_group_dead: exit.offset("group_dead", 1)?,
+        exit_group_dead: group_dead.unwrap_or(0),
         _pad0: 0,
-    })
+    };
+    Ok(KernelFormats { offsets, has_exit_group_dead: group_dead.is_some() })
 }
 
 #[cfg(test)]

@@ -22,6 +22,16 @@ pub mod kind {
     pub const PROCESS_EXEC: u32 = 6;
 }
 
+/// The calls a handler can send its wakeup byte with (HANDLER_WRITE `call`).
+/// Stable numbers, like [`kind`].
+pub mod write_call {
+    pub const WRITE: u32 = 1;
+    pub const WRITEV: u32 = 2;
+    /// `send(2)` is `sendto(2)` with no address on every libc.
+    pub const SENDTO: u32 = 3;
+    pub const SENDMSG: u32 = 4;
+}
+
 /// `signal_generate.result` values (`enum trace_signal_result` in
 /// include/trace/events/signal.h). Stable kernel ABI since 3.8.
 pub mod generate_result {
@@ -42,6 +52,7 @@ pub mod generate_result {
 /// | arg0     | code                 | code           | fd                    | handler depth  |              |
 /// | arg1     | result               | sa_flags       | byte count            | ns in handler  |              |
 /// | arg2     | group (1 = process)  | sa_handler     | return value (i64)    |                |              |
+/// | call     |                      |                | [`write_call`]        |                |              |
 /// | comm2    | target comm          |                |                       |                |              |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,7 +68,8 @@ pub struct RawEvent {
     pub tid: u32,
     /// Target thread id of a generated signal.
     pub target: i32,
-    pub _pad0: u32,
+    /// HANDLER_WRITE: which call carried the bytes, one of [`write_call`].
+    pub call: u32,
     pub arg0: i64,
     pub arg1: i64,
     pub arg2: i64,
@@ -88,7 +100,16 @@ pub struct TracepointOffsets {
     pub write_fd: u32,
     pub write_count: u32,
     pub write_ret: u32,
+    pub writev_fd: u32,
+    pub writev_vec: u32,
+    pub writev_vlen: u32,
+    pub sendto_fd: u32,
+    pub sendto_len: u32,
+    pub sendmsg_fd: u32,
+    pub sendmsg_msg: u32,
     pub exit_pid: u32,
+    /// Offset of `sched_process_exit.group_dead` (6.16+); only read when
+    /// `Config::exit_source` is [`exit_source::FIELD`].
     pub exit_group_dead: u32,
     pub _pad0: u32,
 }
@@ -110,6 +131,13 @@ impl TracepointOffsets {
         write_fd: 0,
         write_count: 0,
         write_ret: 0,
+        writev_fd: 0,
+        writev_vec: 0,
+        writev_vlen: 0,
+        sendto_fd: 0,
+        sendto_len: 0,
+        sendmsg_fd: 0,
+        sendmsg_msg: 0,
         exit_pid: 0,
         exit_group_dead: 0,
         _pad0: 0,
@@ -134,7 +162,13 @@ pub struct Config {
     pub report_ok_writes: u32,
     /// 1: report every exec (discovery re-examines the process).
     pub report_exec: u32,
-    pub _pad0: u32,
+    /// How `sched_process_exit` learns that the whole process died, one
+    /// of [`exit_source`].
+    pub exit_source: u32,
+    /// Byte offsets of `task_struct.signal` and `signal_struct.live`, from
+    /// the kernel's BTF (for [`exit_source::LIVE_COUNT`]).
+    pub task_signal_offset: u32,
+    pub signal_live_offset: u32,
 }
 
 impl Config {
@@ -144,8 +178,26 @@ impl Config {
         watched_only: 0,
         report_ok_writes: 1,
         report_exec: 0,
-        _pad0: 0,
+        exit_source: exit_source::LEADER,
+        task_signal_offset: 0,
+        signal_live_offset: 0,
     };
+}
+
+/// Ways to tell, at `sched_process_exit`, that the exiting thread was the
+/// last of its process. Kernels differ (DESIGN §2), so the agent picks the
+/// best one this kernel has at start-up.
+pub mod exit_source {
+    /// The tracepoint's own `group_dead` field (6.16+).
+    pub const FIELD: u32 = 0;
+    /// `current->signal->live` read through BTF offsets: do_exit()
+    /// decrements it before the tracepoint fires, so 0 means the group is
+    /// dead (every kernel with BTF).
+    pub const LIVE_COUNT: u32 = 1;
+    /// The thread-group leader exited (no BTF): wrong only for a process
+    /// whose main thread exits before its other threads; the agent's
+    /// liveness sweep catches those.
+    pub const LEADER: u32 = 2;
 }
 
 /// Nested handlers deeper than this keep only the innermost signals.
@@ -160,9 +212,12 @@ pub struct HandlerWindow {
     /// Signals of the nested handlers, innermost at `depth - 1`.
     pub sigs: [i32; MAX_HANDLER_DEPTH],
     pub depth: u32,
-    /// fd and count of the write in flight (set at sys_enter_write).
+    /// fd and count of the write in flight (set at the call's entry).
     pub write_fd: i32,
     pub write_count: u64,
+    /// Which call is in flight, one of [`write_call`].
+    pub write_call: u32,
+    pub _pad0: u32,
 }
 
 /// Kernel-side counters, one slot each in the per-CPU COUNTERS array.

@@ -2,14 +2,16 @@
 //!
 //! The signal path (`signal_generate`, `signal_deliver`, `rt_sigreturn`,
 //! process exit) is rare and reports to the ring buffer. The write path
-//! (`sys_enter_write`, `sys_exit_write`) runs on every write(2) on the host,
-//! so it does exactly one hash lookup on the current tid and returns unless
-//! that thread is inside a signal handler (an IN_HANDLER window opened by
-//! `signal_deliver` and closed by `rt_sigreturn`).
+//! (write, writev, sendto, sendmsg) runs on every such call on the host, so
+//! it reads one array slot and returns unless some thread is inside a
+//! signal handler, then does one hash lookup on the current tid (an
+//! IN_HANDLER window opened by `signal_deliver` and closed by
+//! `rt_sigreturn`).
 //!
 //! # Minimum kernel version
-//! 5.8 (BPF ring buffer). All hooks are stable tracepoints; their field
-//! offsets come from tracefs through the OFFSETS global.
+//! 5.8 (BPF ring buffer); the agent requires 5.10, the oldest kernel its
+//! matrix runs. Tracepoint field offsets come from tracefs through the
+//! OFFSETS global; kernel struct offsets from BTF through CONFIG.
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the BPF target has atomic add but no compare-and-swap, so
@@ -21,13 +23,17 @@
 use aya_log_ebpf::warn;
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user,
+    },
     macros::{fentry, fexit, map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
 use sigwake_common::{
-    Config, HandlerWindow, MAX_HANDLER_DEPTH, RawEvent, TracepointOffsets, counter, kind,
+    Config, HandlerWindow, MAX_HANDLER_DEPTH, RawEvent, TracepointOffsets, counter, exit_source, kind,
+    write_call,
 };
 
 #[unsafe(no_mangle)]
@@ -286,52 +292,127 @@ fn try_sys_enter_rt_sigreturn() -> Result<(), i64> {
 }
 
 // ------------------------------------------------------------- write path
+//
+// A handler can send its wakeup byte with write(2) (CPython), sendto(2)
+// (tokio: `send` is sendto without an address), sendmsg(2) or writev(2).
+// Each call's entry records fd, byte count and which call it is in the
+// thread's window; one exit program, attached to all four exits, reports
+// the result. Everything past the first check runs only for a thread that
+// is inside a handler.
 
-#[tracepoint]
-pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
+/// The window of the current thread if it is inside a handler.
+#[inline(always)]
+fn handler_window() -> Option<(u32, *mut HandlerWindow)> {
     // Hot path: out at once while no thread on the host is in a handler.
     if no_open_windows() {
-        return 0;
+        return None;
     }
     let (_, tid) = current();
     // Then one lookup, and out for every thread not in a handler.
-    let Some(window) = IN_HANDLER.get_ptr_mut(&tid) else {
-        return 0;
-    };
-    let off = OFFSETS.load();
-    let (Ok(fd), Ok(count)) = (read::<u64>(&ctx, off.write_fd), read::<u64>(&ctx, off.write_count))
-    else {
-        return 0;
-    };
-    // SAFETY: the entry belongs to the current thread.
+    IN_HANDLER.get_ptr_mut(&tid).map(|w| (tid, w))
+}
+
+#[inline(always)]
+fn begin_write(window: *mut HandlerWindow, call: u32, fd: u64, count: u64) {
+    // SAFETY: the entry belongs to the current thread; only it updates it.
     unsafe {
         (*window).write_fd = fd as i32;
         (*window).write_count = count;
+        (*window).write_call = call;
+    }
+}
+
+/// Up to this many iovecs are summed for a writev/sendmsg byte count; a
+/// wakeup write has one.
+const MAX_IOVECS: u64 = 4;
+
+/// Total length of the first iovecs of a user `struct iovec[]`.
+#[inline(always)]
+fn iov_bytes(vec: u64, vlen: u64) -> u64 {
+    let mut total = 0u64;
+    for i in 0..MAX_IOVECS {
+        if i >= vlen {
+            break;
+        }
+        // struct iovec { void *iov_base; size_t iov_len; }: 16 bytes.
+        let len = (vec + i * 16 + 8) as *const u64;
+        // SAFETY: bpf_probe_read_user checks the address.
+        total += unsafe { bpf_probe_read_user(len) }.unwrap_or(0);
+    }
+    total
+}
+
+/// Byte count of a user `struct user_msghdr`'s iovecs.
+#[inline(always)]
+fn msghdr_bytes(msg: u64) -> u64 {
+    // struct user_msghdr { void *msg_name; int msg_namelen; (pad)
+    //   struct iovec *msg_iov; size_t msg_iovlen; ... }: iov at 16, len at 24.
+    // SAFETY: bpf_probe_read_user checks the address.
+    let fields = unsafe {
+        (bpf_probe_read_user((msg + 16) as *const u64), bpf_probe_read_user((msg + 24) as *const u64))
+    };
+    match fields {
+        (Ok(iov), Ok(iovlen)) => iov_bytes(iov, iovlen),
+        _ => 0,
+    }
+}
+
+#[tracepoint]
+pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
+    let Some((_, window)) = handler_window() else { return 0 };
+    let off = OFFSETS.load();
+    if let (Ok(fd), Ok(count)) = (read::<u64>(&ctx, off.write_fd), read::<u64>(&ctx, off.write_count)) {
+        begin_write(window, write_call::WRITE, fd, count);
     }
     0
 }
 
 #[tracepoint]
-pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
-    if no_open_windows() {
-        return 0;
+pub fn sys_enter_writev(ctx: TracePointContext) -> u32 {
+    let Some((_, window)) = handler_window() else { return 0 };
+    let off = OFFSETS.load();
+    if let (Ok(fd), Ok(vec), Ok(vlen)) =
+        (read::<u64>(&ctx, off.writev_fd), read::<u64>(&ctx, off.writev_vec), read::<u64>(&ctx, off.writev_vlen))
+    {
+        begin_write(window, write_call::WRITEV, fd, iov_bytes(vec, vlen));
     }
-    let (_, tid) = current();
-    let Some(window) = IN_HANDLER.get_ptr_mut(&tid) else {
-        return 0;
-    };
-    let _ = try_sys_exit_write(&ctx, tid, window);
     0
 }
 
-fn try_sys_exit_write(ctx: &TracePointContext, tid: u32, window: *mut HandlerWindow) -> Result<(), i64> {
+#[tracepoint]
+pub fn sys_enter_sendto(ctx: TracePointContext) -> u32 {
+    let Some((_, window)) = handler_window() else { return 0 };
+    let off = OFFSETS.load();
+    if let (Ok(fd), Ok(len)) = (read::<u64>(&ctx, off.sendto_fd), read::<u64>(&ctx, off.sendto_len)) {
+        begin_write(window, write_call::SENDTO, fd, len);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    let Some((_, window)) = handler_window() else { return 0 };
+    let off = OFFSETS.load();
+    if let (Ok(fd), Ok(msg)) = (read::<u64>(&ctx, off.sendmsg_fd), read::<u64>(&ctx, off.sendmsg_msg)) {
+        begin_write(window, write_call::SENDMSG, fd, msghdr_bytes(msg));
+    }
+    0
+}
+
+/// Attached to the exit tracepoint of each call above: every
+/// `syscalls:sys_exit_*` record has the same layout, so `ret` is at the
+/// same offset in all of them.
+#[tracepoint]
+pub fn sys_exit_wakeup_write(ctx: TracePointContext) -> u32 {
+    let Some((tid, window)) = handler_window() else { return 0 };
     // SAFETY: the entry belongs to the current thread.
     if unsafe { (*window).write_fd } < 0 {
-        return Ok(());
+        return 0;
     }
-    let ret: i64 = read(ctx, OFFSETS.load().write_ret)?;
-    finish_write(tid, window, ret);
-    Ok(())
+    if let Ok(ret) = read::<i64>(&ctx, OFFSETS.load().write_ret) {
+        finish_write(tid, window, ret);
+    }
+    0
 }
 
 /// Reports the write in flight of a thread inside a handler, if it should be.
@@ -351,6 +432,7 @@ fn finish_write(tid: u32, window: *mut HandlerWindow, ret: i64) {
     }
     let fd = window.write_fd;
     let count = window.write_count;
+    let call = window.write_call;
     window.write_fd = -1;
     if ret >= 0 && cfg.report_ok_writes == 0 {
         return;
@@ -366,6 +448,7 @@ fn finish_write(tid: u32, window: *mut HandlerWindow, ret: i64) {
     ev.arg0 = fd as i64;
     ev.arg1 = count as i64;
     ev.arg2 = ret;
+    ev.call = call;
     emit(ev);
 }
 
@@ -373,33 +456,70 @@ fn finish_write(tid: u32, window: *mut HandlerWindow, ret: i64) {
 //
 // Syscall tracepoints set TIF_SYSCALL_TRACEPOINT on every task, so every
 // syscall on the host takes the slow path while they are attached. fexit on
-// ksys_write and fentry on rt_sigreturn run only for those two calls.
-// Some kernels refuse fentry/fexit (lockdown, no BTF, missing JIT
-// trampolines); the loader then falls back to the tracepoints above.
+// the syscalls' own entry points runs only for those calls. They are the
+// arch wrappers (`__x64_sys_write`, …), which every kernel since 4.17 has
+// as real functions called through the syscall table, so they cannot be
+// inlined away; their one argument is the user's `struct pt_regs`. Some
+// kernels refuse fentry/fexit (lockdown, no BTF, missing JIT trampolines);
+// the loader then falls back to the tracepoints above, and a start-up
+// self-test proves whichever it chose.
 //
 // # Minimum kernel version
 // 5.5 (BPF trampolines), with BTF.
 
-/// ksys_write(unsigned int fd, const char __user *buf, size_t count) -> ssize_t
-#[fexit(function = "ksys_write")]
-pub fn fexit_ksys_write(ctx: FExitContext) -> u32 {
-    if no_open_windows() {
-        return 0;
-    }
-    let (_, tid) = current();
-    let Some(window) = IN_HANDLER.get_ptr_mut(&tid) else {
-        return 0;
+/// Byte offset of syscall argument `n` in the user `struct pt_regs`
+/// (arch/x86/include/asm/ptrace.h: di, si, dx; arm64: regs[n]).
+#[cfg(not(bpf_target_arch = "aarch64"))]
+const SYSCALL_ARG_OFFSETS: [usize; 3] = [112, 104, 96];
+#[cfg(bpf_target_arch = "aarch64")]
+const SYSCALL_ARG_OFFSETS: [usize; 3] = [0, 8, 16];
+
+#[inline(always)]
+fn syscall_arg(regs: *const u8, n: usize) -> u64 {
+    // SAFETY: bpf_probe_read_kernel checks the address; regs is the
+    // wrapper's pt_regs argument.
+    unsafe { bpf_probe_read_kernel(regs.wrapping_add(SYSCALL_ARG_OFFSETS[n]) as *const u64) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn fexit_write_call(ctx: &FExitContext, call: u32) -> u32 {
+    let Some((tid, window)) = handler_window() else { return 0 };
+    let regs: *const u8 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    let fd = syscall_arg(regs, 0);
+    let count = match call {
+        write_call::WRITEV => iov_bytes(syscall_arg(regs, 1), syscall_arg(regs, 2)),
+        write_call::SENDMSG => msghdr_bytes(syscall_arg(regs, 1)),
+        // write(fd, buf, count), sendto(fd, buf, len, …)
+        _ => syscall_arg(regs, 2),
     };
-    let fd: u32 = ctx.arg(0);
-    let count: u64 = ctx.arg(2);
-    let ret: i64 = ctx.arg(3);
-    // SAFETY: the entry belongs to the current thread.
-    unsafe {
-        (*window).write_fd = fd as i32;
-        (*window).write_count = count;
-    }
+    begin_write(window, call, fd, count);
     finish_write(tid, window, ret);
     0
+}
+
+#[cfg_attr(not(bpf_target_arch = "aarch64"), fexit(function = "__x64_sys_write"))]
+#[cfg_attr(bpf_target_arch = "aarch64", fexit(function = "__arm64_sys_write"))]
+pub fn fexit_sys_write(ctx: FExitContext) -> u32 {
+    fexit_write_call(&ctx, write_call::WRITE)
+}
+
+#[cfg_attr(not(bpf_target_arch = "aarch64"), fexit(function = "__x64_sys_writev"))]
+#[cfg_attr(bpf_target_arch = "aarch64", fexit(function = "__arm64_sys_writev"))]
+pub fn fexit_sys_writev(ctx: FExitContext) -> u32 {
+    fexit_write_call(&ctx, write_call::WRITEV)
+}
+
+#[cfg_attr(not(bpf_target_arch = "aarch64"), fexit(function = "__x64_sys_sendto"))]
+#[cfg_attr(bpf_target_arch = "aarch64", fexit(function = "__arm64_sys_sendto"))]
+pub fn fexit_sys_sendto(ctx: FExitContext) -> u32 {
+    fexit_write_call(&ctx, write_call::SENDTO)
+}
+
+#[cfg_attr(not(bpf_target_arch = "aarch64"), fexit(function = "__x64_sys_sendmsg"))]
+#[cfg_attr(bpf_target_arch = "aarch64", fexit(function = "__arm64_sys_sendmsg"))]
+pub fn fexit_sys_sendmsg(ctx: FExitContext) -> u32 {
+    fexit_write_call(&ctx, write_call::SENDMSG)
 }
 
 #[cfg(bpf_target_arch = "aarch64")]
@@ -427,8 +547,13 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let (pid, tid) = current();
     close_window(tid);
-    let group_dead: u8 = read(ctx, OFFSETS.load().exit_group_dead)?;
-    if group_dead == 0 {
+    let cfg = CONFIG.load();
+    let group_dead = match cfg.exit_source {
+        exit_source::FIELD => read::<u8>(ctx, OFFSETS.load().exit_group_dead)? != 0,
+        exit_source::LIVE_COUNT => live_threads(&cfg)? == 0,
+        _ => pid == tid,
+    };
+    if !group_dead {
         return Ok(());
     }
     // SAFETY: presence test only.
@@ -439,6 +564,21 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let _ = SEEN_PIDS.remove(&pid);
     emit(base_event(kind::PROCESS_EXIT, 0));
     Ok(())
+}
+
+/// `current->signal->live`: do_exit() decrements it before
+/// sched_process_exit fires (kernel/exit.c), so the last thread sees 0.
+/// Offsets come from the kernel's BTF through CONFIG.
+#[inline(always)]
+fn live_threads(cfg: &Config) -> Result<i32, i64> {
+    // SAFETY: bpf_probe_read_kernel checks every address.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let signal: *const u8 =
+            bpf_probe_read_kernel(task.wrapping_add(cfg.task_signal_offset as usize) as *const *const u8)
+                .map_err(i64::from)?;
+        bpf_probe_read_kernel(signal.wrapping_add(cfg.signal_live_offset as usize) as *const i32).map_err(i64::from)
+    }
 }
 
 /// Tells discovery a process exec'd (its command line changed).
