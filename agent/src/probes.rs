@@ -677,3 +677,22 @@ fn raise_memlock_limit() {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases_parse_and_old_ones_are_refused_in_one_sentence() {
+        assert_eq!(parse_release("6.1.0-47-amd64"), Some((6, 1)));
+        assert_eq!(parse_release("5.10.0-35-amd64"), Some((5, 10)));
+        assert_eq!(parse_release("6.18.44-fc-v1045"), Some((6, 18)));
+        assert_eq!(parse_release("4.19.0-27-amd64"), Some((4, 19)));
+        assert_eq!(parse_release("garbage"), None);
+        assert!(check_kernel_version("5.10.0-35-amd64").is_ok());
+        assert!(check_kernel_version("6.12.57+deb12-amd64").is_ok());
+        let err = check_kernel_version("5.4.0-216-generic").unwrap_err().to_string();
+        assert!(err.starts_with("sigwake needs Linux 5.10 or newer and this is 5.4.0-216-generic"), "{err}");
+        assert!(check_kernel_version("").is_err());
+    }
+}

@@ -229,4 +229,65 @@ print fmt: \"sig=%d\", REC->sig
         let err = fmt.offset("sig", 8).unwrap_err();
         assert!(err.to_string().contains("is 4 bytes; sigwake reads 8"), "{err}");
     }
+
+    /// A tracefs tree with the events the programs read, `exit_fields`
+    /// being sched_process_exit's fields after `pid`.
+    fn fake_tracefs(exit_extra: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let field = |decl: &str, off: u32, size: u32| format!("\tfield:{decl};\toffset:{off};\tsize:{size};\tsigned:0;\n");
+        let args = |names: &[&str]| -> String {
+            let mut f = field("int __syscall_nr", 8, 4);
+            for (i, n) in names.iter().enumerate() {
+                f += &field(&format!("unsigned long {n}"), 16 + 8 * i as u32, 8);
+            }
+            f
+        };
+        let exit_ret = field("int __syscall_nr", 8, 4) + &field("long ret", 16, 8);
+        let events: Vec<(&str, &str, String)> = vec![
+            ("signal", "signal_generate", field("int sig", 8, 4) + &field("int errno", 12, 4) + &field("int code", 16, 4)
+                + &field("char comm[16]", 20, 16) + &field("pid_t pid", 36, 4) + &field("int group", 40, 4)
+                + &field("int result", 44, 4)),
+            ("signal", "signal_deliver", field("int sig", 8, 4) + &field("int errno", 12, 4) + &field("int code", 16, 4)
+                + &field("unsigned long sa_handler", 24, 8) + &field("unsigned long sa_flags", 32, 8)),
+            ("syscalls", "sys_enter_write", args(&["fd", "buf", "count"])),
+            ("syscalls", "sys_enter_writev", args(&["fd", "vec", "vlen"])),
+            ("syscalls", "sys_enter_sendto", args(&["fd", "buff", "len", "flags", "addr", "addr_len"])),
+            ("syscalls", "sys_enter_sendmsg", args(&["fd", "msg", "flags"])),
+            ("syscalls", "sys_exit_write", exit_ret.clone()),
+            ("syscalls", "sys_exit_writev", exit_ret.clone()),
+            ("syscalls", "sys_exit_sendto", exit_ret.clone()),
+            ("syscalls", "sys_exit_sendmsg", exit_ret),
+            ("sched", "sched_process_exit", field("char comm[16]", 8, 16) + &field("pid_t pid", 24, 4)
+                + &field("int prio", 28, 4) + exit_extra),
+        ];
+        for (group, event, fields) in events {
+            let d = dir.path().join("events").join(group).join(event);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("format"), format!("name: {event}\nID: 1\nformat:\n{fields}\nprint fmt: \"\"\n")).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn group_dead_is_used_where_present_and_optional_where_not() {
+        let new = fake_tracefs("\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n");
+        let f = read_offsets(new.path()).unwrap();
+        assert!(f.has_exit_group_dead);
+        assert_eq!(f.offsets.exit_group_dead, 32);
+        assert_eq!((f.offsets.sendto_fd, f.offsets.sendto_len, f.offsets.sendmsg_msg), (16, 32, 24));
+        // 5.10 to 6.15: no group_dead. Not a refusal to start.
+        let old = fake_tracefs("");
+        let f = read_offsets(old.path()).unwrap();
+        assert!(!f.has_exit_group_dead);
+        assert_eq!(f.offsets.write_ret, 16);
+    }
+
+    #[test]
+    fn exit_records_that_disagree_on_ret_are_refused() {
+        let dir = fake_tracefs("");
+        let p = dir.path().join("events/syscalls/sys_exit_sendto/format");
+        std::fs::write(&p, "format:\n\tfield:long ret;\toffset:24;\tsize:8;\tsigned:1;\n").unwrap();
+        let err = read_offsets(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("sys_exit_sendto has `ret` at offset 24"), "{err}");
+    }
 }

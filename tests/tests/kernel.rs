@@ -1,0 +1,86 @@
+//! The hook tiers on the running kernel: `sigwake check` loads, attaches
+//! and proves the programs with the self-test child, and reports which
+//! mechanism serves each job. Run on every kernel of the matrix
+//! (`cargo xtask kernels`), which sets SIGWAKE_EXPECT_TIER to the tier that
+//! kernel must get (fentry where the kernel allows trampolines).
+
+use std::process::Command;
+
+use serde_json::Value;
+use sigwake_tests::*;
+
+fn check(args: &[&str]) -> Value {
+    let out = Command::new(sigwake_bin()).arg("check").arg("--json").args(args).output().expect("running sigwake check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sigwake check failed: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}\nstderr: {stderr}"))
+}
+
+fn job<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["jobs"]
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["job"] == name))
+        .unwrap_or_else(|| panic!("no job {name} in {report:#}"))
+}
+
+fn assert_self_test_passed(report: &Value) {
+    let t = &report["self_test"];
+    assert_eq!(t["calls"], serde_json::json!(["write", "writev", "sendto", "sendmsg"]), "{report:#}");
+    assert_eq!(t["handler_return"], true, "{report:#}");
+    assert_eq!(t["exit"], true, "{report:#}");
+}
+
+#[test]
+fn check_proves_every_job_on_this_kernel() {
+    let report = check(&[]);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(report["kernel"], release.trim());
+    assert_self_test_passed(&report);
+    let tier = report["tier"].as_str().unwrap();
+    if let Ok(want) = std::env::var("SIGWAKE_EXPECT_TIER") {
+        assert_eq!(tier, want, "this kernel must get the {want} tier: {report:#}");
+    }
+    let (write_tier, return_tier) = match tier {
+        "fentry" => ("fexit", "fentry"),
+        "syscall_tracepoint" => ("syscall_tracepoint", "syscall_tracepoint"),
+        other => panic!("unknown tier {other}: {report:#}"),
+    };
+    assert_eq!(job(&report, "write_path")["tier"], write_tier);
+    assert_eq!(job(&report, "handler_return")["tier"], return_tier);
+    assert_eq!(job(&report, "signal_path")["tier"], "tracepoint");
+    assert_eq!(job(&report, "exit")["tier"], "tracepoint");
+    assert_eq!(job(&report, "exec")["tier"], "tracepoint");
+    // Every call a handler can send its byte with has a hook.
+    let points = job(&report, "write_path")["attach_points"].to_string();
+    for call in ["write", "writev", "sendto", "sendmsg"] {
+        assert!(points.contains(&format!("sys_{call}\"")) || points.contains(&format!("sys_exit_{call}\"")), "{call}: {points}");
+    }
+    // Without group_dead (before 6.16) the exit job says how it decides.
+    let has_group_dead = std::fs::read_to_string("/sys/kernel/tracing/events/sched/sched_process_exit/format")
+        .map(|f| f.contains("group_dead"))
+        .unwrap_or(false);
+    assert_eq!(report["exit_source"] == "group_dead_field", has_group_dead, "{report:#}");
+    if !has_group_dead {
+        assert_eq!(report["exit_source"], "live_count", "kernels with BTF read task->signal->live: {report:#}");
+    }
+}
+
+#[test]
+fn forced_syscall_tracepoints_pass_the_self_test_too() {
+    let report = check(&["--hooks", "tracepoint"]);
+    assert_eq!(report["tier"], "syscall_tracepoint");
+    assert_self_test_passed(&report);
+}
+
+#[test]
+fn metrics_name_the_tier_serving_each_job() {
+    let agent = RunningAgent::start(&[]);
+    let text = agent.metrics();
+    let tier = if text.contains(r#"sigwake_hook_tier{job="write_path",tier="fexit"} 1"#) { "fexit" } else { "syscall_tracepoint" };
+    for (job, want) in [("write_path", tier), ("signal_path", "tracepoint"), ("exit", "tracepoint")] {
+        let line = format!(r#"sigwake_hook_tier{{job="{job}",tier="{want}"}} 1"#);
+        assert!(text.contains(&line), "missing `{line}` in /metrics:\n{text}");
+    }
+    agent.stop();
+}
