@@ -16,23 +16,23 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use crate::{
     cli::{ActorsArgs, CheckArgs, Format, IncidentsArgs, RunArgs, TraceArgs},
     config::{Config, Overrides},
-    discovery::Discovery,
-    events::EventBody,
-    http::{self, HttpState},
-    metrics::Metrics,
-    registration,
-    registry::{ActorState, RealProc, Registry, Runtime, WatchedSink},
+    actors::discovery::Discovery,
+    kernel::events::EventBody,
+    serve::http::{self, HttpState},
+    serve::metrics::Metrics,
+    actors::registration,
+    actors::registry::{ActorState, RealProc, Registry, Runtime, WatchedSink},
     config::Policy,
-    detector::{Detector, Input, Output},
-    escalation::{Confirmation, Engine},
-    events::{Disposition, Event},
-    incidents,
-    metrics::ActorLabel,
-    pidfd,
-    probes::{self, HookPreference, Probes},
-    procinfo::{self, Clock},
-    source,
-    trace::{self, TraceFilter},
+    response::detector::{Detector, Input, Output},
+    response::escalation::{Confirmation, Engine},
+    kernel::events::{Disposition, Event},
+    response::incidents,
+    serve::metrics::ActorLabel,
+    sys::pidfd,
+    kernel::probes::{self, HookPreference, Probes},
+    sys::procinfo::{self, Clock},
+    kernel::source,
+    serve::trace::{self, TraceFilter},
 };
 
 /// Resolves on the first SIGINT or SIGTERM.
@@ -393,7 +393,7 @@ fn apply_detector_outputs(out: &mut Vec<Output>, registry: &Mutex<Registry>, eng
             Output::Dropped { pid } => lock(registry).set_state(pid, ActorState::DroppedWakeup),
             Output::Lost { pid, sig } => {
                 let name = lock(registry).name_of(pid).unwrap_or("-").to_string();
-                tracing::warn!(actor = name, pid, "asyncio lost a {} callback: its wakeup byte was dropped", crate::events::Signal(sig));
+                tracing::warn!(actor = name, pid, "asyncio lost a {} callback: its wakeup byte was dropped", crate::kernel::events::Signal(sig));
             }
             Output::Confirmed { pid, first_evidence_ns, confirmed_ns, drops, fill } => {
                 let signals = lock(registry)

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::probes::HookPreference;
+use crate::kernel::probes::HookPreference;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,7 +65,7 @@ pub struct TraceArgs {
     pub pids: Vec<u32>,
     /// Show only this signal, by name or number: INT, SIGTERM, 15 (repeatable).
     #[arg(long = "signal", value_name = "SIG", value_parser = parse_signal)]
-    pub signals: Vec<crate::events::Signal>,
+    pub signals: Vec<crate::kernel::events::Signal>,
     /// Show only losses: failed handler (wakeup) writes, and signals the kernel merged or could not queue.
     #[arg(long)]
     pub only_drops: bool,
@@ -125,8 +125,8 @@ pub struct ActorsArgs {
     pub json: bool,
 }
 
-fn parse_signal(text: &str) -> Result<crate::events::Signal, String> {
-    crate::events::Signal::parse(text)
+fn parse_signal(text: &str) -> Result<crate::kernel::events::Signal, String> {
+    crate::kernel::events::Signal::parse(text)
         .ok_or_else(|| format!("`{text}` is not a signal name or number (1-64), e.g. INT, SIGTERM, 15"))
 }
 
@@ -149,7 +149,7 @@ mod tests {
         let Command::Trace(t) = cli.command else { panic!() };
         assert!(t.only_drops);
         assert_eq!(t.pids, vec![10, 11]);
-        assert_eq!(t.signals, vec![crate::events::Signal::INT]);
+        assert_eq!(t.signals, vec![crate::kernel::events::Signal::INT]);
         assert_eq!(t.format, Format::Text);
         let err = Cli::try_parse_from(["sigwake", "trace", "--signal", "NOPE"]).unwrap_err();
         assert!(err.to_string().contains("not a signal name"), "{err}");

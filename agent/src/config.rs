@@ -15,7 +15,7 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::registry::Runtime;
+use crate::actors::registry::Runtime;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_SOCKET: &str = "/run/sigwake/registry.sock";

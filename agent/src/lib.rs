@@ -1,31 +1,21 @@
 //! sigwake: eBPF-assisted signal-delivery observability.
 //!
-//! Data flow, one module per stage:
+//! The data flow, one folder per stage:
 //!
 //! ```text
-//! tracefs ─► probes (load, attach) ─► source (ring buffer) ─► events (decode)
-//!        ─► trace (render) | metrics ─► http
+//! kernel/   tracefs + BTF offsets ─► probes (tiers, self-test) ─► source (ring buffer) ─► events (decode)
+//! actors/   registry ◄─ registration socket, config selectors, self-pipe discovery
+//! response/ detector (starving?) ─► escalation (ladder) ─► incidents + diagnostics
+//! serve/    metrics ─► http; trace (the `trace` command's output)
+//! sys/      the /proc reads and raw syscalls every stage above uses
 //! ```
 //! `app` wires the stages for each command; `main.rs` only parses and runs.
 
+pub mod actors;
 pub mod app;
-pub mod btf;
 pub mod cli;
 pub mod config;
-pub mod detector;
-pub mod discovery;
-pub mod diagnostics;
-pub mod escalation;
-pub mod events;
-pub mod http;
-pub mod incidents;
-pub mod metrics;
-pub mod pidfd;
-pub mod probes;
-pub mod procinfo;
-pub mod registration;
-pub mod registry;
-pub mod selftest;
-pub mod source;
-pub mod trace;
-pub mod tracefs;
+pub mod kernel;
+pub mod response;
+pub mod serve;
+pub mod sys;

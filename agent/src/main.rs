@@ -8,8 +8,8 @@ fn main() -> ExitCode {
     // The start-up self-test runs this binary as its child (selftest.rs);
     // kept out of clap so it never shows in --help.
     let mut argv = std::env::args();
-    if argv.nth(1).as_deref() == Some(sigwake::selftest::CHILD_ARG) {
-        return sigwake::selftest::child_main(&argv.next().unwrap_or_default());
+    if argv.nth(1).as_deref() == Some(sigwake::kernel::selftest::CHILD_ARG) {
+        return sigwake::kernel::selftest::child_main(&argv.next().unwrap_or_default());
     }
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()

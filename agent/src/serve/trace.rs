@@ -4,8 +4,8 @@
 use serde_json::{Value, json};
 
 use crate::{
-    events::{Disposition, Event, EventBody, Signal},
-    procinfo::Clock,
+    kernel::events::{Disposition, Event, EventBody, Signal},
+    sys::procinfo::Clock,
 };
 
 /// Which events `trace` shows.
@@ -89,7 +89,7 @@ pub fn to_json(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option
         "event": event_name(ev),
     });
     let o = v.as_object_mut().expect("object");
-    let put_task = |o: &mut serde_json::Map<String, Value>, t: &crate::events::Task| {
+    let put_task = |o: &mut serde_json::Map<String, Value>, t: &crate::kernel::events::Task| {
         o.insert("pid".into(), t.pid.into());
         o.insert("tid".into(), t.tid.into());
         o.insert("comm".into(), t.comm.clone().into());
@@ -198,7 +198,7 @@ pub fn to_text(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::testing::{dropped_wakeup, raw};
+    use crate::kernel::events::testing::{dropped_wakeup, raw};
     use sigwake_common::kind;
 
     fn generate(target: i32, result: i64, sender: u32) -> Event {

@@ -16,10 +16,10 @@ use std::{
 
 use crate::{
     config::{Candidate, Selector},
-    events::HandlerWrite,
-    pidfd::ProcessHandle,
-    procinfo,
-    registry::{ActorSpec, Registry, Runtime, Source, tractor_identity},
+    kernel::events::HandlerWrite,
+    sys::pidfd::ProcessHandle,
+    sys::procinfo,
+    actors::registry::{ActorSpec, Registry, Runtime, Source, tractor_identity},
 };
 
 pub struct Discovery {

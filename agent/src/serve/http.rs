@@ -17,15 +17,15 @@ use axum::{
 };
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+use crate::serve::metrics::Metrics;
 
 /// What the handlers read.
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// True once every kernel program is attached.
     pub ready: AtomicBool,
-    pub registry: Arc<std::sync::Mutex<crate::registry::Registry>>,
-    pub incidents: Arc<std::sync::Mutex<crate::incidents::Store>>,
+    pub registry: Arc<std::sync::Mutex<crate::actors::registry::Registry>>,
+    pub incidents: Arc<std::sync::Mutex<crate::response::incidents::Store>>,
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -55,7 +55,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Res
 
 /// Every actor the registry holds (live and recently exited), as JSON.
 async fn actors(State(state): State<Arc<HttpState>>) -> Response {
-    let mut list: Vec<crate::registry::Actor> = {
+    let mut list: Vec<crate::actors::registry::Actor> = {
         let reg = state.registry.lock().unwrap_or_else(|e| e.into_inner());
         reg.all().cloned().collect()
     };
@@ -65,7 +65,7 @@ async fn actors(State(state): State<Arc<HttpState>>) -> Response {
 
 /// Current and past incidents, newest first.
 async fn incidents(State(state): State<Arc<HttpState>>) -> Response {
-    let list: Vec<crate::incidents::Incident> = {
+    let list: Vec<crate::response::incidents::Incident> = {
         let store = state.incidents.lock().unwrap_or_else(|e| e.into_inner());
         store.all().rev().cloned().collect()
     };

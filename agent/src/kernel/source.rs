@@ -9,7 +9,7 @@
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 
-use crate::events::{DecodeError, Event};
+use crate::kernel::events::{DecodeError, Event};
 
 pub type Batch = Vec<Result<Event, DecodeError>>;
 

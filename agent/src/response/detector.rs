@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use crate::registry::Runtime;
+use crate::actors::registry::Runtime;
 
 /// Per-actor inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

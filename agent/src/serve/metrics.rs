@@ -21,9 +21,9 @@ use prometheus_client::{
 };
 
 use crate::{
-    events::{Event, EventBody},
-    probes::KernelCounters,
-    trace::errno_name,
+    kernel::events::{Event, EventBody},
+    kernel::probes::KernelCounters,
+    serve::trace::errno_name,
 };
 
 /// Actor label for processes the registry does not know.
@@ -322,7 +322,7 @@ impl Metrics {
             hook_tier.clone(),
         );
         let start_time = Gauge::<f64, AtomicU64>::default();
-        start_time.set(crate::procinfo::realtime_ns() as f64 / 1e9);
+        start_time.set(crate::sys::procinfo::realtime_ns() as f64 / 1e9);
         registry.register(
             "start_time_seconds",
             "Unix time the agent started",
@@ -368,7 +368,7 @@ impl Metrics {
     }
 
     /// Publishes which tier serves each job.
-    pub fn set_hooks(&self, report: &crate::probes::HookReport) {
+    pub fn set_hooks(&self, report: &crate::kernel::probes::HookReport) {
         for j in &report.jobs {
             self.hook_tier.get_or_create(&HookLabels { job: j.job.as_str().into(), tier: j.tier.into() }).set(1);
         }
@@ -399,7 +399,7 @@ impl Metrics {
             }
             EventBody::HandlerWrite(w) => match w.errno() {
                 Some(errno) => {
-                    let latency = crate::procinfo::monotonic_ns().saturating_sub(ev.mono_ns) as f64 / 1e9;
+                    let latency = crate::sys::procinfo::monotonic_ns().saturating_sub(ev.mono_ns) as f64 / 1e9;
                     self.detection_latency.get_or_create(&StageLabels { stage: "event".into() }).observe(latency);
                     self.wakeup_writes_dropped
                         .get_or_create(&DropLabels {
@@ -438,8 +438,8 @@ impl Metrics {
 
     /// Sets the actors-by-state gauge from registry counts; every known
     /// state/runtime pair is written so that emptied states read 0.
-    pub fn set_actor_counts(&self, counts: &std::collections::HashMap<(crate::registry::ActorState, crate::registry::Runtime), i64>) {
-        use crate::registry::{ActorState, Runtime};
+    pub fn set_actor_counts(&self, counts: &std::collections::HashMap<(crate::actors::registry::ActorState, crate::actors::registry::Runtime), i64>) {
+        use crate::actors::registry::{ActorState, Runtime};
         for state in ActorState::ALL {
             for runtime in [Runtime::Trio, Runtime::Asyncio, Runtime::Other, Runtime::Unknown] {
                 let n = counts.get(&(state, runtime)).copied().unwrap_or(0);
@@ -500,7 +500,7 @@ fn clock_ticks_per_second() -> f64 {
 
 /// Start time of this process, Unix seconds.
 fn process_start_time() -> Option<f64> {
-    let ticks = crate::procinfo::start_time(std::process::id())? as f64;
+    let ticks = crate::sys::procinfo::start_time(std::process::id())? as f64;
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let btime: f64 = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
     Some(btime + ticks / clock_ticks_per_second())
@@ -524,7 +524,7 @@ pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::testing::{dropped_wakeup, raw};
+    use crate::kernel::events::testing::{dropped_wakeup, raw};
     use sigwake_common::kind;
 
     #[test]

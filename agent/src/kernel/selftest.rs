@@ -24,7 +24,7 @@ use std::{
 use aya::maps::{HashMap, MapData, RingBuf};
 use sigwake_common::write_call;
 
-use crate::events::{Event, EventBody};
+use crate::kernel::events::{Event, EventBody};
 
 /// The hidden subcommand the agent runs itself as.
 pub const CHILD_ARG: &str = "__self-test-child";
@@ -150,7 +150,7 @@ fn run_inner(
             }
         }
         let report = SelfTestReport {
-            signal: crate::events::Signal(signal).name(),
+            signal: crate::kernel::events::Signal(signal).name(),
             calls: CALLS.iter().filter(|c| calls.contains(c)).map(|&c| call_name(c)).collect(),
             handler_return,
             exit,

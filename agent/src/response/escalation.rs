@@ -26,12 +26,12 @@ use tokio::sync::Semaphore;
 
 use crate::{
     config::{Action, Config, EscalationLimits, Policy},
-    diagnostics::{self, CaptureOptions},
-    incidents::{Evidence, Incident, Status, Store},
-    metrics::{EscalationLabels, Metrics, StageLabels},
-    pidfd::{self, PidfdError, ProcessHandle},
-    procinfo,
-    registry::{ActorState, Registry},
+    response::diagnostics::{self, CaptureOptions},
+    response::incidents::{Evidence, Incident, Status, Store},
+    serve::metrics::{EscalationLabels, Metrics, StageLabels},
+    sys::pidfd::{self, PidfdError, ProcessHandle},
+    sys::procinfo,
+    actors::registry::{ActorState, Registry},
 };
 
 /// Sliding one-minute window of signal/kill actions.
@@ -136,7 +136,7 @@ impl Engine {
         };
         self.metrics
             .starvation_incidents
-            .get_or_create(&crate::metrics::ActorRuntimeLabels {
+            .get_or_create(&crate::serve::metrics::ActorRuntimeLabels {
                 actor: self.metrics.actor_labels.label(Some(&actor.name)),
                 runtime: actor.runtime.as_str().into(),
             })
@@ -200,7 +200,7 @@ impl Engine {
             let secs = procinfo::monotonic_ns().saturating_sub(i.first_evidence_mono) as f64 / 1e9;
             self.metrics
                 .starvation_duration
-                .get_or_create(&crate::metrics::RuntimeLabels { runtime: i.runtime.clone() })
+                .get_or_create(&crate::serve::metrics::RuntimeLabels { runtime: i.runtime.clone() })
                 .observe(secs);
         }
     }
@@ -208,15 +208,15 @@ impl Engine {
     /// After a restart: resume open incidents whose process is still the
     /// same one, close the others. Returns the resumed actors (pid,
     /// runtime) for the detector to watch for recovery again.
-    pub fn resume(self: &Arc<Self>) -> Vec<(u32, crate::registry::Runtime)> {
+    pub fn resume(self: &Arc<Self>) -> Vec<(u32, crate::actors::registry::Runtime)> {
         let mut resumed = Vec::new();
         let open: Vec<Incident> = lock(&self.store).all().filter(|i| i.status.is_open()).cloned().collect();
         for i in open {
             match ProcessHandle::open(i.pid, Some(i.start_time)) {
                 Ok(_) => {
-                    let runtime: Option<crate::registry::Runtime> =
+                    let runtime: Option<crate::actors::registry::Runtime> =
                         serde_json::from_value(serde_json::Value::String(i.runtime.clone())).ok();
-                    let spec = crate::registry::ActorSpec {
+                    let spec = crate::actors::registry::ActorSpec {
                         pid: Some(i.pid),
                         name: Some(i.actor.clone()),
                         policy: i.policy.clone(),
@@ -224,14 +224,14 @@ impl Engine {
                         runtime,
                         ..Default::default()
                     };
-                    let restored = lock(&self.registry).upsert(&spec, crate::registry::Source::Socket, None);
+                    let restored = lock(&self.registry).upsert(&spec, crate::actors::registry::Source::Socket, None);
                     if let Err(e) = restored {
                         tracing::warn!("incident {}: cannot restore actor {}: {e}", i.id, i.actor);
                         continue;
                     }
                     lock(&self.registry).set_state(i.pid, ActorState::Starving);
                     tracing::warn!(incident = i.id, actor = i.actor, next_tier = i.next_tier, "resuming an incident from before the restart");
-                    resumed.push((i.pid, runtime.unwrap_or(crate::registry::Runtime::Unknown)));
+                    resumed.push((i.pid, runtime.unwrap_or(crate::actors::registry::Runtime::Unknown)));
                     if i.policy.is_some() {
                         self.spawn_ladder(i.id);
                     }
@@ -360,10 +360,10 @@ impl Engine {
                         return;
                     }
                     if self.dry_run {
-                        self.step(&current, tier, name, "dry_run", &format!("would send {} through a pidfd", crate::events::Signal(*signal)));
+                        self.step(&current, tier, name, "dry_run", &format!("would send {} through a pidfd", crate::kernel::events::Signal(*signal)));
                     } else {
                         match handle.send_signal(*signal) {
-                            Ok(()) => self.step(&current, tier, name, "ok", &format!("sent {} through a pidfd", crate::events::Signal(*signal))),
+                            Ok(()) => self.step(&current, tier, name, "ok", &format!("sent {} through a pidfd", crate::kernel::events::Signal(*signal))),
                             Err(PidfdError::Exited { .. }) => {}
                             Err(e) => self.step(&current, tier, name, "failed", &e.to_string()),
                         }

@@ -162,7 +162,7 @@ pub struct HandlerWrite {
 impl HandlerWrite {
     /// `write`, `writev`, `sendto`, `sendmsg`.
     pub fn call_name(&self) -> &'static str {
-        crate::selftest::call_name(self.call)
+        crate::kernel::selftest::call_name(self.call)
     }
 
     /// The errno of a failed write.

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    events::{Event, EventBody, Signal},
-    procinfo,
+    kernel::events::{Event, EventBody, Signal},
+    sys::procinfo,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -598,7 +598,7 @@ pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::events::testing::{dropped_wakeup, raw};
+    use crate::kernel::events::testing::{dropped_wakeup, raw};
     use sigwake_common::kind;
 
     /// A fake /proc: pid → facts, shared so tests can change it.

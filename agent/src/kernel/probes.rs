@@ -13,9 +13,9 @@ use aya::{
 use sigwake_common::{Config, TracepointOffsets, counter, exit_source};
 
 use crate::{
-    events::Event,
-    selftest::{self, SelfTestReport},
-    tracefs::{self, TracefsError},
+    kernel::events::Event,
+    kernel::selftest::{self, SelfTestReport},
+    kernel::tracefs::{self, TracefsError},
 };
 
 /// The kernel programs, built by build.rs.
@@ -608,7 +608,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Offsets of `task_struct.signal` and `signal_struct.live` from BTF.
 fn exit_offsets() -> Result<(u32, u32), String> {
-    let btf = crate::btf::Btf::from_sys_fs().map_err(|e| format!("no usable kernel BTF ({e})"))?;
+    let btf = crate::kernel::btf::Btf::from_sys_fs().map_err(|e| format!("no usable kernel BTF ({e})"))?;
     let signal = btf.member_offset("task_struct", "signal").map_err(|e| e.to_string())?;
     let live = btf.member_offset("signal_struct", "live").map_err(|e| e.to_string())?;
     Ok((signal, live))

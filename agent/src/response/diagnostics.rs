@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `threads.json` | per thread: tid, comm, state, wchan, kernel stack, syscall |
 //! | `fds.json` | fd → readlink target |
-//! | `wakeup.json` | the wakeup fd's fill ([`crate::pidfd::wakeup_fill`]), if one was given |
+//! | `wakeup.json` | the wakeup fd's fill ([`crate::sys::pidfd::wakeup_fill`]), if one was given |
 //! | `status.txt` | a copy of /proc/PID/status |
 //! | `py-spy.txt` | `py-spy dump --pid PID`, if asked for and py-spy is on PATH |
 //!
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::pidfd::{self, WakeupFill};
+use crate::sys::pidfd::{self, WakeupFill};
 
 /// Where and how to capture.
 #[derive(Clone, Debug)]
@@ -413,7 +413,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), DiagnosticsError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-    use crate::pidfd::tests::Reaper;
+    use crate::sys::pidfd::tests::Reaper;
     use std::sync::{Arc, Barrier};
 
     fn opts(dir: &Path, py_spy: bool) -> CaptureOptions {

@@ -21,7 +21,7 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::registry::{ActorSpec, Caller, Registry, RegistryError, Source};
+use crate::actors::registry::{ActorSpec, Caller, Registry, RegistryError, Source};
 
 pub const MAX_REQUEST: usize = 64 * 1024;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -226,7 +226,7 @@ fn parse(line: &[u8]) -> Result<(String, ActorSpec), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::tests::registry;
+    use crate::actors::registry::tests::registry;
 
     fn call(r: &Mutex<Registry>, caller: Caller, line: &str) -> Value {
         serde_json::from_str(&handle_line(line.as_bytes(), caller, r)).unwrap()

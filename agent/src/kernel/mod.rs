@@ -1,0 +1,10 @@
+//! Kernel side, user half: tracepoint formats and BTF offsets, loading and
+//! attaching the programs by tier (proven by the self-test), the ring-buffer
+//! event source and the decoder into typed events.
+
+pub mod btf;
+pub mod events;
+pub mod probes;
+pub mod selftest;
+pub mod source;
+pub mod tracefs;

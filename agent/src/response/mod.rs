@@ -1,0 +1,7 @@
+//! What the agent does about a starving actor: the detector's verdict, the
+//! escalation ladder, incidents kept across restarts, and diagnostics.
+
+pub mod detector;
+pub mod diagnostics;
+pub mod escalation;
+pub mod incidents;
