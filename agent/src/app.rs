@@ -14,25 +14,25 @@ use sigwake_common::Config as KernelConfig;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 
 use crate::{
-    cli::{ActorsArgs, CheckArgs, Format, IncidentsArgs, RunArgs, TraceArgs},
-    config::{Config, Overrides},
     actors::discovery::Discovery,
-    kernel::events::EventBody,
-    serve::http::{self, HttpState},
-    serve::metrics::Metrics,
     actors::registration,
     actors::registry::{ActorState, RealProc, Registry, Runtime, WatchedSink},
+    cli::{ActorsArgs, CheckArgs, Format, IncidentsArgs, RunArgs, TraceArgs},
     config::Policy,
+    config::{Config, Overrides},
+    kernel::events::EventBody,
+    kernel::events::{Disposition, Event},
+    kernel::probes::{self, HookPreference, Probes},
+    kernel::source,
     response::detector::{Detector, Input, Output},
     response::escalation::{Confirmation, Engine},
-    kernel::events::{Disposition, Event},
     response::incidents,
+    serve::http::{self, HttpState},
     serve::metrics::ActorLabel,
-    sys::pidfd,
-    kernel::probes::{self, HookPreference, Probes},
-    sys::procinfo::{self, Clock},
-    kernel::source,
+    serve::metrics::Metrics,
     serve::trace::{self, TraceFilter},
+    sys::pidfd,
+    sys::procinfo::{self, Clock},
 };
 
 /// Resolves on the first SIGINT or SIGTERM.
@@ -212,11 +212,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Without self-pipe discovery only registered and selected actors
     // matter: the kernel then skips the signal path of every other process.
-    let kernel_config = KernelConfig {
-        watched_only: u32::from(!config.discovery),
-        report_exec: 1,
-        ..KernelConfig::DEFAULT
-    };
+    let kernel_config =
+        KernelConfig { watched_only: u32::from(!config.discovery), report_exec: 1, ..KernelConfig::DEFAULT };
     let mut probes = load_probes(kernel_config, args.hooks)?;
     spawn_kernel_logger(&mut probes);
     metrics.attached_programs.set(probes.hooks().len() as i64);
@@ -375,7 +372,9 @@ fn feed_detector(
     }
     let Some(actor) = reg.get(pid) else { return };
     let input = match &ev.body {
-        EventBody::SignalDeliver(d) if matches!(d.disposition, Disposition::Handler(_)) && Registry::is_stop_signal(d.signal) => {
+        EventBody::SignalDeliver(d)
+            if matches!(d.disposition, Disposition::Handler(_)) && Registry::is_stop_signal(d.signal) =>
+        {
             Input::StopSignal { sig: d.signal.0 }
         }
         EventBody::HandlerWrite(w) if w.count == 1 && w.is_dropped_wakeup() => Input::WakeupDropped { sig: w.signal.0 },
@@ -393,7 +392,12 @@ fn apply_detector_outputs(out: &mut Vec<Output>, registry: &Mutex<Registry>, eng
             Output::Dropped { pid } => lock(registry).set_state(pid, ActorState::DroppedWakeup),
             Output::Lost { pid, sig } => {
                 let name = lock(registry).name_of(pid).unwrap_or("-").to_string();
-                tracing::warn!(actor = name, pid, "asyncio lost a {} callback: its wakeup byte was dropped", crate::kernel::events::Signal(sig));
+                tracing::warn!(
+                    actor = name,
+                    pid,
+                    "asyncio lost a {} callback: its wakeup byte was dropped",
+                    crate::kernel::events::Signal(sig)
+                );
             }
             Output::Confirmed { pid, first_evidence_ns, confirmed_ns, drops, fill } => {
                 let signals = lock(registry)
@@ -442,13 +446,27 @@ pub fn actors(args: ActorsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&actors)?);
         return Ok(());
     }
-    println!("{:<24} {:<8} {:<10} {:<15} {:<11} {:<9} {:<6} {:<16} PARENT", "NAME", "PID", "RUNTIME", "STATE", "SOURCE", "POLICY", "DROPS", "LAST SEEN");
+    println!(
+        "{:<24} {:<8} {:<10} {:<15} {:<11} {:<9} {:<6} {:<16} PARENT",
+        "NAME", "PID", "RUNTIME", "STATE", "SOURCE", "POLICY", "DROPS", "LAST SEEN"
+    );
     for a in actors {
-        let s = |k: &str| a[k].as_str().map(str::to_string).unwrap_or_else(|| if a[k].is_null() { "-".into() } else { a[k].to_string() });
+        let s = |k: &str| {
+            a[k].as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| if a[k].is_null() { "-".into() } else { a[k].to_string() })
+        };
         println!(
             "{:<24} {:<8} {:<10} {:<15} {:<11} {:<9} {:<6} {:<16} {}",
-            s("name"), s("pid"), s("runtime"), s("state"), s("source"), s("policy"), s("drops"),
-            s("last_seen").get(11..19).unwrap_or("-"), s("parent")
+            s("name"),
+            s("pid"),
+            s("runtime"),
+            s("state"),
+            s("source"),
+            s("policy"),
+            s("drops"),
+            s("last_seen").get(11..19).unwrap_or("-"),
+            s("parent")
         );
     }
     Ok(())
@@ -472,13 +490,24 @@ pub fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
-    println!("{:<5} {:<20} {:<8} {:<8} {:<11} {:<9} {:<6} {:<27} STEPS", "ID", "ACTOR", "PID", "RUNTIME", "STATUS", "POLICY", "DROPS", "OPENED");
+    println!(
+        "{:<5} {:<20} {:<8} {:<8} {:<11} {:<9} {:<6} {:<27} STEPS",
+        "ID", "ACTOR", "PID", "RUNTIME", "STATUS", "POLICY", "DROPS", "OPENED"
+    );
     for i in list.iter().rev() {
         let steps: Vec<String> = i.steps.iter().map(|s| format!("{}:{}", s.action, s.outcome)).collect();
         let status = serde_json::to_value(i.status)?.as_str().unwrap_or("-").to_string();
         println!(
             "{:<5} {:<20} {:<8} {:<8} {:<11} {:<9} {:<6} {:<27} {}",
-            i.id, i.actor, i.pid, i.runtime, status, i.policy.as_deref().unwrap_or("observe"), i.evidence.drops, i.opened, steps.join(" → ")
+            i.id,
+            i.actor,
+            i.pid,
+            i.runtime,
+            status,
+            i.policy.as_deref().unwrap_or("observe"),
+            i.evidence.drops,
+            i.opened,
+            steps.join(" → ")
         );
     }
     Ok(())

@@ -143,7 +143,17 @@ mod tests {
     #[test]
     fn trace_flags_parse() {
         let cli = Cli::try_parse_from([
-            "sigwake", "trace", "--only-drops", "--pid", "10", "--pid", "11", "--signal", "INT", "--format", "text",
+            "sigwake",
+            "trace",
+            "--only-drops",
+            "--pid",
+            "10",
+            "--pid",
+            "11",
+            "--signal",
+            "INT",
+            "--format",
+            "text",
         ])
         .unwrap();
         let Command::Trace(t) = cli.command else { panic!() };

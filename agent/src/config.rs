@@ -253,8 +253,8 @@ impl Config {
     }
 
     pub fn load(path: &Path, over: &Overrides) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::from_toml(&text, path, over)
     }
 
@@ -270,7 +270,9 @@ impl Config {
         })?;
         let listen = match (over.listen, &file.listen) {
             (Some(l), _) => l,
-            (None, Some(l)) => l.parse().map_err(|_| invalid(0, format!("listen: `{l}` is not an address like 127.0.0.1:9464")))?,
+            (None, Some(l)) => {
+                l.parse().map_err(|_| invalid(0, format!("listen: `{l}` is not an address like 127.0.0.1:9464")))?
+            }
             (None, None) => DEFAULT_LISTEN.parse().expect("valid default"),
         };
         let mut policies = BTreeMap::new();
@@ -304,7 +306,10 @@ impl Config {
                         if let Some(u) = &t.url
                             && !u.starts_with("http://")
                         {
-                            return Err(invalid(at, format!("policy.{name}.{field}: url must be http://host:port/path")));
+                            return Err(invalid(
+                                at,
+                                format!("policy.{name}.{field}: url must be http://host:port/path"),
+                            ));
                         }
                         if t.command.as_ref().is_some_and(|c| c.is_empty()) {
                             return Err(invalid(at, format!("policy.{name}.{field}: command must not be empty")));
@@ -314,7 +319,9 @@ impl Config {
                     other => {
                         return Err(invalid(
                             at,
-                            format!("policy.{name}.{field}: unknown action `{other}` (diagnostics, sigterm, sigkill, sigabrt, sigint, kill_subtree, notify)"),
+                            format!(
+                                "policy.{name}.{field}: unknown action `{other}` (diagnostics, sigterm, sigkill, sigabrt, sigint, kill_subtree, notify)"
+                            ),
                         ));
                     }
                 };
@@ -341,8 +348,16 @@ impl Config {
                 .map(Regex::new)
                 .transpose()
                 .map_err(|e| invalid(at, format!("selector cmdline: bad regex: {e}")))?;
-            if s.exe.is_none() && cmdline.is_none() && s.cgroup.is_none() && s.uid.is_none() && s.descendant_of.is_none() {
-                return Err(invalid(at, "selector needs at least one of exe, cmdline, cgroup, uid, descendant_of".into()));
+            if s.exe.is_none()
+                && cmdline.is_none()
+                && s.cgroup.is_none()
+                && s.uid.is_none()
+                && s.descendant_of.is_none()
+            {
+                return Err(invalid(
+                    at,
+                    "selector needs at least one of exe, cmdline, cgroup, uid, descendant_of".into(),
+                ));
             }
             if let Some(cg) = &s.cgroup {
                 let dir = Path::new("/sys/fs/cgroup").join(cg.trim_start_matches('/'));
@@ -438,14 +453,26 @@ mod tests {
         assert_eq!(p.confirm_window(Runtime::Trio), Duration::from_secs(1));
         assert_eq!(p.confirm_window(Runtime::Asyncio), Duration::from_millis(500));
         assert_eq!(p.tiers[0], Action::Signal { signal: libc::SIGTERM, timeout: Duration::from_secs(1) });
-        assert!(parse("[policy.p]\ntiers = [{action = \"nuke\"}]\n").unwrap_err().to_string().contains("unknown action `nuke`"));
+        assert!(
+            parse("[policy.p]\ntiers = [{action = \"nuke\"}]\n")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown action `nuke`")
+        );
         assert!(parse("[policy.p]\ntiers = [{action = \"notify\"}]\n").is_err());
-        assert!(parse("[policy.p]\nconfirm = \"soon\"\ntiers = []\n").unwrap_err().to_string().contains("not a duration"));
+        assert!(
+            parse("[policy.p]\nconfirm = \"soon\"\ntiers = []\n").unwrap_err().to_string().contains("not a duration")
+        );
     }
 
     #[test]
     fn flags_override_the_file() {
-        let over = Overrides { listen: Some("127.0.0.1:1".parse().unwrap()), dry_run: true, no_discovery: true, ..Default::default() };
+        let over = Overrides {
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            dry_run: true,
+            no_discovery: true,
+            ..Default::default()
+        };
         let c = Config::from_toml("listen = \"127.0.0.1:2\"\ndiscovery = true\n", Path::new("f"), &over).unwrap();
         assert_eq!(c.listen.port(), 1);
         assert!(c.dry_run && !c.discovery);

@@ -15,11 +15,11 @@ use std::{
 };
 
 use crate::{
+    actors::registry::{ActorSpec, Registry, Runtime, Source, tractor_identity},
     config::{Candidate, Selector},
     kernel::events::HandlerWrite,
     sys::pidfd::ProcessHandle,
     sys::procinfo,
-    actors::registry::{ActorSpec, Registry, Runtime, Source, tractor_identity},
 };
 
 pub struct Discovery {
@@ -56,9 +56,7 @@ impl Discovery {
     /// no registry lock.
     pub fn scan(&mut self, full: bool) -> Vec<(ActorSpec, Source)> {
         let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-        let mut pids: Vec<u32> = dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
+        let mut pids: Vec<u32> = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
         // Parents usually have lower pids: adding them first lets a child
         // find its parent actor.
         pids.sort_unstable();
@@ -122,7 +120,14 @@ impl Discovery {
             }
             cur = ppid;
         }
-        let candidate = Candidate { pid, exe: exe.as_deref(), cmdline: &cmdline, cgroup: cgroup.as_deref(), uid, ancestors: &ancestors };
+        let candidate = Candidate {
+            pid,
+            exe: exe.as_deref(),
+            cmdline: &cmdline,
+            cgroup: cgroup.as_deref(),
+            uid,
+            ancestors: &ancestors,
+        };
         if let Some(sel) = self.selectors.iter().find(|s| s.matches(&candidate)) {
             found.push((
                 ActorSpec {
@@ -153,11 +158,15 @@ impl Discovery {
             return;
         }
         let runtime = guess_runtime(w.task.pid, w.fd);
-        let spec = ActorSpec { pid: Some(w.task.pid), runtime: Some(runtime), wakeup_fd: Some(w.fd), ..Default::default() };
+        let spec =
+            ActorSpec { pid: Some(w.task.pid), runtime: Some(runtime), wakeup_fd: Some(w.fd), ..Default::default() };
         match registry.upsert(&spec, Source::Discovered, None) {
             Ok(a) => tracing::info!(
-                pid = a.pid, fd = w.fd, runtime = runtime.as_str(),
-                "discovered an event loop using the self-pipe trick (`{}`), observing it", a.name
+                pid = a.pid,
+                fd = w.fd,
+                runtime = runtime.as_str(),
+                "discovered an event loop using the self-pipe trick (`{}`), observing it",
+                a.name
             ),
             Err(e) => tracing::debug!("discovering pid {}: {e}", w.task.pid),
         }
@@ -186,7 +195,13 @@ pub fn guess_runtime(pid: u32, wakeup_fd: i32) -> Runtime {
             let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
             // SAFETY: valid fd, pointer and length for an int option.
             let rc = unsafe {
-                libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&mut v as *mut libc::c_int).cast(), &mut len)
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
             };
             (rc == 0).then_some(v)
         })

@@ -126,10 +126,7 @@ fn error_reply(code: &str, message: &str) -> String {
 }
 
 async fn client(mut stream: UnixStream, cred: UCred, registry: Arc<Mutex<Registry>>) -> std::io::Result<()> {
-    let caller = Caller {
-        pid: cred.pid().map(|p| p as u32).unwrap_or(0),
-        uid: cred.uid(),
-    };
+    let caller = Caller { pid: cred.pid().map(|p| p as u32).unwrap_or(0), uid: cred.uid() };
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     // A request must be complete within IDLE_TIMEOUT of its first byte (and
@@ -253,7 +250,16 @@ mod tests {
         let (r, _, _) = registry();
         let r = Mutex::new(r);
         let me = Caller { pid: 1, uid: 0 };
-        for line in ["", "{", "[]", "42", r#"{"op":7}"#, r#"{"op":"explode"}"#, r#"{"op":"register","pid":"x"}"#, r#"{"op":"register","bogus":1}"#] {
+        for line in [
+            "",
+            "{",
+            "[]",
+            "42",
+            r#"{"op":7}"#,
+            r#"{"op":"explode"}"#,
+            r#"{"op":"register","pid":"x"}"#,
+            r#"{"op":"register","bogus":1}"#,
+        ] {
             let v = call(&r, me, line);
             assert_eq!(v["ok"], false, "{line}: {v}");
             assert_eq!(v["code"], "bad_request", "{line}: {v}");

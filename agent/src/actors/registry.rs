@@ -50,14 +50,8 @@ pub enum ActorState {
 }
 
 impl ActorState {
-    pub const ALL: [ActorState; 6] = [
-        Self::Healthy,
-        Self::DroppedWakeup,
-        Self::Starving,
-        Self::Escalating,
-        Self::Exited,
-        Self::Dead,
-    ];
+    pub const ALL: [ActorState; 6] =
+        [Self::Healthy, Self::DroppedWakeup, Self::Starving, Self::Escalating, Self::Exited, Self::Dead];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -258,13 +252,10 @@ fn validate(spec: &ActorSpec) -> Result<(), RegistryError> {
     if let Some(name) = &spec.name
         && (name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control))
     {
-        return Err(RegistryError::Invalid(format!(
-            "name must be 1-{MAX_NAME} printable characters"
-        )));
+        return Err(RegistryError::Invalid(format!("name must be 1-{MAX_NAME} printable characters")));
     }
     if let Some(labels) = &spec.labels
-        && (labels.len() > MAX_LABELS
-            || labels.iter().any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 256))
+        && (labels.len() > MAX_LABELS || labels.iter().any(|(k, v)| k.is_empty() || k.len() > 64 || v.len() > 256))
     {
         return Err(RegistryError::Invalid(format!(
             "at most {MAX_LABELS} labels, keys 1-64 bytes, values up to 256 bytes"
@@ -373,27 +364,16 @@ impl Registry {
 
     /// Actors `caller` may see: those it could signal.
     pub fn visible_to(&self, caller: Caller) -> Vec<Actor> {
-        let mut v: Vec<Actor> = self
-            .all()
-            .filter(|a| caller.uid == 0 || a.uid == caller.uid)
-            .cloned()
-            .collect();
+        let mut v: Vec<Actor> = self.all().filter(|a| caller.uid == 0 || a.uid == caller.uid).cloned().collect();
         v.sort_by_key(|a| a.pid);
         v
     }
 
     /// Adds or refreshes an actor. `caller` is `None` for the agent's own
     /// sources (selectors, tractor, discovery).
-    pub fn upsert(
-        &mut self,
-        spec: &ActorSpec,
-        source: Source,
-        caller: Option<Caller>,
-    ) -> Result<Actor, RegistryError> {
+    pub fn upsert(&mut self, spec: &ActorSpec, source: Source, caller: Option<Caller>) -> Result<Actor, RegistryError> {
         validate(spec)?;
-        let pid = spec.pid.or(caller.map(|c| c.pid)).ok_or_else(|| {
-            RegistryError::Invalid("pid is required".into())
-        })?;
+        let pid = spec.pid.or(caller.map(|c| c.pid)).ok_or_else(|| RegistryError::Invalid("pid is required".into()))?;
         let facts = self.proc.facts(pid).ok_or(RegistryError::NoSuchProcess(pid))?;
         if let Some(c) = caller
             && !may_signal(c.uid, &facts)
@@ -545,12 +525,8 @@ impl Registry {
     /// exited entries.
     pub fn sweep(&mut self) -> Vec<u32> {
         let (mono, now) = self.now();
-        let gone: Vec<u32> = self
-            .actors
-            .values()
-            .filter(|a| self.proc.start_time(a.pid) != Some(a.start_time))
-            .map(|a| a.pid)
-            .collect();
+        let gone: Vec<u32> =
+            self.actors.values().filter(|a| self.proc.start_time(a.pid) != Some(a.start_time)).map(|a| a.pid).collect();
         for pid in &gone {
             self.retire(*pid, ActorState::Exited, mono, now.clone());
         }
@@ -591,7 +567,6 @@ impl Registry {
         matches!(sig.0, libc::SIGINT | libc::SIGTERM | libc::SIGQUIT | libc::SIGHUP)
     }
 }
-
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -784,14 +759,16 @@ pub(crate) mod tests {
 
     #[test]
     fn tractor_cmdline_gives_name_and_uuid() {
-        let cmd: Vec<String> = ["python", "-m", "tractor._child", "--uid", "('fetcher', '1b2c-3d')", "--parent_addr", "x"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let cmd: Vec<String> =
+            ["python", "-m", "tractor._child", "--uid", "('fetcher', '1b2c-3d')", "--parent_addr", "x"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         assert_eq!(tractor_identity(&cmd), Some(("fetcher".into(), "1b2c-3d".into())));
         let not: Vec<String> = ["python", "app.py", "--uid", "('a','b')"].iter().map(|s| s.to_string()).collect();
         assert_eq!(tractor_identity(&not), None);
-        let bad: Vec<String> = ["python", "-m", "tractor._child", "--uid", "garbage"].iter().map(|s| s.to_string()).collect();
+        let bad: Vec<String> =
+            ["python", "-m", "tractor._child", "--uid", "garbage"].iter().map(|s| s.to_string()).collect();
         assert_eq!(tractor_identity(&bad), None);
     }
 }

@@ -14,10 +14,37 @@ use sigwake_common::{RAW_EVENT_SIZE, RawEvent, generate_result, kind};
 pub struct Signal(pub i32);
 
 const SIGNAL_NAMES: [&str; 31] = [
-    "SIGHUP", "SIGINT", "SIGQUIT", "SIGILL", "SIGTRAP", "SIGABRT", "SIGBUS", "SIGFPE", "SIGKILL",
-    "SIGUSR1", "SIGSEGV", "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM", "SIGSTKFLT", "SIGCHLD",
-    "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGURG", "SIGXCPU", "SIGXFSZ",
-    "SIGVTALRM", "SIGPROF", "SIGWINCH", "SIGIO", "SIGPWR", "SIGSYS",
+    "SIGHUP",
+    "SIGINT",
+    "SIGQUIT",
+    "SIGILL",
+    "SIGTRAP",
+    "SIGABRT",
+    "SIGBUS",
+    "SIGFPE",
+    "SIGKILL",
+    "SIGUSR1",
+    "SIGSEGV",
+    "SIGUSR2",
+    "SIGPIPE",
+    "SIGALRM",
+    "SIGTERM",
+    "SIGSTKFLT",
+    "SIGCHLD",
+    "SIGCONT",
+    "SIGSTOP",
+    "SIGTSTP",
+    "SIGTTIN",
+    "SIGTTOU",
+    "SIGURG",
+    "SIGXCPU",
+    "SIGXFSZ",
+    "SIGVTALRM",
+    "SIGPROF",
+    "SIGWINCH",
+    "SIGIO",
+    "SIGPWR",
+    "SIGSYS",
 ];
 
 impl Signal {
@@ -354,10 +381,7 @@ pub(crate) mod testing {
 
     pub fn bytes(raw: &RawEvent) -> Vec<u8> {
         // SAFETY: RawEvent is repr(C) plain integers with no implicit padding.
-        unsafe {
-            std::slice::from_raw_parts((raw as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE)
-        }
-        .to_vec()
+        unsafe { std::slice::from_raw_parts((raw as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) }.to_vec()
     }
 
     /// A failed wakeup write: SIGINT handler of `pid` writing 1 byte to `fd`.
@@ -438,11 +462,9 @@ mod tests {
 
     #[test]
     fn decodes_dispositions() {
-        for (addr, want) in [
-            (0, Disposition::Default),
-            (1, Disposition::Ignore),
-            (0x7f00_1234, Disposition::Handler(0x7f00_1234)),
-        ] {
+        for (addr, want) in
+            [(0, Disposition::Default), (1, Disposition::Ignore), (0x7f00_1234, Disposition::Handler(0x7f00_1234))]
+        {
             let mut r = raw(kind::SIGNAL_DELIVER, 15, 1, 1);
             r.arg2 = addr;
             let EventBody::SignalDeliver(d) = Event::try_from(&r).unwrap().body else { panic!() };

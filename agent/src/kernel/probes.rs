@@ -193,7 +193,9 @@ pub enum HookPreference {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// The agent was built with AYA_BUILD_SKIP=1.
-    #[error("this sigwake binary has no kernel programs (built with AYA_BUILD_SKIP=1); rebuild it without AYA_BUILD_SKIP")]
+    #[error(
+        "this sigwake binary has no kernel programs (built with AYA_BUILD_SKIP=1); rebuild it without AYA_BUILD_SKIP"
+    )]
     NoPrograms,
     /// The kernel refused for lack of privilege.
     #[error(
@@ -381,8 +383,14 @@ impl Probes {
             match probes.self_test(&config) {
                 Ok(self_test) => {
                     let jobs = probes.job_reports(plan);
-                    probes.report =
-                        Some(HookReport { kernel, tier: plan.tier, exit_source: plan.exit, jobs, fallbacks, self_test });
+                    probes.report = Some(HookReport {
+                        kernel,
+                        tier: plan.tier,
+                        exit_source: plan.exit,
+                        jobs,
+                        fallbacks,
+                        self_test,
+                    });
                     return Ok(probes);
                 }
                 Err(failed) => {

@@ -91,7 +91,8 @@ fn run_inner(
     others: &mut Vec<Event>,
 ) -> Result<SelfTestReport, String> {
     let started = Instant::now();
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the sigwake binary to run the self-test: {e}"))?;
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the sigwake binary to run the self-test: {e}"))?;
     let mut child = Command::new(exe)
         .arg(CHILD_ARG)
         .arg(signal.to_string())
@@ -221,7 +222,15 @@ fn child(signal: &str) -> Result<(), String> {
     let signal: i32 = signal.parse().map_err(|_| format!("bad signal `{signal}`"))?;
     let mut fds = [0; 2];
     // SAFETY: valid out-pointer for two fds.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
         return Err(format!("socketpair: {}", std::io::Error::last_os_error()));
     }
     let small: libc::c_int = 1;

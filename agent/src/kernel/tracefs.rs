@@ -20,7 +20,9 @@ pub enum TracefsError {
     )]
     NotMounted(#[source] std::io::Error),
     /// tracefs is there but this user may not read it.
-    #[error("cannot read tracefs at {0}: permission denied; sigwake needs root (or CAP_BPF and CAP_PERFMON with read access to tracefs)")]
+    #[error(
+        "cannot read tracefs at {0}: permission denied; sigwake needs root (or CAP_BPF and CAP_PERFMON with read access to tracefs)"
+    )]
     Permission(PathBuf),
     /// A format file could not be read.
     #[error("reading {path}: {source}; is the tracepoint compiled into this kernel?")]
@@ -33,7 +35,9 @@ pub enum TracefsError {
     #[error("tracepoint {event} has no field `{field}` (this kernel's format differs from what sigwake knows)")]
     MissingField { event: String, field: String },
     /// Two records the programs read the same way place a field differently.
-    #[error("tracepoint {event} has `{field}` at offset {offset}, not {expected} like sys_exit_write; sigwake reads them with one program")]
+    #[error(
+        "tracepoint {event} has `{field}` at offset {offset}, not {expected} like sys_exit_write; sigwake reads them with one program"
+    )]
     FieldOffset { event: String, field: String, offset: u32, expected: u32 },
     /// A field has a size the programs do not read.
     #[error("tracepoint {event} field `{field}` is {size} bytes; sigwake reads {expected}")]
@@ -87,9 +91,7 @@ pub fn tracefs_root() -> Result<PathBuf, TracefsError> {
     }
     let target = c"/sys/kernel/tracing";
     // SAFETY: valid NUL-terminated strings; a failed mount only returns -1.
-    let rc = unsafe {
-        libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(TracefsError::NotMounted(std::io::Error::last_os_error()));
     }
@@ -104,18 +106,18 @@ struct Format {
 impl Format {
     fn read(root: &Path, group: &str, event: &str) -> Result<Self, TracefsError> {
         let path = root.join("events").join(group).join(event).join("format");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| TracefsError::Read { path: path.clone(), source })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| TracefsError::Read { path: path.clone(), source })?;
         Ok(Format { event: format!("{group}:{event}"), fields: parse_format(&text) })
     }
 
     /// Offset of `name`, checking that it is `size` bytes wide (the width
     /// the kernel program reads).
     fn offset(&self, name: &str, size: u32) -> Result<u32, TracefsError> {
-        let field = self.fields.get(name).ok_or_else(|| TracefsError::MissingField {
-            event: self.event.clone(),
-            field: name.to_string(),
-        })?;
+        let field = self
+            .fields
+            .get(name)
+            .ok_or_else(|| TracefsError::MissingField { event: self.event.clone(), field: name.to_string() })?;
         if field.size != size {
             return Err(TracefsError::FieldSize {
                 event: self.event.clone(),
@@ -234,7 +236,8 @@ print fmt: \"sig=%d\", REC->sig
     /// being sched_process_exit's fields after `pid`.
     fn fake_tracefs(exit_extra: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let field = |decl: &str, off: u32, size: u32| format!("\tfield:{decl};\toffset:{off};\tsize:{size};\tsigned:0;\n");
+        let field =
+            |decl: &str, off: u32, size: u32| format!("\tfield:{decl};\toffset:{off};\tsize:{size};\tsigned:0;\n");
         let args = |names: &[&str]| -> String {
             let mut f = field("int __syscall_nr", 8, 4);
             for (i, n) in names.iter().enumerate() {
@@ -244,11 +247,26 @@ print fmt: \"sig=%d\", REC->sig
         };
         let exit_ret = field("int __syscall_nr", 8, 4) + &field("long ret", 16, 8);
         let events: Vec<(&str, &str, String)> = vec![
-            ("signal", "signal_generate", field("int sig", 8, 4) + &field("int errno", 12, 4) + &field("int code", 16, 4)
-                + &field("char comm[16]", 20, 16) + &field("pid_t pid", 36, 4) + &field("int group", 40, 4)
-                + &field("int result", 44, 4)),
-            ("signal", "signal_deliver", field("int sig", 8, 4) + &field("int errno", 12, 4) + &field("int code", 16, 4)
-                + &field("unsigned long sa_handler", 24, 8) + &field("unsigned long sa_flags", 32, 8)),
+            (
+                "signal",
+                "signal_generate",
+                field("int sig", 8, 4)
+                    + &field("int errno", 12, 4)
+                    + &field("int code", 16, 4)
+                    + &field("char comm[16]", 20, 16)
+                    + &field("pid_t pid", 36, 4)
+                    + &field("int group", 40, 4)
+                    + &field("int result", 44, 4),
+            ),
+            (
+                "signal",
+                "signal_deliver",
+                field("int sig", 8, 4)
+                    + &field("int errno", 12, 4)
+                    + &field("int code", 16, 4)
+                    + &field("unsigned long sa_handler", 24, 8)
+                    + &field("unsigned long sa_flags", 32, 8),
+            ),
             ("syscalls", "sys_enter_write", args(&["fd", "buf", "count"])),
             ("syscalls", "sys_enter_writev", args(&["fd", "vec", "vlen"])),
             ("syscalls", "sys_enter_sendto", args(&["fd", "buff", "len", "flags", "addr", "addr_len"])),
@@ -257,13 +275,17 @@ print fmt: \"sig=%d\", REC->sig
             ("syscalls", "sys_exit_writev", exit_ret.clone()),
             ("syscalls", "sys_exit_sendto", exit_ret.clone()),
             ("syscalls", "sys_exit_sendmsg", exit_ret),
-            ("sched", "sched_process_exit", field("char comm[16]", 8, 16) + &field("pid_t pid", 24, 4)
-                + &field("int prio", 28, 4) + exit_extra),
+            (
+                "sched",
+                "sched_process_exit",
+                field("char comm[16]", 8, 16) + &field("pid_t pid", 24, 4) + &field("int prio", 28, 4) + exit_extra,
+            ),
         ];
         for (group, event, fields) in events {
             let d = dir.path().join("events").join(group).join(event);
             std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("format"), format!("name: {event}\nID: 1\nformat:\n{fields}\nprint fmt: \"\"\n")).unwrap();
+            std::fs::write(d.join("format"), format!("name: {event}\nID: 1\nformat:\n{fields}\nprint fmt: \"\"\n"))
+                .unwrap();
         }
         dir
     }

@@ -32,23 +32,46 @@ pub enum Input {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
     /// First dropped wakeup of an episode (state: dropped_wakeup).
-    Dropped { pid: u32 },
+    Dropped {
+        pid: u32,
+    },
     /// asyncio: the byte was a signal callback, and it is gone.
-    Lost { pid: u32, sig: i32 },
+    Lost {
+        pid: u32,
+        sig: i32,
+    },
     /// The loop did not run within the window: starving, confirmed.
-    Confirmed { pid: u32, first_evidence_ns: u64, confirmed_ns: u64, drops: u32, fill: Option<u64> },
+    Confirmed {
+        pid: u32,
+        first_evidence_ns: u64,
+        confirmed_ns: u64,
+        drops: u32,
+        fill: Option<u64>,
+    },
     /// The loop ran again; any escalation must stop.
-    Recovered { pid: u32, at_ns: u64 },
-    Exited { pid: u32 },
+    Recovered {
+        pid: u32,
+        at_ns: u64,
+    },
+    Exited {
+        pid: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     Idle,
     /// Evidence seen at `since`; decide at `deadline`.
-    Watching { since: u64, deadline: u64, drops: u32, last_sig: i32 },
+    Watching {
+        since: u64,
+        deadline: u64,
+        drops: u32,
+        last_sig: i32,
+    },
     /// Confirmed; escalation owns the actor until it recovers or exits.
-    Starving { since: u64 },
+    Starving {
+        since: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -156,7 +179,13 @@ impl Detector {
                         out.push(Output::Recovered { pid, at_ns: now });
                     } else if now >= deadline && (f.is_some() || drops > 0) {
                         t.phase = Phase::Starving { since: now };
-                        out.push(Output::Confirmed { pid, first_evidence_ns: since, confirmed_ns: now, drops, fill: f });
+                        out.push(Output::Confirmed {
+                            pid,
+                            first_evidence_ns: since,
+                            confirmed_ns: now,
+                            drops,
+                            fill: f,
+                        });
                     } else if now >= deadline {
                         // A stop signal, fill unknown and no drop: no evidence either way.
                         t.phase = Phase::Idle;
@@ -197,7 +226,10 @@ mod tests {
     fn trio_starved_past_the_window_is_confirmed() {
         let mut d = Detector::default();
         assert!(run(&mut d, 7, Runtime::Trio, 0, Input::StopSignal { sig: 2 }).is_empty());
-        assert_eq!(run(&mut d, 7, Runtime::Trio, 10 * MS, Input::WakeupDropped { sig: 2 }), vec![Output::Dropped { pid: 7 }]);
+        assert_eq!(
+            run(&mut d, 7, Runtime::Trio, 10 * MS, Input::WakeupDropped { sig: 2 }),
+            vec![Output::Dropped { pid: 7 }]
+        );
         assert!(tick(&mut d, W - 1, Some(6)).is_empty(), "not before the deadline");
         assert_eq!(
             tick(&mut d, W, Some(6)),
@@ -221,7 +253,10 @@ mod tests {
     fn a_successful_write_after_drops_is_recovery() {
         let mut d = Detector::default();
         run(&mut d, 7, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 });
-        assert_eq!(run(&mut d, 7, Runtime::Trio, MS, Input::WakeupWritten), vec![Output::Recovered { pid: 7, at_ns: MS }]);
+        assert_eq!(
+            run(&mut d, 7, Runtime::Trio, MS, Input::WakeupWritten),
+            vec![Output::Recovered { pid: 7, at_ns: MS }]
+        );
         // A successful write without drops means nothing.
         run(&mut d, 8, Runtime::Trio, 0, Input::StopSignal { sig: 2 });
         assert!(run(&mut d, 8, Runtime::Trio, MS, Input::WakeupWritten).is_empty());
@@ -235,7 +270,10 @@ mod tests {
         assert_eq!(tick(&mut d, 2 * W, Some(0)), vec![Output::Recovered { pid: 7, at_ns: 2 * W }]);
         run(&mut d, 9, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 });
         tick(&mut d, W, Some(6));
-        assert_eq!(run(&mut d, 9, Runtime::Trio, W + 1, Input::WakeupWritten), vec![Output::Recovered { pid: 9, at_ns: W + 1 }]);
+        assert_eq!(
+            run(&mut d, 9, Runtime::Trio, W + 1, Input::WakeupWritten),
+            vec![Output::Recovered { pid: 9, at_ns: W + 1 }]
+        );
     }
 
     #[test]
@@ -245,7 +283,10 @@ mod tests {
             run(&mut d, 5, Runtime::Asyncio, 0, Input::WakeupDropped { sig: 2 }),
             vec![Output::Dropped { pid: 5 }, Output::Lost { pid: 5, sig: 2 }]
         );
-        assert_eq!(run(&mut d, 5, Runtime::Asyncio, 1, Input::WakeupDropped { sig: 15 }), vec![Output::Lost { pid: 5, sig: 15 }]);
+        assert_eq!(
+            run(&mut d, 5, Runtime::Asyncio, 1, Input::WakeupDropped { sig: 15 }),
+            vec![Output::Lost { pid: 5, sig: 15 }]
+        );
         // trio's drops are not losses.
         assert_eq!(run(&mut d, 6, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 }), vec![Output::Dropped { pid: 6 }]);
     }

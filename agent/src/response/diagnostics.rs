@@ -114,11 +114,7 @@ pub fn capture(
     wakeup_fd: Option<i32>,
     opts: &CaptureOptions,
 ) -> Result<DiagnosticsSummary, DiagnosticsError> {
-    let py_spy = if opts.py_spy {
-        Some(find_in_path("py-spy"))
-    } else {
-        None
-    };
+    let py_spy = if opts.py_spy { Some(find_in_path("py-spy")) } else { None };
     capture_with(pid, wakeup_fd, opts, py_spy)
 }
 
@@ -131,10 +127,7 @@ fn capture_with(
     py_spy: Option<Option<PathBuf>>,
 ) -> Result<DiagnosticsSummary, DiagnosticsError> {
     let dir = &opts.dir;
-    fs::create_dir_all(dir).map_err(|source| DiagnosticsError::CreateDir {
-        dir: dir.clone(),
-        source,
-    })?;
+    fs::create_dir_all(dir).map_err(|source| DiagnosticsError::CreateDir { dir: dir.clone(), source })?;
     let mut errors = Vec::new();
 
     // Threads first: they are what changes fastest.
@@ -158,15 +151,7 @@ fn capture_with(
             fill: &'a Option<WakeupFill>,
         }
         let target = u32::try_from(fd).ok().and_then(|f| fds.get(&f));
-        write_json(
-            &dir.join("wakeup.json"),
-            &WakeupFile {
-                pid,
-                fd,
-                target,
-                fill: &wakeup,
-            },
-        )?;
+        write_json(&dir.join("wakeup.json"), &WakeupFile { pid, fd, target, fill: &wakeup })?;
     }
 
     match fs::read(format!("/proc/{pid}/status")) {
@@ -197,10 +182,7 @@ fn capture_with(
     }
     Ok(DiagnosticsSummary {
         dir: dir.clone(),
-        threads: ThreadsSummary {
-            count: threads.len(),
-            list,
-        },
+        threads: ThreadsSummary { count: threads.len(), list },
         wakeup,
         py_spy,
         errors,
@@ -210,10 +192,7 @@ fn capture_with(
 fn read_threads(pid: u32, errors: &mut Vec<String>) -> Vec<ThreadInfo> {
     let task_dir = format!("/proc/{pid}/task");
     let mut tids: Vec<u32> = match fs::read_dir(&task_dir) {
-        Ok(d) => d
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect(),
+        Ok(d) => d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect(),
         Err(e) => {
             errors.push(format!("threads: {task_dir}: {e}"));
             return Vec::new();
@@ -230,10 +209,7 @@ fn read_threads(pid: u32, errors: &mut Vec<String>) -> Vec<ThreadInfo> {
         }
     }
     for (kind, (n, first)) in by_kind {
-        errors.push(format!(
-            "threads: {kind} unreadable for {n} of {} threads ({first})",
-            threads.len()
-        ));
+        errors.push(format!("threads: {kind} unreadable for {n} of {} threads ({first})", threads.len()));
     }
     threads
 }
@@ -252,24 +228,14 @@ fn read_thread(pid: u32, tid: u32) -> ThreadInfo {
     let wchan = read("wchan");
     let stack = read("stack");
     let syscall = read("syscall");
-    let (comm, state) = stat
-        .as_deref()
-        .map(parse_comm_state)
-        .unwrap_or((None, None));
+    let (comm, state) = stat.as_deref().map(parse_comm_state).unwrap_or((None, None));
     ThreadInfo {
         tid,
         comm,
         state,
         // "0" (or empty) means not sleeping in the kernel.
-        wchan: wchan
-            .map(|w| w.trim().to_string())
-            .filter(|w| !w.is_empty() && w != "0"),
-        stack: stack.map(|s| {
-            s.lines()
-                .map(|l| l.trim().to_string())
-                .filter(|l| !l.is_empty())
-                .collect()
-        }),
+        wchan: wchan.map(|w| w.trim().to_string()).filter(|w| !w.is_empty() && w != "0"),
+        stack: stack.map(|s| s.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()),
         syscall: syscall.map(|s| s.trim().to_string()),
         errors,
     }
@@ -285,10 +251,7 @@ fn parse_comm_state(stat: &str) -> (Option<String>, Option<String>) {
         return (None, None);
     }
     let comm = Some(stat[open + 1..close].to_string());
-    let state = stat[close + 1..]
-        .split_whitespace()
-        .next()
-        .map(str::to_string);
+    let state = stat[close + 1..].split_whitespace().next().map(str::to_string);
     (comm, state)
 }
 
@@ -315,16 +278,8 @@ fn read_fds(pid: u32, errors: &mut Vec<String>) -> BTreeMap<u32, String> {
 /// Runs `py-spy dump --pid PID` with output into `out`, killing it after
 /// `timeout`. Never fails the capture, except for not being able to create
 /// `out` in the incident directory.
-fn run_py_spy(
-    bin: &Path,
-    pid: u32,
-    out: &Path,
-    timeout: Duration,
-) -> Result<String, DiagnosticsError> {
-    let write_err = |source| DiagnosticsError::Write {
-        path: out.to_path_buf(),
-        source,
-    };
+fn run_py_spy(bin: &Path, pid: u32, out: &Path, timeout: Duration) -> Result<String, DiagnosticsError> {
+    let write_err = |source| DiagnosticsError::Write { path: out.to_path_buf(), source };
     let file = fs::File::create(out).map_err(write_err)?;
     let file2 = file.try_clone().map_err(write_err)?;
     let mut child = match Command::new(bin)
@@ -344,10 +299,7 @@ fn run_py_spy(
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Ok(format!(
-                    "failed: timed out after {:.1}s",
-                    timeout.as_secs_f64()
-                ));
+                return Ok(format!("failed: timed out after {:.1}s", timeout.as_secs_f64()));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => {
@@ -362,12 +314,7 @@ fn run_py_spy(
     }
     let last = fs::read_to_string(out)
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(|l| l.trim().to_string())
-        })
+        .and_then(|s| s.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_string()))
         .map(|l| format!(": {}", truncate(&l, 200)))
         .unwrap_or_default();
     Ok(format!("failed: {status}{last}"))
@@ -394,34 +341,25 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 }
 
 fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), DiagnosticsError> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| DiagnosticsError::Write {
-        path: path.to_path_buf(),
-        source: io::Error::other(e),
-    })?;
+    let mut bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| DiagnosticsError::Write { path: path.to_path_buf(), source: io::Error::other(e) })?;
     bytes.push(b'\n');
     write_file(path, &bytes)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), DiagnosticsError> {
-    fs::write(path, bytes).map_err(|source| DiagnosticsError::Write {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::write(path, bytes).map_err(|source| DiagnosticsError::Write { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
     use crate::sys::pidfd::tests::Reaper;
+    use std::os::unix::fs::PermissionsExt;
     use std::sync::{Arc, Barrier};
 
     fn opts(dir: &Path, py_spy: bool) -> CaptureOptions {
-        CaptureOptions {
-            dir: dir.to_path_buf(),
-            py_spy,
-            timeout: Duration::from_secs(2),
-        }
+        CaptureOptions { dir: dir.to_path_buf(), py_spy, timeout: Duration::from_secs(2) }
     }
 
     fn read_json(path: &Path) -> serde_json::Value {
@@ -435,9 +373,7 @@ mod tests {
         while Instant::now() < deadline {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-            if parse_comm_state(&stat) == (Some("sleep".into()), Some("S".into()))
-                && wchan.contains("sleep")
-            {
+            if parse_comm_state(&stat) == (Some("sleep".into()), Some("S".into())) && wchan.contains("sleep") {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -447,13 +383,7 @@ mod tests {
 
     #[test]
     fn sleep_child() {
-        let child = Reaper(
-            Command::new("sleep")
-                .arg("30")
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let child = Reaper(Command::new("sleep").arg("30").stdin(Stdio::null()).spawn().unwrap());
         let pid = child.0.id();
         wait_sleeping(pid);
         let tmp = tempfile::tempdir().unwrap();
@@ -476,24 +406,14 @@ mod tests {
         if unsafe { libc::geteuid() } == 0 {
             let stack = t["stack"].as_array().unwrap();
             assert!(!stack.is_empty(), "{t}");
-            assert!(
-                stack.iter().any(|f| f.as_str().unwrap().contains("sleep")),
-                "{t}"
-            );
+            assert!(stack.iter().any(|f| f.as_str().unwrap().contains("sleep")), "{t}");
             // clock_nanosleep is syscall 230 on x86_64, 115 on aarch64.
             assert!(t["syscall"].as_str().is_some_and(|s| !s.is_empty()), "{t}");
-            assert!(
-                !s.errors.iter().any(|e| e.starts_with("threads:")),
-                "{:?}",
-                s.errors
-            );
+            assert!(!s.errors.iter().any(|e| e.starts_with("threads:")), "{:?}", s.errors);
         }
 
         let fds = read_json(&dir.join("fds.json"));
-        assert!(
-            fds.get("0").is_some() && fds.get("1").is_some() && fds.get("2").is_some(),
-            "{fds}"
-        );
+        assert!(fds.get("0").is_some() && fds.get("1").is_some() && fds.get("2").is_some(), "{fds}");
 
         let status = fs::read_to_string(dir.join("status.txt")).unwrap();
         assert!(status.starts_with("Name:\tsleep"), "{status}");
@@ -503,10 +423,7 @@ mod tests {
         assert_eq!(wakeup["fd"], 0);
         assert_eq!(wakeup["target"], "/dev/null");
         assert!(s.wakeup.is_none());
-        assert_eq!(
-            s.errors,
-            vec![format!("wakeup: cannot measure fd 0 of pid {pid}")]
-        );
+        assert_eq!(s.errors, vec![format!("wakeup: cannot measure fd 0 of pid {pid}")]);
 
         // The summary fits one log line.
         let line = serde_json::to_string(&s).unwrap();
@@ -535,13 +452,7 @@ mod tests {
             tids.push(rx.recv().unwrap());
         }
         let tmp = tempfile::tempdir().unwrap();
-        let s = capture_with(
-            std::process::id(),
-            None,
-            &opts(tmp.path(), true),
-            Some(None),
-        )
-        .unwrap();
+        let s = capture_with(std::process::id(), None, &opts(tmp.path(), true), Some(None)).unwrap();
         done.wait();
         for h in handles {
             h.join().unwrap();
@@ -553,19 +464,11 @@ mod tests {
         assert!(!tmp.path().join("wakeup.json").exists());
         assert!(!tmp.path().join("py-spy.txt").exists());
         let threads = read_json(&tmp.path().join("threads.json"));
-        let listed: Vec<u64> = threads
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["tid"].as_u64().unwrap())
-            .collect();
+        let listed: Vec<u64> = threads.as_array().unwrap().iter().map(|t| t["tid"].as_u64().unwrap()).collect();
         assert_eq!(listed.len(), s.threads.count);
         assert!(listed.contains(&(std::process::id() as u64)));
         for tid in tids {
-            assert!(
-                listed.contains(&(tid as u64)),
-                "tid {tid} missing from {listed:?}"
-            );
+            assert!(listed.contains(&(tid as u64)), "tid {tid} missing from {listed:?}");
         }
         assert!(s.threads.list.len() <= SUMMARY_THREADS);
     }
@@ -578,21 +481,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = capture_with(pid, Some(3), &opts(tmp.path(), false), None).unwrap();
         assert_eq!(s.threads.count, 0);
-        assert!(
-            s.errors.iter().any(|e| e.starts_with("threads:")),
-            "{:?}",
-            s.errors
-        );
-        assert!(
-            s.errors.iter().any(|e| e.starts_with("status:")),
-            "{:?}",
-            s.errors
-        );
-        assert!(
-            s.errors.iter().any(|e| e.starts_with("wakeup:")),
-            "{:?}",
-            s.errors
-        );
+        assert!(s.errors.iter().any(|e| e.starts_with("threads:")), "{:?}", s.errors);
+        assert!(s.errors.iter().any(|e| e.starts_with("status:")), "{:?}", s.errors);
+        assert!(s.errors.iter().any(|e| e.starts_with("wakeup:")), "{:?}", s.errors);
     }
 
     #[test]
@@ -601,10 +492,7 @@ mod tests {
         let file = tmp.path().join("a-file");
         fs::write(&file, b"x").unwrap();
         let r = capture(std::process::id(), None, &opts(&file.join("sub"), false));
-        assert!(
-            matches!(r, Err(DiagnosticsError::CreateDir { .. })),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(DiagnosticsError::CreateDir { .. })), "{r:?}");
     }
 
     fn fake_py_spy(dir: &Path, body: &str) -> PathBuf {
@@ -623,26 +511,12 @@ mod tests {
         let ok = fake_py_spy(bin_dir.path(), r#"echo "Thread $3 (idle)""#);
         let s = capture_with(me, None, &opts(tmp.path(), true), Some(Some(ok))).unwrap();
         assert_eq!(s.py_spy, "captured");
-        assert_eq!(
-            fs::read_to_string(tmp.path().join("py-spy.txt")).unwrap(),
-            format!("Thread {me} (idle)\n")
-        );
+        assert_eq!(fs::read_to_string(tmp.path().join("py-spy.txt")).unwrap(), format!("Thread {me} (idle)\n"));
 
-        let bad = fake_py_spy(
-            bin_dir.path(),
-            "echo 'Error: Permission denied' >&2; exit 1",
-        );
+        let bad = fake_py_spy(bin_dir.path(), "echo 'Error: Permission denied' >&2; exit 1");
         let s = capture_with(me, None, &opts(tmp.path(), true), Some(Some(bad))).unwrap();
-        assert!(
-            s.py_spy.starts_with("failed: exit status: 1"),
-            "{}",
-            s.py_spy
-        );
-        assert!(
-            s.py_spy.ends_with("Error: Permission denied"),
-            "{}",
-            s.py_spy
-        );
+        assert!(s.py_spy.starts_with("failed: exit status: 1"), "{}", s.py_spy);
+        assert!(s.py_spy.ends_with("Error: Permission denied"), "{}", s.py_spy);
 
         let hang = fake_py_spy(bin_dir.path(), "exec sleep 30");
         let mut o = opts(tmp.path(), true);
@@ -652,22 +526,13 @@ mod tests {
         assert!(s.py_spy.starts_with("failed: timed out"), "{}", s.py_spy);
         assert!(t0.elapsed() < Duration::from_secs(5));
 
-        let s = capture_with(
-            me,
-            None,
-            &opts(tmp.path(), true),
-            Some(Some(bin_dir.path().join("nope"))),
-        )
-        .unwrap();
+        let s = capture_with(me, None, &opts(tmp.path(), true), Some(Some(bin_dir.path().join("nope")))).unwrap();
         assert!(s.py_spy.starts_with("failed: cannot run"), "{}", s.py_spy);
     }
 
     #[test]
     fn comm_state_parsing() {
-        assert_eq!(
-            parse_comm_state("7 (a (b) c) D 1 2"),
-            (Some("a (b) c".into()), Some("D".into()))
-        );
+        assert_eq!(parse_comm_state("7 (a (b) c) D 1 2"), (Some("a (b) c".into()), Some("D".into())));
         assert_eq!(parse_comm_state("garbage"), (None, None));
         assert_eq!(parse_comm_state(")("), (None, None));
     }

@@ -25,13 +25,13 @@ use std::{
 use tokio::sync::Semaphore;
 
 use crate::{
+    actors::registry::{ActorState, Registry},
     config::{Action, Config, EscalationLimits, Policy},
     response::diagnostics::{self, CaptureOptions},
     response::incidents::{Evidence, Incident, Status, Store},
     serve::metrics::{EscalationLabels, Metrics, StageLabels},
     sys::pidfd::{self, PidfdError, ProcessHandle},
     sys::procinfo,
-    actors::registry::{ActorState, Registry},
 };
 
 /// Sliding one-minute window of signal/kill actions.
@@ -147,7 +147,9 @@ impl Engine {
             .observe(incident.evidence.confirm_ms / 1e3);
         let id = lock(&self.store).create(incident);
         tracing::warn!(
-            actor = actor.name, pid = actor.pid, incident = id,
+            actor = actor.name,
+            pid = actor.pid,
+            incident = id,
             "starvation confirmed: the event loop did not run within the confirm window after a stop signal"
         );
         lock(&self.registry).set_state(actor.pid, ActorState::Starving);
@@ -155,7 +157,10 @@ impl Engine {
         if actor.policy.is_some() {
             self.spawn_ladder(id);
         } else {
-            tracing::info!(actor = actor.name, "no policy: observing only (give it one with a selector or at registration)");
+            tracing::info!(
+                actor = actor.name,
+                "no policy: observing only (give it one with a selector or at registration)"
+            );
         }
     }
 
@@ -230,7 +235,12 @@ impl Engine {
                         continue;
                     }
                     lock(&self.registry).set_state(i.pid, ActorState::Starving);
-                    tracing::warn!(incident = i.id, actor = i.actor, next_tier = i.next_tier, "resuming an incident from before the restart");
+                    tracing::warn!(
+                        incident = i.id,
+                        actor = i.actor,
+                        next_tier = i.next_tier,
+                        "resuming an incident from before the restart"
+                    );
                     resumed.push((i.pid, runtime.unwrap_or(crate::actors::registry::Runtime::Unknown)));
                     if i.policy.is_some() {
                         self.spawn_ladder(i.id);
@@ -293,7 +303,11 @@ impl Engine {
         }
         let Some(mut inc) = lock(&self.store).get(id).cloned() else { return };
         let Some(policy) = inc.policy.as_ref().and_then(|p| self.policies.get(p)).cloned() else {
-            self.close(id, Status::Failed, &format!("policy {:?} is not defined in this agent's configuration", inc.policy));
+            self.close(
+                id,
+                Status::Failed,
+                &format!("policy {:?} is not defined in this agent's configuration", inc.policy),
+            );
             lock(&self.running).remove(&id);
             return;
         };
@@ -360,10 +374,22 @@ impl Engine {
                         return;
                     }
                     if self.dry_run {
-                        self.step(&current, tier, name, "dry_run", &format!("would send {} through a pidfd", crate::kernel::events::Signal(*signal)));
+                        self.step(
+                            &current,
+                            tier,
+                            name,
+                            "dry_run",
+                            &format!("would send {} through a pidfd", crate::kernel::events::Signal(*signal)),
+                        );
                     } else {
                         match handle.send_signal(*signal) {
-                            Ok(()) => self.step(&current, tier, name, "ok", &format!("sent {} through a pidfd", crate::kernel::events::Signal(*signal))),
+                            Ok(()) => self.step(
+                                &current,
+                                tier,
+                                name,
+                                "ok",
+                                &format!("sent {} through a pidfd", crate::kernel::events::Signal(*signal)),
+                            ),
                             Err(PidfdError::Exited { .. }) => {}
                             Err(e) => self.step(&current, tier, name, "failed", &e.to_string()),
                         }
@@ -396,7 +422,11 @@ impl Engine {
         }
         let Some(last) = lock(&self.store).get(id).cloned() else { return };
         if ProcessHandle::open(last.pid, Some(last.start_time)).is_ok_and(|h| h.is_alive()) {
-            let detail = if self.dry_run { "dry run: nothing was sent; the actor is still starving" } else { "every tier ran and the actor is still alive" };
+            let detail = if self.dry_run {
+                "dry run: nothing was sent; the actor is still starving"
+            } else {
+                "every tier ran and the actor is still alive"
+            };
             self.close(id, Status::Failed, detail);
             self.count(&last.actor, policy.tiers.len(), "ladder", "failed");
         } else {
@@ -439,7 +469,8 @@ impl Engine {
     /// policy asks for it, then close.
     async fn finish_exited(&self, inc: &Incident, policy: &Policy, has_subtree_tier: bool, detail: &str) {
         // Only signals actually sent count: a dry-run step sent nothing.
-        let we_acted = inc.steps.iter().any(|s| s.outcome == "ok" && (s.action.starts_with("sig") || s.action == "kill_subtree"));
+        let we_acted =
+            inc.steps.iter().any(|s| s.outcome == "ok" && (s.action.starts_with("sig") || s.action == "kill_subtree"));
         if has_subtree_tier && we_acted && !inc.subtree.is_empty() {
             let tier = policy.tiers.iter().position(|t| matches!(t, Action::KillSubtree { .. })).unwrap_or(0);
             let d = self.kill_subtree(inc, None);
@@ -483,7 +514,9 @@ impl Engine {
             }
             match pidfd::kill_cgroup(&cg) {
                 Ok(()) => return format!("wrote 1 to {}/cgroup.kill", cg.display()),
-                Err(e) => done.push(format!("cgroup.kill on {} failed ({e}); killing processes one by one", cg.display())),
+                Err(e) => {
+                    done.push(format!("cgroup.kill on {} failed ({e}); killing processes one by one", cg.display()))
+                }
             }
         }
         let mut killed = 0;
@@ -560,7 +593,8 @@ fn own_cgroup(inc: &Incident) -> Option<PathBuf> {
     }
     let dir = PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
     let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
-    let ours: std::collections::HashSet<u32> = std::iter::once(inc.pid).chain(inc.subtree.iter().map(|(p, _)| *p)).collect();
+    let ours: std::collections::HashSet<u32> =
+        std::iter::once(inc.pid).chain(inc.subtree.iter().map(|(p, _)| *p)).collect();
     let all_ours = procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()).all(|p| ours.contains(&p));
     (all_ours && dir.join("cgroup.kill").exists()).then_some(dir)
 }
@@ -601,9 +635,14 @@ async fn post_json(url: &str, body: &str) -> std::io::Result<u16> {
         let mut head = vec![0u8; 64];
         let n = s.read(&mut head).await?;
         let text = String::from_utf8_lossy(&head[..n]);
-        text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other("no HTTP status"))
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no HTTP status"))
     };
-    tokio::time::timeout(Duration::from_secs(10), work).await.map_err(|_| std::io::Error::other("timed out after 10 s"))?
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .map_err(|_| std::io::Error::other("timed out after 10 s"))?
 }
 
 #[cfg(test)]

@@ -122,7 +122,11 @@ impl Store {
                 Ok(list) => incidents.extend(list.into_iter().map(|i| (i.id, i))),
                 Err(e) => {
                     let aside = dir.join(format!("incidents.json.corrupt-{}", procinfo::realtime_ns()));
-                    tracing::error!("{} is not valid ({e}); moved to {} and starting empty", path.display(), aside.display());
+                    tracing::error!(
+                        "{} is not valid ({e}); moved to {} and starting empty",
+                        path.display(),
+                        aside.display()
+                    );
                     let _ = std::fs::rename(&path, &aside);
                 }
             },
@@ -162,9 +166,16 @@ impl Store {
         incident.id = self.next_id;
         self.next_id += 1;
         let id = incident.id;
-        self.audit(&incident, "opened", None, "ok", &format!(
-            "starving: {} drops, fill {:?}, confirmed after {:.0} ms", incident.evidence.drops, incident.evidence.fill, incident.evidence.confirm_ms
-        ));
+        self.audit(
+            &incident,
+            "opened",
+            None,
+            "ok",
+            &format!(
+                "starving: {} drops, fill {:?}, confirmed after {:.0} ms",
+                incident.evidence.drops, incident.evidence.fill, incident.evidence.confirm_ms
+            ),
+        );
         self.incidents.insert(id, incident);
         self.save();
         id
@@ -184,7 +195,14 @@ impl Store {
         let time = self.now();
         let Some(i) = self.incidents.get_mut(&id).filter(|i| i.status.is_open()) else { return };
         let unix_ms = procinfo::realtime_ns() / 1_000_000;
-        i.steps.push(Step { tier, action: action.into(), outcome: outcome.into(), detail: detail.into(), time, unix_ms });
+        i.steps.push(Step {
+            tier,
+            action: action.into(),
+            outcome: outcome.into(),
+            detail: detail.into(),
+            time,
+            unix_ms,
+        });
         i.next_tier = i.next_tier.max(tier + 1);
         let snapshot = i.clone();
         self.audit(&snapshot, action, Some(tier), outcome, detail);
@@ -205,7 +223,16 @@ impl Store {
             Status::Failed => "failed",
             _ => "ok",
         };
-        self.audit(&snapshot, &format!("closed_{}", serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()), None, outcome, detail);
+        self.audit(
+            &snapshot,
+            &format!(
+                "closed_{}",
+                serde_json::to_value(status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+            ),
+            None,
+            outcome,
+            detail,
+        );
         self.prune();
         self.save();
         true
@@ -238,11 +265,8 @@ impl Store {
             "evidence": i.evidence,
         });
         let path = self.dir.join("audit.jsonl");
-        let res = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| writeln!(f, "{line}"));
+        let res =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| writeln!(f, "{line}"));
         if let Err(e) = res {
             tracing::error!("cannot append to the audit log {}: {e}", path.display());
         }
@@ -252,14 +276,12 @@ impl Store {
         let path = self.dir.join("incidents.json");
         let tmp = self.dir.join("incidents.json.tmp");
         let list: Vec<&Incident> = self.incidents.values().collect();
-        let res = serde_json::to_vec_pretty(&list)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| {
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)
-            });
+        let res = serde_json::to_vec_pretty(&list).map_err(std::io::Error::other).and_then(|bytes| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        });
         if let Err(e) = res {
             tracing::error!("cannot save incidents to {}: {e}", path.display());
         }
@@ -282,7 +304,13 @@ mod tests {
             status: Status::Open,
             opened: "t".into(),
             closed: None,
-            evidence: Evidence { drops: 3, fill: Some(6), wakeup_fd: Some(7), signals: vec!["SIGINT".into()], confirm_ms: 2000.0 },
+            evidence: Evidence {
+                drops: 3,
+                fill: Some(6),
+                wakeup_fd: Some(7),
+                signals: vec!["SIGINT".into()],
+                confirm_ms: 2000.0,
+            },
             steps: vec![],
             next_tier: 0,
             subtree: vec![],
@@ -335,7 +363,10 @@ mod tests {
         std::fs::write(dir.path().join("incidents.json"), b"{nope").unwrap();
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.all().count(), 0);
-        let aside = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("incidents.json.corrupt-"));
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().starts_with("incidents.json.corrupt-"));
         assert!(aside);
     }
 }

@@ -10,13 +10,7 @@ use std::{
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::Histogram,
-        info::Info,
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
     registry::{Registry, Unit},
 };
 
@@ -104,8 +98,11 @@ impl ActorLabelGuard {
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
-    [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-        .into_iter()
+    [
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        10.0,
+    ]
+    .into_iter()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -181,14 +178,24 @@ impl Metrics {
     pub fn with_actor_label_cap(max_actor_labels: usize) -> Self {
         let mut root = Registry::default();
         let process_cpu = CounterF64::default();
-        root.register_with_unit("process_cpu", "Total user and system CPU time spent", Unit::Seconds, process_cpu.clone());
+        root.register_with_unit(
+            "process_cpu",
+            "Total user and system CPU time spent",
+            Unit::Seconds,
+            process_cpu.clone(),
+        );
         let process_rss = Gauge::default();
         root.register_with_unit("process_resident_memory", "Resident memory size", Unit::Bytes, process_rss.clone());
         let process_fds = Gauge::default();
         root.register("process_open_fds", "Number of open file descriptors", process_fds.clone());
         let process_start = GaugeF64::default();
         process_start.set(process_start_time().unwrap_or(0.0));
-        root.register_with_unit("process_start_time", "Start time of the process since the Unix epoch", Unit::Seconds, process_start);
+        root.register_with_unit(
+            "process_start_time",
+            "Start time of the process since the Unix epoch",
+            Unit::Seconds,
+            process_start,
+        );
         let registry = root.sub_registry_with_prefix("sigwake");
         let folded = Counter::default();
         registry.register(
@@ -211,7 +218,11 @@ impl Metrics {
             starvation_incidents.clone(),
         );
         let incidents_active = Gauge::default();
-        registry.register("starvation_incidents_active", "Starvation incidents not yet resolved", incidents_active.clone());
+        registry.register(
+            "starvation_incidents_active",
+            "Starvation incidents not yet resolved",
+            incidents_active.clone(),
+        );
         let starvation_duration = Family::<RuntimeLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0])
         });
@@ -227,7 +238,8 @@ impl Metrics {
             "Escalation steps taken, by tier, action and outcome (ok, failed, skipped, dry_run)",
             escalation_actions.clone(),
         );
-        let detection_latency = Family::<StageLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        let detection_latency =
+            Family::<StageLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
         registry.register_with_unit(
             "detection_latency",
             "Latency by stage: event (failed write to agent), confirm (first drop to starving confirmed), action (confirmed to first action)",
@@ -310,11 +322,7 @@ impl Metrics {
             kernel_open_windows.clone(),
         );
         let attached_programs = Gauge::default();
-        registry.register(
-            "attached_programs",
-            "Kernel programs attached by this agent",
-            attached_programs.clone(),
-        );
+        registry.register("attached_programs", "Kernel programs attached by this agent", attached_programs.clone());
         let hook_tier = Family::default();
         registry.register(
             "hook_tier",
@@ -323,11 +331,7 @@ impl Metrics {
         );
         let start_time = Gauge::<f64, AtomicU64>::default();
         start_time.set(crate::sys::procinfo::realtime_ns() as f64 / 1e9);
-        registry.register(
-            "start_time_seconds",
-            "Unix time the agent started",
-            start_time,
-        );
+        registry.register("start_time_seconds", "Unix time the agent started", start_time);
         registry.register(
             "build",
             "Agent build information",
@@ -438,7 +442,13 @@ impl Metrics {
 
     /// Sets the actors-by-state gauge from registry counts; every known
     /// state/runtime pair is written so that emptied states read 0.
-    pub fn set_actor_counts(&self, counts: &std::collections::HashMap<(crate::actors::registry::ActorState, crate::actors::registry::Runtime), i64>) {
+    pub fn set_actor_counts(
+        &self,
+        counts: &std::collections::HashMap<
+            (crate::actors::registry::ActorState, crate::actors::registry::Runtime),
+            i64,
+        >,
+    ) {
         use crate::actors::registry::{ActorState, Runtime};
         for state in ActorState::ALL {
             for runtime in [Runtime::Trio, Runtime::Asyncio, Runtime::Other, Runtime::Unknown] {
@@ -489,7 +499,6 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
-
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -535,12 +544,18 @@ mod tests {
         m.observe(&dropped_wakeup(2, 3, 0), None, "unknown");
         let text = m.encode();
         assert_eq!(
-            sample_value(&text, r#"sigwake_wakeup_writes_dropped_total{actor="fetcher",runtime="trio",signal="SIGINT",errno="EAGAIN"}"#),
+            sample_value(
+                &text,
+                r#"sigwake_wakeup_writes_dropped_total{actor="fetcher",runtime="trio",signal="SIGINT",errno="EAGAIN"}"#
+            ),
             Some(2.0),
             "{text}"
         );
         assert_eq!(
-            sample_value(&text, r#"sigwake_wakeup_writes_dropped_total{actor="none",runtime="unknown",signal="SIGINT",errno="EAGAIN"}"#),
+            sample_value(
+                &text,
+                r#"sigwake_wakeup_writes_dropped_total{actor="none",runtime="unknown",signal="SIGINT",errno="EAGAIN"}"#
+            ),
             Some(1.0)
         );
         assert!(text.ends_with("# EOF\n"));
@@ -557,7 +572,10 @@ mod tests {
         m.observe(&Event::try_from(&d).unwrap(), Some("w"), "trio");
         let text = m.encode();
         assert_eq!(
-            sample_value(&text, r#"sigwake_signals_generated_total{actor="none",signal="SIGINT",result="already_pending"}"#),
+            sample_value(
+                &text,
+                r#"sigwake_signals_generated_total{actor="none",signal="SIGINT",result="already_pending"}"#
+            ),
             Some(1.0)
         );
         assert_eq!(
@@ -574,7 +592,10 @@ mod tests {
         }
         let text = m.encode();
         assert_eq!(
-            sample_value(&text, r#"sigwake_wakeup_writes_dropped_total{actor="_other",runtime="trio",signal="SIGINT",errno="EAGAIN"}"#),
+            sample_value(
+                &text,
+                r#"sigwake_wakeup_writes_dropped_total{actor="_other",runtime="trio",signal="SIGINT",errno="EAGAIN"}"#
+            ),
             Some(2.0)
         );
         assert_eq!(sample_value(&text, "sigwake_actor_labels_folded_total"), Some(2.0));

@@ -32,15 +32,11 @@ pub enum PidfdError {
     #[error("process {pid} has exited (ESRCH)")]
     Exited { pid: u32 },
     /// The pid now belongs to a different process than the caller recorded.
-    #[error(
-        "pid {pid} was reused: expected start time {expected}, found {found} (refusing to touch it)"
-    )]
+    #[error("pid {pid} was reused: expected start time {expected}, found {found} (refusing to touch it)")]
     Reused { pid: u32, expected: u64, found: u64 },
     /// The caller lacks the rights for this operation (not root, no
     /// CAP_KILL / ptrace-attach rights over the target).
-    #[error(
-        "permission denied for {op} on pid {pid}: need root or CAP_KILL/ptrace rights over the target"
-    )]
+    #[error("permission denied for {op} on pid {pid}: need root or CAP_KILL/ptrace rights over the target")]
     PermissionDenied { op: &'static str, pid: u32 },
     /// The target has no such file descriptor (pidfd_getfd: EBADF).
     #[error("pid {pid} has no file descriptor {fd}")]
@@ -63,11 +59,7 @@ impl PidfdError {
         match err.raw_os_error() {
             Some(libc::ESRCH) => PidfdError::Exited { pid },
             Some(libc::EPERM) | Some(libc::EACCES) => PidfdError::PermissionDenied { op, pid },
-            _ => PidfdError::Syscall {
-                op,
-                pid,
-                source: err,
-            },
+            _ => PidfdError::Syscall { op, pid, source: err },
         }
     }
 }
@@ -91,11 +83,7 @@ impl ProcessHandle {
         // SAFETY: pidfd_open(pid_t, unsigned int) takes no pointers.
         let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0u32) };
         if ret < 0 {
-            return Err(PidfdError::from_errno(
-                "pidfd_open",
-                pid,
-                io::Error::last_os_error(),
-            ));
+            return Err(PidfdError::from_errno("pidfd_open", pid, io::Error::last_os_error()));
         }
         // SAFETY: the syscall returned a fresh descriptor that nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(ret as RawFd) };
@@ -109,26 +97,15 @@ impl ProcessHandle {
                 return Err(PidfdError::Exited { pid });
             }
             Err(e) => {
-                return Err(PidfdError::StartTime {
-                    pid,
-                    reason: e.to_string(),
-                });
+                return Err(PidfdError::StartTime { pid, reason: e.to_string() });
             }
         };
         if let Some(expected) = expected_start_time
             && expected != found
         {
-            return Err(PidfdError::Reused {
-                pid,
-                expected,
-                found,
-            });
+            return Err(PidfdError::Reused { pid, expected, found });
         }
-        Ok(ProcessHandle {
-            pid,
-            start_time: found,
-            fd,
-        })
+        Ok(ProcessHandle { pid, start_time: found, fd })
     }
 
     pub fn pid(&self) -> u32 {
@@ -154,11 +131,7 @@ impl ProcessHandle {
             )
         };
         if ret < 0 {
-            return Err(PidfdError::from_errno(
-                "pidfd_send_signal",
-                self.pid,
-                io::Error::last_os_error(),
-            ));
+            return Err(PidfdError::from_errno("pidfd_send_signal", self.pid, io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -186,11 +159,7 @@ impl ProcessHandle {
                     ms.min(libc::c_int::MAX as u128) as libc::c_int
                 }
             };
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
             let n = unsafe { libc::poll(&mut pfd, 1, ms) };
             if n > 0 {
@@ -218,15 +187,11 @@ impl ProcessHandle {
     /// out of them); consuming them would lose the signals for good.
     pub fn get_fd(&self, target_fd: i32) -> Result<OwnedFd, PidfdError> {
         // SAFETY: pidfd_getfd(int, int, unsigned int) takes no pointers.
-        let ret =
-            unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), target_fd, 0u32) };
+        let ret = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), target_fd, 0u32) };
         if ret < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EBADF) {
-                return Err(PidfdError::NoSuchFd {
-                    pid: self.pid,
-                    fd: target_fd,
-                });
+                return Err(PidfdError::NoSuchFd { pid: self.pid, fd: target_fd });
             }
             return Err(PidfdError::from_errno("pidfd_getfd", self.pid, err));
         }
@@ -315,11 +280,7 @@ pub fn wakeup_fill(pid: u32, wakeup_fd: i32) -> Option<WakeupFill> {
             let sndbuf = *m.get(sock_diag::MEMINFO_SNDBUF)? as u64;
             (queued > 0 && wmem > 0).then(|| (queued * sndbuf).div_ceil(wmem))
         });
-        return Some(WakeupFill {
-            queued,
-            capacity_hint,
-            method: "sock_diag",
-        });
+        return Some(WakeupFill { queued, capacity_hint, method: "sock_diag" });
     }
     let handle = ProcessHandle::open(pid, None).ok()?;
     let fd = handle.get_fd(wakeup_fd).ok()?;
@@ -331,11 +292,7 @@ pub fn wakeup_fill(pid: u32, wakeup_fd: i32) -> Option<WakeupFill> {
     } else {
         None
     };
-    Some(WakeupFill {
-        queued,
-        capacity_hint,
-        method: "fionread",
-    })
+    Some(WakeupFill { queued, capacity_hint, method: "fionread" })
 }
 
 /// Receive queue (bytes) and inode of the AF_UNIX socket `fd` of `pid`, via
@@ -350,11 +307,7 @@ pub fn unix_socket_recv_queue(pid: u32, fd: i32) -> Option<(u32, u32)> {
 
 /// The inode of a `socket:[INODE]` readlink target.
 fn socket_inode(target: &str) -> Option<u32> {
-    target
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
 }
 
 /// NETLINK_SOCK_DIAG for AF_UNIX, by hand (linux/unix_diag.h,
@@ -418,10 +371,7 @@ mod sock_diag {
     }
 
     fn same_netns(pid: u32) -> bool {
-        match (
-            fs::metadata("/proc/self/ns/net"),
-            fs::metadata(format!("/proc/{pid}/ns/net")),
-        ) {
+        match (fs::metadata("/proc/self/ns/net"), fs::metadata(format!("/proc/{pid}/ns/net"))) {
             (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
             // Cannot tell: querying our own netns is all we can do anyway.
             _ => true,
@@ -446,22 +396,14 @@ mod sock_diag {
 
     fn open_socket() -> io::Result<OwnedFd> {
         // SAFETY: plain socket(2).
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                libc::NETLINK_SOCK_DIAG,
-            )
-        };
+        let fd =
+            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fresh descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: 1,
-            tv_usec: 0,
-        };
+        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
         // SAFETY: valid option pointer and length.
         unsafe {
             libc::setsockopt(
@@ -547,15 +489,11 @@ mod sock_diag {
     }
 
     fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-        Some(u16::from_ne_bytes(
-            b.get(off..off.checked_add(2)?)?.try_into().ok()?,
-        ))
+        Some(u16::from_ne_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
     }
 
     fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-        Some(u32::from_ne_bytes(
-            b.get(off..off.checked_add(4)?)?.try_into().ok()?,
-        ))
+        Some(u32::from_ne_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
     }
 
     fn align4(n: usize) -> usize {
@@ -567,18 +505,13 @@ mod sock_diag {
         let mut off = 0usize;
         let mut saw_ours = false;
         while buf.len().saturating_sub(off) >= NLMSG_HDRLEN {
-            let (Some(len), Some(ty), Some(mseq)) =
-                (u32_at(buf, off), u16_at(buf, off + 4), u32_at(buf, off + 8))
+            let (Some(len), Some(ty), Some(mseq)) = (u32_at(buf, off), u16_at(buf, off + 4), u32_at(buf, off + 8))
             else {
                 return Reply::Failed;
             };
             let len = len as usize;
             if len < NLMSG_HDRLEN || len > buf.len() - off {
-                return if saw_ours {
-                    Reply::Failed
-                } else {
-                    Reply::Other
-                };
+                return if saw_ours { Reply::Failed } else { Reply::Other };
             }
             let msg = &buf[off..off + len];
             off += align4(len);
@@ -605,11 +538,7 @@ mod sock_diag {
                 _ => {}
             }
         }
-        if saw_ours {
-            Reply::Failed
-        } else {
-            Reply::Other
-        }
+        if saw_ours { Reply::Failed } else { Reply::Other }
     }
 
     /// struct unix_diag_msg followed by rtattr-framed attributes.
@@ -617,12 +546,7 @@ mod sock_diag {
         if p.len() < UNIX_DIAG_MSG_LEN || p[0] != libc::AF_UNIX as u8 {
             return None;
         }
-        let mut d = UnixDiag {
-            ino: u32_at(p, 4)?,
-            sock_type: p[1],
-            state: p[2],
-            ..Default::default()
-        };
+        let mut d = UnixDiag { ino: u32_at(p, 4)?, sock_type: p[1], state: p[2], ..Default::default() };
         let mut off = UNIX_DIAG_MSG_LEN;
         while p.len().saturating_sub(off) >= 4 {
             let alen = u16_at(p, off)? as usize;
@@ -641,10 +565,7 @@ mod sock_diag {
                 }
                 UNIX_DIAG_MEMINFO => {
                     d.meminfo = Some(
-                        payload
-                            .chunks_exact(4)
-                            .filter_map(|c| c.try_into().ok().map(u32::from_ne_bytes))
-                            .collect(),
+                        payload.chunks_exact(4).filter_map(|c| c.try_into().ok().map(u32::from_ne_bytes)).collect(),
                     );
                 }
                 _ => {}
@@ -671,11 +592,7 @@ pub fn descendants(pid: u32) -> Vec<u32> {
         return Vec::new();
     };
     for entry in dir.flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
@@ -723,12 +640,7 @@ pub(crate) mod tests {
     }
 
     fn sleeper() -> Reaper {
-        Reaper(
-            Command::new("sleep")
-                .arg("30")
-                .spawn()
-                .expect("spawn sleep"),
-        )
+        Reaper(Command::new("sleep").arg("30").spawn().expect("spawn sleep"))
     }
 
     #[test]
@@ -753,11 +665,7 @@ pub(crate) mod tests {
         let pid = child.0.id();
         let start = read_start_time(pid).unwrap();
         match ProcessHandle::open(pid, Some(start + 1)) {
-            Err(PidfdError::Reused {
-                pid: p,
-                expected,
-                found,
-            }) => {
+            Err(PidfdError::Reused { pid: p, expected, found }) => {
                 assert_eq!((p, expected, found), (pid, start + 1, start));
             }
             other => panic!("expected Reused, got {other:?}"),
@@ -775,17 +683,12 @@ pub(crate) mod tests {
         h.send_signal(libc::SIGKILL).unwrap();
         child.0.wait().unwrap(); // reaped: the pid is released
         assert!(!h.is_alive());
-        assert!(
-            matches!(h.send_signal(libc::SIGTERM), Err(PidfdError::Exited { pid: p }) if p == pid)
-        );
+        assert!(matches!(h.send_signal(libc::SIGTERM), Err(PidfdError::Exited { pid: p }) if p == pid));
         assert!(matches!(h.get_fd(0), Err(PidfdError::Exited { .. })));
         // Opening a reaped pid (unless already reused, which is unlikely
         // within microseconds) fails the same way.
         if fs::metadata(format!("/proc/{pid}")).is_err() {
-            assert!(matches!(
-                ProcessHandle::open(pid, None),
-                Err(PidfdError::Exited { .. })
-            ));
+            assert!(matches!(ProcessHandle::open(pid, None), Err(PidfdError::Exited { .. })));
         }
     }
 
@@ -793,10 +696,7 @@ pub(crate) mod tests {
     fn get_fd_missing_fd() {
         let child = sleeper();
         let h = ProcessHandle::open(child.0.id(), None).unwrap();
-        assert!(matches!(
-            h.get_fd(987),
-            Err(PidfdError::NoSuchFd { fd: 987, .. })
-        ));
+        assert!(matches!(h.get_fd(987), Err(PidfdError::NoSuchFd { fd: 987, .. })));
         // fd 0 exists: get a duplicate and inspect it without reading.
         let fd = h.get_fd(0).unwrap();
         assert!(fd.as_raw_fd() >= 0);
@@ -805,31 +705,21 @@ pub(crate) mod tests {
     /// A Python process that fills a wakeup-like fd until EAGAIN, then
     /// prints "PID WRITE_FD BYTES_WRITTEN" and sleeps.
     fn python_filler(script: &str) -> Option<(Reaper, u32, i32, u64)> {
-        let mut child = match Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .stdout(Stdio::piped())
-            .stdin(Stdio::null())
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipping: python3 not runnable: {e}");
-                return None;
-            }
-        };
+        let mut child =
+            match Command::new("python3").arg("-c").arg(script).stdout(Stdio::piped()).stdin(Stdio::null()).spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("skipping: python3 not runnable: {e}");
+                    return None;
+                }
+            };
         let stdout = child.stdout.take().unwrap();
         let reaper = Reaper(child);
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
         let f: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(f.len(), 3, "unexpected python output {line:?}");
-        Some((
-            reaper,
-            f[0].parse().unwrap(),
-            f[1].parse().unwrap(),
-            f[2].parse().unwrap(),
-        ))
+        Some((reaper, f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap()))
     }
 
     const TRIO_LIKE: &str = r#"
@@ -903,11 +793,8 @@ time.sleep(30)
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
         let f: Vec<&str> = line.split_whitespace().collect();
-        let (pid, wfd, written): (u32, i32, u64) = (
-            f[0].parse().unwrap(),
-            f[1].parse().unwrap(),
-            f[2].parse().unwrap(),
-        );
+        let (pid, wfd, written): (u32, i32, u64) =
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap());
         assert_ne!(
             fs::metadata("/proc/self/ns/net").unwrap().ino(),
             fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino()
@@ -940,13 +827,7 @@ time.sleep(30)
     #[test]
     fn descendants_deepest_first() {
         // sh -> sh -> sleep: a chain of three below the first sh.
-        let child = Reaper(
-            Command::new("sh")
-                .arg("-c")
-                .arg("sh -c 'sleep 30 & wait' & wait")
-                .spawn()
-                .unwrap(),
-        );
+        let child = Reaper(Command::new("sh").arg("-c").arg("sh -c 'sleep 30 & wait' & wait").spawn().unwrap());
         let pid = child.0.id();
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut d = descendants(pid);
@@ -963,11 +844,7 @@ time.sleep(30)
                 let _ = h.send_signal(libc::SIGKILL);
             }
         }
-        assert!(
-            descendants(std::process::id())
-                .iter()
-                .all(|&p| p != std::process::id())
-        );
+        assert!(descendants(std::process::id()).iter().all(|&p| p != std::process::id()));
     }
 
     #[test]

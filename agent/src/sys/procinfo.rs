@@ -61,12 +61,7 @@ pub fn format_rfc3339(unix_ns: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, sod % 3600 / 60, sod % 60)
 }
 
 fn proc_path(pid: u32, file: &str) -> PathBuf {
@@ -112,12 +107,7 @@ pub fn comm(pid: u32) -> Option<String> {
 /// Command-line arguments, NUL-separated in /proc.
 pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(proc_path(pid, "cmdline")).ok()?;
-    Some(
-        raw.split(|&b| b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect(),
-    )
+    Some(raw.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
 }
 
 pub fn exe(pid: u32) -> Option<PathBuf> {
