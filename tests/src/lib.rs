@@ -241,6 +241,23 @@ pub fn fixture_with_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> (P
     (p, ready)
 }
 
+/// The tokio fixture binary (tests/fixtures/tokio_actor, package
+/// `sigwake-tokio-actor`), built by `cargo xtask test`, which sets
+/// SIGWAKE_TOKIO_ACTOR to its path.
+pub fn tokio_actor_bin() -> PathBuf {
+    env_path("SIGWAKE_TOKIO_ACTOR")
+}
+
+/// The tokio fixture with `args`, returned with its ready line (`pid`,
+/// `main_tid`, `wakeup_fd`: the fd its signal handler sends to).
+pub fn tokio_actor(args: &[&str]) -> (Proc, Value) {
+    let mut cmd = Command::new(tokio_actor_bin());
+    cmd.args(args);
+    let p = Proc::spawn("sigwake-tokio-actor", &mut cmd);
+    let ready = p.stdout.wait_json("sigwake-tokio-actor ready", Duration::from_secs(30), |v| v["ready"] == true);
+    (p, ready)
+}
+
 /// Drop events (what `--only-drops` prints) for `pid`.
 pub fn drops_for(lines: &Lines, pid: u32) -> Vec<Value> {
     lines.json().into_iter().filter(|v| v["event"] == "wakeup_write_failed" && v["pid"] == pid).collect()
