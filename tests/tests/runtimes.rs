@@ -87,7 +87,9 @@ fn starved_tokio_loop_dropped_sigint_is_reported_with_fd_and_signal() {
 
     // Once the thread is free, the loop polls its signal driver and the
     // (delayed) SIGINT reaches the stream.
-    actor.stdout.wait_json("the SIGINT once the loop runs again", Duration::from_secs(20), |v| v["interrupted"] == true);
+    actor
+        .stdout
+        .wait_json("the SIGINT once the loop runs again", Duration::from_secs(20), |v| v["interrupted"] == true);
     let st = actor.wait_exit(EVENT);
     assert_eq!(st.code(), Some(130), "{st}; stderr:\n{}", actor.stderr_text());
     // The drops already printed; give the last ones a moment to arrive.
@@ -116,7 +118,9 @@ fn healthy_tokio_loop_reports_no_drop() {
 
     // Positive evidence the agent watched it: the handler entered, and its
     // wakeup send succeeded.
-    let deliver = all.stdout.wait_json("SIGINT handler entry", EVENT, |v| v["event"] == "signal_deliver" && v["signal"] == "SIGINT");
+    let deliver = all
+        .stdout
+        .wait_json("SIGINT handler entry", EVENT, |v| v["event"] == "signal_deliver" && v["signal"] == "SIGINT");
     assert_eq!(deliver["disposition"], "handler", "{deliver}");
     let ok = all.stdout.wait_json("the successful wakeup send", EVENT, |v| v["event"] == "handler_write");
     assert_eq!(ok["fd"], ready["wakeup_fd"], "{ok}");
@@ -140,7 +144,8 @@ fn healthy_tokio_loop_reports_no_drop() {
 
 /// /proc/PID/stat field 22.
 fn start_time(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
     let after = &stat[stat.rfind(')').expect("comm in /proc/PID/stat") + 1..];
     after.split_whitespace().nth(19).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no field 22 in {stat}"))
 }
@@ -159,7 +164,9 @@ fn steps(incident: &Value) -> Vec<String> {
 fn audit_actions(state_dir: &Path, incident: u64) -> Vec<String> {
     let text = std::fs::read_to_string(state_dir.join("audit.jsonl")).unwrap_or_default();
     text.lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("audit.jsonl: a line is not JSON ({e}): {l}")))
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("audit.jsonl: a line is not JSON ({e}): {l}"))
+        })
         .filter(|l| l["incident"] == incident)
         .map(|l| l["action"].as_str().unwrap_or("?").to_string())
         .collect()
@@ -229,7 +236,8 @@ fn starved_tokio_actor_is_discovered_and_escalated() {
     let exit_ms = sent.elapsed().as_secs_f64() * 1e3;
     assert_eq!(status.signal(), Some(libc::SIGTERM), "the actor should have been ended by SIGTERM, got {status}");
 
-    let inc = agent.wait_entry("/incidents", "the incident to close as exited", EVENT, pid, |i| i["status"] == "exited");
+    let inc =
+        agent.wait_entry("/incidents", "the incident to close as exited", EVENT, pid, |i| i["status"] == "exited");
     let id = inc["id"].as_u64().expect("incident id");
     thread::sleep(Duration::from_millis(300));
     let inc = agent.entries_for("/incidents", pid).into_iter().find(|i| i["id"] == id).expect("the incident");
@@ -245,7 +253,10 @@ fn starved_tokio_actor_is_discovered_and_escalated() {
     assert_eq!(inc["evidence"]["wakeup_fd"], ready["wakeup_fd"], "{inc:#}");
     assert!(inc["evidence"]["drops"].as_u64().is_some_and(|d| d >= 1), "evidence.drops should be ≥ 1: {inc:#}");
     assert!(inc["evidence"]["signals"].as_array().is_some_and(|s| s.iter().any(|x| x == "SIGINT")), "{inc:#}");
-    assert!((2000.0..3500.0).contains(&confirm_ms), "confirmed {confirm_ms} ms after the first evidence; the window is 2 s: {inc:#}");
+    assert!(
+        (2000.0..3500.0).contains(&confirm_ms),
+        "confirmed {confirm_ms} ms after the first evidence; the window is 2 s: {inc:#}"
+    );
     assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok"], "{inc:#}");
     assert_eq!(agent.entries_for("/incidents", pid).len(), 1, "one incident for the actor");
     assert_eq!(audit_actions(&agent.state_dir, id), ["opened", "diagnostics", "sigterm", "closed_exited"]);
@@ -262,18 +273,28 @@ fn starved_tokio_actor_is_discovered_and_escalated() {
     let wakeup = read("wakeup.json");
     eprintln!("[tokio] wakeup.json: {wakeup}");
     assert_eq!(wakeup["fd"], ready["wakeup_fd"], "{wakeup:#}");
-    assert!(wakeup["fill"]["queued"].as_u64().is_some_and(|q| q >= 1), "the starved loop's socket should hold bytes: {wakeup:#}");
+    assert!(
+        wakeup["fill"]["queued"].as_u64().is_some_and(|q| q >= 1),
+        "the starved loop's socket should hold bytes: {wakeup:#}"
+    );
 
     // Metrics: this actor's drops, incident and action.
-    let exited = agent.wait_entry("/actors", "the actor to be retired", EVENT, pid, |a| a["state"] == "exited" || a["state"] == "dead");
+    let exited = agent.wait_entry("/actors", "the actor to be retired", EVENT, pid, |a| {
+        a["state"] == "exited" || a["state"] == "dead"
+    });
     let drops = exited["drops"].as_u64().expect("drops") as f64;
     eprintln!("[tokio] the actor dropped {drops} wakeups; the incident's evidence counts {}", inc["evidence"]["drops"]);
     let label = format!(r#"actor="{name}""#);
     let mut m = String::new();
-    wait_until(&format!("sigwake_wakeup_writes_dropped_total{{{label}}} to reach the actor's {drops} drops"), EVENT, || {
-        m = agent.metrics();
-        metric_sum(&m, "sigwake_wakeup_writes_dropped_total", &[&label, r#"signal="SIGINT""#, r#"errno="EAGAIN""#]) == drops
-    });
+    wait_until(
+        &format!("sigwake_wakeup_writes_dropped_total{{{label}}} to reach the actor's {drops} drops"),
+        EVENT,
+        || {
+            m = agent.metrics();
+            metric_sum(&m, "sigwake_wakeup_writes_dropped_total", &[&label, r#"signal="SIGINT""#, r#"errno="EAGAIN""#])
+                == drops
+        },
+    );
     assert_eq!(metric_sum(&m, "sigwake_starvation_incidents_total", &[&label]), 1.0, "{m}");
     assert_eq!(
         metric_sum(&m, "sigwake_escalation_actions_total", &[&label, r#"action="sigterm""#, r#"outcome="ok""#]),
