@@ -31,7 +31,7 @@ use crate::{
     serve::metrics::ActorLabel,
     serve::metrics::Metrics,
     serve::trace::{self, TraceFilter},
-    sys::pidfd,
+    sys::fdqueue,
     sys::procinfo::{self, Clock},
 };
 
@@ -273,7 +273,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     active.iter().map(|p| (*p, reg.get(*p).and_then(|a| a.wakeup_fd))).collect()
                 };
                 let mut probe = |pid: u32| -> Option<u64> {
-                    let fill = pidfd::wakeup_fill(pid, fds.get(&pid).copied().flatten()?)?;
+                    let fill = fdqueue::wakeup_fill(pid, fds.get(&pid).copied().flatten()?)?;
                     if let Some(cap) = fill.capacity_hint.filter(|c| *c > 0) {
                         let name = lock(&registry).name_of(pid).map(str::to_string);
                         metrics.wakeup_fill_ratio

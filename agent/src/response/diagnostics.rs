@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::sys::pidfd::{self, WakeupFill};
+use crate::sys::fdqueue::{self, WakeupFill};
 
 /// Where and how to capture.
 #[derive(Clone, Debug)]
@@ -139,7 +139,7 @@ fn capture_with(
 
     let mut wakeup = None;
     if let Some(fd) = wakeup_fd {
-        wakeup = pidfd::wakeup_fill(pid, fd);
+        wakeup = fdqueue::wakeup_fill(pid, fd);
         if wakeup.is_none() {
             errors.push(format!("wakeup: cannot measure fd {fd} of pid {pid}"));
         }

@@ -30,7 +30,8 @@ use crate::{
     response::diagnostics::{self, CaptureOptions},
     response::incidents::{Evidence, Incident, Status, Store},
     serve::metrics::{EscalationLabels, Metrics, StageLabels},
-    sys::pidfd::{self, PidfdError, ProcessHandle},
+    sys::cgroup,
+    sys::pidfd::{PidfdError, ProcessHandle},
     sys::procinfo,
 };
 
@@ -316,9 +317,9 @@ impl Engine {
         // Pin the subtree now, while the actor is alive and its children
         // are still its children.
         if inc.subtree.is_empty() {
-            let pinned: Vec<(u32, u64)> = pidfd::descendants(inc.pid)
+            let pinned: Vec<(u32, u64)> = procinfo::descendants(inc.pid)
                 .into_iter()
-                .filter_map(|d| pidfd::read_start_time(d).ok().map(|t| (d, t)))
+                .filter_map(|d| procinfo::read_start_time(d).ok().map(|t| (d, t)))
                 .collect();
             lock(&self.store).update(id, |i| i.subtree = pinned.clone());
             inc.subtree = pinned;
@@ -512,7 +513,7 @@ impl Engine {
             if self.dry_run {
                 return format!("would write 1 to {}/cgroup.kill", cg.display());
             }
-            match pidfd::kill_cgroup(&cg) {
+            match cgroup::kill_cgroup(&cg) {
                 Ok(()) => return format!("wrote 1 to {}/cgroup.kill", cg.display()),
                 Err(e) => {
                     done.push(format!("cgroup.kill on {} failed ({e}); killing processes one by one", cg.display()))

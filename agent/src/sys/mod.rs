@@ -1,4 +1,14 @@
-//! The system layer: every raw syscall and /proc read the agent makes.
+//! The system layer: every raw syscall and /proc read the agent makes, so
+//! the stages above it never parse kernel text or call libc themselves.
+//!
+//! - `procinfo`: /proc/PID files (the one /proc/PID/stat parser), clocks
+//! - `pidfd`: process handles that pin identity; signals go only through them
+//! - `fdqueue`: how full a wakeup fd is, never reading it
+//! - `sockdiag`: the NETLINK_SOCK_DIAG client `fdqueue` uses
+//! - `cgroup`: cgroup v2 kill
 
+pub mod cgroup;
+pub mod fdqueue;
 pub mod pidfd;
 pub mod procinfo;
+pub mod sockdiag;

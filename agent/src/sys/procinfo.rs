@@ -3,7 +3,7 @@
 //! Everything here may race with the process exiting; every function returns
 //! `None` (or an error) rather than guessing.
 
-use std::path::PathBuf;
+use std::{fs, io, path::PathBuf};
 
 /// CLOCK_MONOTONIC now, in ns: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
@@ -87,16 +87,33 @@ fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
 /// Start time of a process in clock ticks since boot (`/proc/PID/stat`
 /// field 22): with the pid, the identity of a process.
 pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(proc_path(pid, "stat")).ok()?;
-    parse_stat_start_time(&stat)
+    read_start_time(pid).ok()
 }
 
-/// The comm is in parentheses and may itself hold spaces and ')': fields
-/// are counted after the last ')'.
+/// [`start_time`], saying why it could not be read (`NotFound`: gone).
+pub fn read_start_time(pid: u32) -> io::Result<u64> {
+    let stat = fs::read_to_string(proc_path(pid, "stat"))?;
+    parse_stat_start_time(&stat).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/PID/stat"))
+}
+
+/// Field 22 of a /proc/PID/stat line.
 pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    // after the comm: field 3 (state) is index 0, field 22 is index 19.
-    after.split_whitespace().nth(19)?.parse().ok()
+    stat_field(stat, 22)?.parse().ok()
+}
+
+/// Parent pid (/proc/PID/stat field 4).
+pub fn ppid_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(proc_path(pid, "stat")).ok()?;
+    stat_field(&stat, 4)?.parse().ok()
+}
+
+/// Field `n` (1-based, as in proc(5)) of a /proc/PID/stat line, for n ≥ 3.
+/// This is the one place the agent parses that line. comm (field 2) may
+/// contain spaces and parentheses: fields after it are counted from the
+/// *last* ')'.
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(n.checked_sub(3)?)
 }
 
 pub fn comm(pid: u32) -> Option<String> {
@@ -120,9 +137,81 @@ pub fn cgroup(pid: u32) -> Option<String> {
     text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string)
 }
 
+/// All descendants of `pid` (not `pid` itself), deepest first: children come
+/// after their own descendants, so killing in this order leaves no orphan to
+/// be reparented mid-walk. A snapshot of /proc: it races with forks.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut children: std::collections::HashMap<u32, Vec<u32>> = Default::default();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for entry in dir.flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(ppid) = ppid_of(child) {
+            children.entry(ppid).or_default().push(child);
+        }
+    }
+    // Breadth-first from pid: parents before children; reversed at the end.
+    let mut order = Vec::new();
+    let mut seen = std::collections::HashSet::from([pid]);
+    let mut queue = std::collections::VecDeque::from([pid]);
+    while let Some(p) = queue.pop_front() {
+        if let Some(kids) = children.get(&p) {
+            let mut kids = kids.clone();
+            kids.sort_unstable();
+            for k in kids {
+                if seen.insert(k) {
+                    order.push(k);
+                    queue.push_back(k);
+                }
+            }
+        }
+    }
+    order.reverse();
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::pidfd::{ProcessHandle, tests::Reaper};
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn descendants_deepest_first() {
+        // sh -> sh -> sleep: a chain of three below the first sh.
+        let child = Reaper(Command::new("sh").arg("-c").arg("sh -c 'sleep 30 & wait' & wait").spawn().unwrap());
+        let pid = child.0.id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut d = descendants(pid);
+        while d.len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            d = descendants(pid);
+        }
+        assert_eq!(d.len(), 2, "{d:?}");
+        let comm = |p: u32| fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+        assert_eq!(comm(d[0]).trim(), "sleep");
+        assert_eq!(comm(d[1]).trim(), "sh");
+        for p in d {
+            if let Ok(h) = ProcessHandle::open(p, None) {
+                let _ = h.send_signal(libc::SIGKILL);
+            }
+        }
+        assert!(descendants(std::process::id()).iter().all(|&p| p != std::process::id()));
+    }
+
+    #[test]
+    fn stat_parsing() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(stat_field(stat, 3), Some("S"));
+        assert_eq!(stat_field(stat, 4), Some("1"));
+        assert_eq!(stat_field(stat, 22), Some("987654"));
+        assert_eq!(stat_field("garbage", 22), None);
+        assert_eq!(stat_field(stat, 2), None);
+    }
 
     #[test]
     fn start_time_skips_comm_with_spaces_and_parens() {
