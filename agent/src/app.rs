@@ -24,6 +24,7 @@ use crate::{
     kernel::events::{Disposition, Event},
     kernel::probes::{self, HookPreference, Probes},
     kernel::source,
+    lock,
     response::detector::{Detector, Input, Output},
     response::escalation::{Confirmation, Engine},
     response::incidents,
@@ -418,10 +419,6 @@ fn apply_detector_outputs(out: &mut Vec<Output>, registry: &Mutex<Registry>, eng
             Output::Exited { pid } => engine.on_exited(pid),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `sigwake actors`: asks the running agent over its socket.

@@ -19,3 +19,10 @@ pub mod kernel;
 pub mod response;
 pub mod serve;
 pub mod sys;
+
+/// Locks a mutex, recovering from poisoning: a panicking task cannot leave
+/// any of the agent's shared state half-updated (each critical section is a
+/// plain update), and a monitoring agent must keep running.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

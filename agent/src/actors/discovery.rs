@@ -35,13 +35,7 @@ pub struct Discovery {
 
 /// From /proc/PID/stat: comm, ppid and start time, in one read.
 fn stat_brief(pid: u32) -> Option<(String, u32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?.to_string();
-    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    // After the comm: index 0 is field 3 (state), 1 is ppid, 19 is starttime.
-    Some((comm, fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+    procinfo::stat(pid).ok().map(|s| (s.comm, s.ppid, s.start_time))
 }
 
 impl Discovery {

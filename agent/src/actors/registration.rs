@@ -62,7 +62,7 @@ pub async fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketGuard)> {
 }
 
 fn release(per_uid: &Mutex<HashMap<u32, usize>>, uid: u32) {
-    let mut counts = per_uid.lock().unwrap_or_else(|e| e.into_inner());
+    let mut counts = crate::lock(&per_uid);
     if let Some(n) = counts.get_mut(&uid) {
         *n = n.saturating_sub(1);
         if *n == 0 {
@@ -83,7 +83,7 @@ pub async fn serve(listener: UnixListener, registry: Arc<Mutex<Registry>>) {
         let Ok(cred) = stream.peer_cred() else { continue };
         let uid = cred.uid();
         let per_uid_ok = uid == 0 || {
-            let mut counts = per_uid.lock().unwrap_or_else(|e| e.into_inner());
+            let mut counts = crate::lock(&per_uid);
             let n = counts.entry(uid).or_insert(0);
             if *n < MAX_CLIENTS_PER_UID {
                 *n += 1;
@@ -189,7 +189,7 @@ async fn refuse(mut stream: UnixStream, code: &str, message: &str) -> std::io::R
 pub fn handle_line(line: &[u8], caller: Caller, registry: &Mutex<Registry>) -> String {
     match parse(line) {
         Ok((op, spec)) => {
-            let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
+            let mut reg = crate::lock(&registry);
             let result: Result<Value, RegistryError> = match op.as_str() {
                 "ping" => Ok(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})),
                 "register" => reg.upsert(&spec, Source::Socket, Some(caller)).map(|a| json!({"ok": true, "actor": a})),

@@ -221,18 +221,11 @@ pub trait ProcReader: Send {
 pub struct RealProc;
 impl ProcReader for RealProc {
     fn facts(&self, pid: u32) -> Option<ProcFacts> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let uids: Vec<u32> = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))?
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim().parse().ok()?;
+        let status = procinfo::status(pid)?;
         Some(ProcFacts {
             start_time: procinfo::start_time(pid)?,
-            uids: [*uids.first()?, *uids.get(1)?, *uids.get(2)?],
-            ppid,
+            uids: status.uids,
+            ppid: status.ppid,
             comm: procinfo::comm(pid).unwrap_or_default(),
             cmdline: procinfo::cmdline(pid).unwrap_or_default(),
         })

@@ -27,7 +27,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::sys::fdqueue::{self, WakeupFill};
+use crate::sys::{
+    fdqueue::{self, WakeupFill},
+    procinfo,
+};
 
 /// Where and how to capture.
 #[derive(Clone, Debug)]
@@ -228,7 +231,10 @@ fn read_thread(pid: u32, tid: u32) -> ThreadInfo {
     let wchan = read("wchan");
     let stack = read("stack");
     let syscall = read("syscall");
-    let (comm, state) = stat.as_deref().map(parse_comm_state).unwrap_or((None, None));
+    let (comm, state) = match stat.as_deref().and_then(procinfo::parse_stat) {
+        Some(s) => (Some(s.comm), Some(s.state)),
+        None => (None, None),
+    };
     ThreadInfo {
         tid,
         comm,
@@ -243,18 +249,6 @@ fn read_thread(pid: u32, tid: u32) -> ThreadInfo {
 
 /// comm and state from a /proc/…/stat line: comm is between the first '('
 /// and the *last* ')' (it may contain both); state follows.
-fn parse_comm_state(stat: &str) -> (Option<String>, Option<String>) {
-    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-        return (None, None);
-    };
-    if open >= close {
-        return (None, None);
-    }
-    let comm = Some(stat[open + 1..close].to_string());
-    let state = stat[close + 1..].split_whitespace().next().map(str::to_string);
-    (comm, state)
-}
-
 fn read_fds(pid: u32, errors: &mut Vec<String>) -> BTreeMap<u32, String> {
     let fd_dir = format!("/proc/{pid}/fd");
     let mut fds = BTreeMap::new();
@@ -371,9 +365,9 @@ mod tests {
     fn wait_sleeping(pid: u32) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let stat = procinfo::stat(pid).ok();
             let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-            if parse_comm_state(&stat) == (Some("sleep".into()), Some("S".into())) && wchan.contains("sleep") {
+            if stat.is_some_and(|s| s.comm == "sleep" && s.state == "S") && wchan.contains("sleep") {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -528,13 +522,6 @@ mod tests {
 
         let s = capture_with(me, None, &opts(tmp.path(), true), Some(Some(bin_dir.path().join("nope")))).unwrap();
         assert!(s.py_spy.starts_with("failed: cannot run"), "{}", s.py_spy);
-    }
-
-    #[test]
-    fn comm_state_parsing() {
-        assert_eq!(parse_comm_state("7 (a (b) c) D 1 2"), (Some("a (b) c".into()), Some("D".into())));
-        assert_eq!(parse_comm_state("garbage"), (None, None));
-        assert_eq!(parse_comm_state(")("), (None, None));
     }
 
     #[test]

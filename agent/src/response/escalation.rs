@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 use crate::{
     actors::registry::{ActorState, Registry},
     config::{Action, Config, EscalationLimits, Policy},
+    lock,
     response::diagnostics::{self, CaptureOptions},
     response::incidents::{Evidence, Incident, Status, Store},
     serve::metrics::{EscalationLabels, Metrics, StageLabels},
@@ -66,10 +67,6 @@ pub struct Engine {
     rate: Mutex<RateLimit>,
     /// incident id → cancel flag of its running ladder.
     running: Mutex<HashMap<u64, Arc<AtomicBool>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What the detector confirmed.

@@ -56,7 +56,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) -> std::io::Res
 /// Every actor the registry holds (live and recently exited), as JSON.
 async fn actors(State(state): State<Arc<HttpState>>) -> Response {
     let mut list: Vec<crate::actors::registry::Actor> = {
-        let reg = state.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let reg = crate::lock(&state.registry);
         reg.all().cloned().collect()
     };
     list.sort_by_key(|a| a.pid);
@@ -66,7 +66,7 @@ async fn actors(State(state): State<Arc<HttpState>>) -> Response {
 /// Current and past incidents, newest first.
 async fn incidents(State(state): State<Arc<HttpState>>) -> Response {
     let list: Vec<crate::response::incidents::Incident> = {
-        let store = state.incidents.lock().unwrap_or_else(|e| e.into_inner());
+        let store = crate::lock(&state.incidents);
         store.all().rev().cloned().collect()
     };
     axum::Json(list).into_response()

@@ -84,7 +84,7 @@ pub struct ActorLabelGuard {
 impl ActorLabelGuard {
     pub fn label(&self, actor: Option<&str>) -> String {
         let Some(name) = actor else { return NO_ACTOR.to_string() };
-        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let mut known = crate::lock(&self.known);
         if known.contains(name) {
             return name.to_string();
         }
@@ -433,7 +433,7 @@ impl Metrics {
     /// Moves the kernel-side counters forward to `now` (they are
     /// cumulative in the kernel; only the difference is added).
     pub fn update_kernel_counters(&self, now: KernelCounters) {
-        let mut last = self.last_kernel.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = crate::lock(&self.last_kernel);
         self.kernel_lost_events.inc_by(now.ringbuf_lost.saturating_sub(last.ringbuf_lost));
         self.kernel_handler_map_full.inc_by(now.handler_map_full.saturating_sub(last.handler_map_full));
         self.kernel_stale_windows.inc_by(now.stale_windows.saturating_sub(last.stale_windows));
@@ -463,7 +463,7 @@ impl Metrics {
 
     /// Adds the kernel's per-program run counts and times since the last call.
     pub fn update_bpf_stats(&self, stats: &std::collections::HashMap<&'static str, (u64, u64)>) {
-        let mut last = self.last_bpf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = crate::lock(&self.last_bpf);
         for (name, &(count, ns)) in stats {
             let (lc, lns) = last.get(*name).copied().unwrap_or((0, 0));
             let labels = ProgramLabels { program: name.to_string() };
@@ -475,16 +475,12 @@ impl Metrics {
 
     /// Reads this process's CPU time, RSS and open fds from /proc/self.
     pub fn update_process(&self) {
-        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
-            && let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..])
-        {
-            let f: Vec<&str> = after.split_whitespace().collect();
-            let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            let mut last = self.last_cpu_ticks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(stat) = crate::sys::procinfo::stat_at(std::path::Path::new("/proc/self/stat")) {
+            let ticks = stat.utime + stat.stime;
+            let mut last = crate::lock(&self.last_cpu_ticks);
             self.process_cpu.inc_by(ticks.saturating_sub(*last) as f64 / clock_ticks_per_second());
             *last = ticks;
-            let rss_pages: i64 = f.get(21).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let rss_pages = stat.rss_pages as i64;
             // SAFETY: sysconf has no preconditions.
             self.process_rss.set(rss_pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64);
         }

@@ -3,7 +3,10 @@
 //! Everything here may race with the process exiting; every function returns
 //! `None` (or an error) rather than guessing.
 
-use std::{fs, io, path::PathBuf};
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
 
 /// CLOCK_MONOTONIC now, in ns: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
@@ -68,20 +71,87 @@ fn proc_path(pid: u32, file: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/{file}"))
 }
 
+/// The fields of /proc/PID/status the agent uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub tgid: u32,
+    pub ppid: u32,
+    /// Real, effective, saved uid.
+    pub uids: [u32; 3],
+}
+
+/// Parses /proc/PID/status text: the one place the agent does.
+pub fn parse_status(status: &str) -> Option<Status> {
+    let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim);
+    let mut uids = field("Uid:")?.split_whitespace().map(|v| v.parse::<u32>());
+    Some(Status {
+        tgid: field("Tgid:")?.parse().ok()?,
+        ppid: field("PPid:")?.parse().ok()?,
+        uids: [uids.next()?.ok()?, uids.next()?.ok()?, uids.next()?.ok()?],
+    })
+}
+
+pub fn status(pid: u32) -> Option<Status> {
+    parse_status(&fs::read_to_string(proc_path(pid, "status")).ok()?)
+}
+
 /// The thread-group id of a thread, or `None` if it is gone.
 pub fn tgid_of(tid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(proc_path(tid, "status")).ok()?;
-    status_field(&status, "Tgid:")?.parse().ok()
+    status(tid).map(|s| s.tgid)
 }
 
 /// Real uid of a process.
 pub fn uid_of(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(proc_path(pid, "status")).ok()?;
-    status_field(&status, "Uid:")?.parse().ok()
+    status(pid).map(|s| s.uids[0])
 }
 
-fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
-    status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next())
+/// The fields of a /proc/PID/stat (or /proc/PID/task/TID/stat) line the
+/// agent uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub comm: String,
+    /// `R`, `S`, `D`, `Z`, …
+    pub state: String,
+    pub ppid: u32,
+    /// User and system CPU time, clock ticks.
+    pub utime: u64,
+    pub stime: u64,
+    /// Clock ticks since boot: with the pid, the identity of a process.
+    pub start_time: u64,
+    /// Resident set size, pages.
+    pub rss_pages: u64,
+}
+
+/// Parses a stat line. This is the one place the agent parses that line.
+/// comm (field 2) may contain spaces and parentheses: the fields after it
+/// are counted from the *last* ')'.
+pub fn parse_stat(stat: &str) -> Option<Stat> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_string();
+    // After the comm, index 0 is field 3 (proc(5) numbering).
+    let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let field = |n: usize| f.get(n - 3).copied();
+    Some(Stat {
+        comm,
+        state: field(3)?.to_string(),
+        ppid: field(4)?.parse().ok()?,
+        utime: field(14)?.parse().ok()?,
+        stime: field(15)?.parse().ok()?,
+        start_time: field(22)?.parse().ok()?,
+        rss_pages: field(24)?.parse().ok()?,
+    })
+}
+
+/// /proc/PID/stat of a process (`self` for this one).
+pub fn stat(pid: u32) -> io::Result<Stat> {
+    stat_at(&proc_path(pid, "stat"))
+}
+
+/// A stat file by path (`/proc/self/stat`, `/proc/PID/task/TID/stat`).
+pub fn stat_at(path: &Path) -> io::Result<Stat> {
+    let text = fs::read_to_string(path)?;
+    parse_stat(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("malformed {}", path.display())))
 }
 
 /// Start time of a process in clock ticks since boot (`/proc/PID/stat`
@@ -92,28 +162,12 @@ pub fn start_time(pid: u32) -> Option<u64> {
 
 /// [`start_time`], saying why it could not be read (`NotFound`: gone).
 pub fn read_start_time(pid: u32) -> io::Result<u64> {
-    let stat = fs::read_to_string(proc_path(pid, "stat"))?;
-    parse_stat_start_time(&stat).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/PID/stat"))
-}
-
-/// Field 22 of a /proc/PID/stat line.
-pub fn parse_stat_start_time(stat: &str) -> Option<u64> {
-    stat_field(stat, 22)?.parse().ok()
+    stat(pid).map(|s| s.start_time)
 }
 
 /// Parent pid (/proc/PID/stat field 4).
 pub fn ppid_of(pid: u32) -> Option<u32> {
-    let stat = fs::read_to_string(proc_path(pid, "stat")).ok()?;
-    stat_field(&stat, 4)?.parse().ok()
-}
-
-/// Field `n` (1-based, as in proc(5)) of a /proc/PID/stat line, for n ≥ 3.
-/// This is the one place the agent parses that line. comm (field 2) may
-/// contain spaces and parentheses: fields after it are counted from the
-/// *last* ')'.
-pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(n.checked_sub(3)?)
+    stat(pid).ok().map(|s| s.ppid)
 }
 
 pub fn comm(pid: u32) -> Option<String> {
@@ -204,20 +258,21 @@ mod tests {
     }
 
     #[test]
-    fn stat_parsing() {
+    fn stat_parsing_counts_fields_after_the_last_paren() {
         let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
-        assert_eq!(stat_field(stat, 3), Some("S"));
-        assert_eq!(stat_field(stat, 4), Some("1"));
-        assert_eq!(stat_field(stat, 22), Some("987654"));
-        assert_eq!(stat_field("garbage", 22), None);
-        assert_eq!(stat_field(stat, 2), None);
+        let s = parse_stat(stat).unwrap();
+        assert_eq!((s.comm.as_str(), s.state.as_str(), s.ppid), ("a) b (c)", "S", 1));
+        assert_eq!((s.utime, s.stime, s.start_time, s.rss_pages), (1, 2, 987654, 10));
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat(")("), None);
+        assert_eq!(parse_stat("7 (x) S 1"), None);
     }
 
     #[test]
-    fn start_time_skips_comm_with_spaces_and_parens() {
-        let stat = "1234 (we ird) x) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 1 0 987654 1000 10";
-        assert_eq!(parse_stat_start_time(stat), Some(987654));
-        assert_eq!(parse_stat_start_time("garbage"), None);
+    fn status_parsing() {
+        let text = "Name:\tx\nTgid:\t10\nPid:\t11\nPPid:\t1\nUid:\t1000\t0\t1000\t0\n";
+        assert_eq!(parse_status(text), Some(Status { tgid: 10, ppid: 1, uids: [1000, 0, 1000] }));
+        assert_eq!(parse_status("Uid:\t1\n"), None);
     }
 
     #[test]
