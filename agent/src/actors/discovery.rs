@@ -15,12 +15,27 @@ use std::{
 };
 
 use crate::{
-    actors::registry::{ActorSpec, Registry, Runtime, Source, tractor_identity},
+    actors::registry::{ActorSpec, ProcFacts, ProcReader, RealProc, Registry, Runtime, Source, tractor_identity},
     config::{Candidate, Selector},
     kernel::events::HandlerWrite,
     sys::pidfd::ProcessHandle,
     sys::procinfo,
 };
+
+/// An actor a scan or a handler write found, with the /proc facts the
+/// registry needs, read before the registry is locked.
+pub struct Found {
+    pub spec: ActorSpec,
+    pub source: Source,
+    pub facts: Option<ProcFacts>,
+}
+
+impl Found {
+    fn new(spec: ActorSpec, source: Source) -> Self {
+        let facts = spec.pid.and_then(|pid| RealProc.facts(pid));
+        Found { spec, source, facts }
+    }
+}
 
 pub struct Discovery {
     selectors: Vec<Selector>,
@@ -48,7 +63,7 @@ impl Discovery {
     /// ones are read further. `full` re-examines every process: the caller
     /// asks for it when kernel events (execs among them) were lost. Needs
     /// no registry lock.
-    pub fn scan(&mut self, full: bool) -> Vec<(ActorSpec, Source)> {
+    pub fn scan(&mut self, full: bool) -> Vec<Found> {
         let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
         let mut pids: Vec<u32> = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
         // Parents usually have lower pids: adding them first lets a child
@@ -73,7 +88,7 @@ impl Discovery {
     }
 
     /// A process exec'd: examine it now (its command line changed).
-    pub fn on_exec(&mut self, pid: u32) -> Vec<(ActorSpec, Source)> {
+    pub fn on_exec(&mut self, pid: u32) -> Vec<Found> {
         let mut found = Vec::new();
         if let Some((comm, _, start_time)) = stat_brief(pid) {
             self.examine(pid, &mut found);
@@ -82,12 +97,12 @@ impl Discovery {
         found
     }
 
-    fn examine(&self, pid: u32, found: &mut Vec<(ActorSpec, Source)>) {
+    fn examine(&self, pid: u32, found: &mut Vec<Found>) {
         let cmdline = procinfo::cmdline(pid).unwrap_or_default();
         if let Some((name, uuid)) = tractor_identity(&cmdline) {
             let mut labels = BTreeMap::new();
             labels.insert("tractor_uuid".to_string(), uuid);
-            found.push((
+            found.push(Found::new(
                 ActorSpec {
                     pid: Some(pid),
                     name: Some(name),
@@ -123,7 +138,7 @@ impl Discovery {
             ancestors: &ancestors,
         };
         if let Some(sel) = self.selectors.iter().find(|s| s.matches(&candidate)) {
-            found.push((
+            found.push(Found::new(
                 ActorSpec {
                     pid: Some(pid),
                     name: sel.name.clone(),
@@ -136,33 +151,47 @@ impl Discovery {
         }
     }
 
-    /// Adds what a scan found.
-    pub fn apply(found: Vec<(ActorSpec, Source)>, registry: &mut Registry) {
-        for (spec, source) in found {
-            if let Err(e) = registry.upsert(&spec, source, None) {
-                tracing::debug!("{source:?} match pid {:?}: {e}", spec.pid);
+    /// Adds what a scan found. No I/O: the facts were read with the scan.
+    pub fn apply(found: Vec<Found>, registry: &mut Registry) {
+        for f in found {
+            if let Err(e) = registry.upsert(&f.spec, f.source, None, f.facts) {
+                tracing::debug!("{:?} match pid {:?}: {e}", f.source, f.spec.pid);
             }
         }
     }
 
-    /// A handler wrote one byte on the process's main thread: the self-pipe
-    /// trick. Records the loop if nothing else did.
-    pub fn on_handler_write(&self, registry: &mut Registry, w: &HandlerWrite) {
-        if !self.self_pipe || w.count != 1 || registry.get(w.task.pid).is_some() {
-            return;
-        }
+    /// A handler wrote one byte: the self-pipe trick, if the process is no
+    /// actor yet (the caller checks that under the registry's lock).
+    pub fn wants(&self, w: &HandlerWrite) -> bool {
+        self.self_pipe && w.count == 1
+    }
+
+    /// Examines the process behind a self-pipe write: its runtime (through
+    /// its wakeup fd) and its /proc facts. I/O: call it without holding the
+    /// registry.
+    pub fn examine_loop(&self, w: &HandlerWrite) -> Found {
         let runtime = guess_runtime(w.task.pid, w.fd);
         let spec =
             ActorSpec { pid: Some(w.task.pid), runtime: Some(runtime), wakeup_fd: Some(w.fd), ..Default::default() };
-        match registry.upsert(&spec, Source::Discovered, None) {
+        Found::new(spec, Source::Discovered)
+    }
+
+    /// Records a loop [`Discovery::examine_loop`] found, unless something
+    /// registered it meanwhile.
+    pub fn apply_loop(found: Found, registry: &mut Registry) {
+        let Some(pid) = found.spec.pid else { return };
+        if registry.get(pid).is_some() {
+            return;
+        }
+        match registry.upsert(&found.spec, Source::Discovered, None, found.facts) {
             Ok(a) => tracing::info!(
                 pid = a.pid,
-                fd = w.fd,
-                runtime = runtime.as_str(),
+                fd = found.spec.wakeup_fd,
+                runtime = a.runtime.as_str(),
                 "discovered an event loop using the self-pipe trick (`{}`), observing it",
                 a.name
             ),
-            Err(e) => tracing::debug!("discovering pid {}: {e}", w.task.pid),
+            Err(e) => tracing::debug!("discovering pid {pid}: {e}"),
         }
     }
 }

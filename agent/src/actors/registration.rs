@@ -21,7 +21,7 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::actors::registry::{ActorSpec, Caller, Registry, RegistryError, Source};
+use crate::actors::registry::{ActorSpec, Caller, ProcReader, RealProc, Registry, RegistryError, Source, read_facts};
 
 pub const MAX_REQUEST: usize = 64 * 1024;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -140,7 +140,7 @@ async fn client(mut stream: UnixStream, cred: UCred, registry: Arc<Mutex<Registr
                 return refuse(stream, "too_large", &format!("requests are limited to {MAX_REQUEST} bytes")).await;
             }
             let line: Vec<u8> = buf.drain(..=nl).collect();
-            let reply = handle_line(&line[..line.len() - 1], caller, &registry);
+            let reply = handle_line(&line[..line.len() - 1], caller, &registry, &RealProc);
             tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(reply.as_bytes()))
                 .await
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client not reading"))??;
@@ -186,14 +186,21 @@ async fn refuse(mut stream: UnixStream, code: &str, message: &str) -> std::io::R
 }
 
 /// One request line → one reply line (with its newline).
-pub fn handle_line(line: &[u8], caller: Caller, registry: &Mutex<Registry>) -> String {
+pub fn handle_line(line: &[u8], caller: Caller, registry: &Mutex<Registry>, proc: &dyn ProcReader) -> String {
     match parse(line) {
         Ok((op, spec)) => {
-            let mut reg = crate::lock(&registry);
+            // /proc first, then the registry: its lock is never held across I/O.
+            let facts = match op.as_str() {
+                "register" | "update" => crate::app::blocking(|| read_facts(proc, &spec, Some(caller))),
+                _ => None,
+            };
+            let mut reg = crate::lock(registry);
             let result: Result<Value, RegistryError> = match op.as_str() {
                 "ping" => Ok(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")})),
-                "register" => reg.upsert(&spec, Source::Socket, Some(caller)).map(|a| json!({"ok": true, "actor": a})),
-                "update" => reg.update(&spec, caller).map(|a| json!({"ok": true, "actor": a})),
+                "register" => {
+                    reg.upsert(&spec, Source::Socket, Some(caller), facts).map(|a| json!({"ok": true, "actor": a}))
+                }
+                "update" => reg.update(&spec, caller, facts).map(|a| json!({"ok": true, "actor": a})),
                 "deregister" => reg.deregister(spec.pid.unwrap_or(caller.pid), caller).map(|()| json!({"ok": true})),
                 "list" => Ok(json!({"ok": true, "actors": reg.visible_to(caller)})),
                 other => Err(RegistryError::Invalid(format!(
@@ -223,10 +230,10 @@ fn parse(line: &[u8]) -> Result<(String, ActorSpec), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::actors::registry::tests::registry;
+    use crate::actors::registry::tests::{FakeProc, registry};
 
-    fn call(r: &Mutex<Registry>, caller: Caller, line: &str) -> Value {
-        serde_json::from_str(&handle_line(line.as_bytes(), caller, r)).unwrap()
+    fn call(r: &Mutex<Registry>, p: &FakeProc, caller: Caller, line: &str) -> Value {
+        serde_json::from_str(&handle_line(line.as_bytes(), caller, r, p)).unwrap()
     }
 
     #[test]
@@ -235,19 +242,19 @@ mod tests {
         p.add(500, 7, 1000, 1);
         let r = Mutex::new(r);
         let me = Caller { pid: 500, uid: 1000 };
-        let v = call(&r, me, r#"{"op":"register","name":"fetcher","runtime":"trio","labels":{"team":"a"}}"#);
+        let v = call(&r, &p, me, r#"{"op":"register","name":"fetcher","runtime":"trio","labels":{"team":"a"}}"#);
         assert_eq!(v["ok"], true, "{v}");
         assert_eq!(v["actor"]["pid"], 500);
         assert_eq!(v["actor"]["runtime"], "trio");
         assert_eq!(v["actor"]["state"], "healthy");
-        assert_eq!(call(&r, me, r#"{"op":"list"}"#)["actors"][0]["name"], "fetcher");
-        assert_eq!(call(&r, me, r#"{"op":"deregister"}"#)["ok"], true);
-        assert_eq!(call(&r, me, r#"{"op":"deregister"}"#)["code"], "not_registered");
+        assert_eq!(call(&r, &p, me, r#"{"op":"list"}"#)["actors"][0]["name"], "fetcher");
+        assert_eq!(call(&r, &p, me, r#"{"op":"deregister"}"#)["ok"], true);
+        assert_eq!(call(&r, &p, me, r#"{"op":"deregister"}"#)["code"], "not_registered");
     }
 
     #[test]
     fn garbage_gets_a_bad_request_reply() {
-        let (r, _, _) = registry();
+        let (r, p, _) = registry();
         let r = Mutex::new(r);
         let me = Caller { pid: 1, uid: 0 };
         for line in [
@@ -260,11 +267,11 @@ mod tests {
             r#"{"op":"register","pid":"x"}"#,
             r#"{"op":"register","bogus":1}"#,
         ] {
-            let v = call(&r, me, line);
+            let v = call(&r, &p, me, line);
             assert_eq!(v["ok"], false, "{line}: {v}");
             assert_eq!(v["code"], "bad_request", "{line}: {v}");
         }
-        let v = handle_line(&[0xff, 0xfe, b'{'], me, &r);
+        let v = handle_line(&[0xff, 0xfe, b'{'], me, &r, &p);
         assert!(v.contains("bad_request"));
     }
 }

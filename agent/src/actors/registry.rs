@@ -143,6 +143,13 @@ pub struct ActorSpec {
     pub wakeup_fd: Option<i32>,
 }
 
+impl ActorSpec {
+    /// The process the spec is about: its pid, else the caller's own.
+    pub fn target_pid(&self, caller: Option<Caller>) -> Option<u32> {
+        self.pid.or(caller.map(|c| c.pid))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caller {
     pub pid: u32,
@@ -208,7 +215,19 @@ pub struct ProcFacts {
     pub cmdline: Vec<String>,
 }
 
-pub trait ProcReader: Send {
+/// The identities among `identities` whose process is gone or reused.
+/// Reads /proc: call it without holding the registry.
+pub fn gone(proc: &dyn ProcReader, identities: &[(u32, u64)]) -> Vec<(u32, u64)> {
+    identities.iter().copied().filter(|&(pid, start)| proc.start_time(pid) != Some(start)).collect()
+}
+
+/// The facts [`Registry::upsert`] needs for `spec`. Reads /proc: call it
+/// without holding the registry.
+pub fn read_facts(proc: &dyn ProcReader, spec: &ActorSpec, caller: Option<Caller>) -> Option<ProcFacts> {
+    proc.facts(spec.target_pid(caller)?)
+}
+
+pub trait ProcReader: Send + Sync {
     fn facts(&self, pid: u32) -> Option<ProcFacts>;
 
     /// Just the start time: what the once-a-second identity sweep needs.
@@ -294,7 +313,6 @@ pub struct Registry {
     /// separate so that a reused pid can never overwrite or inherit them.
     history: VecDeque<Actor>,
     sink: Box<dyn WatchedSink>,
-    proc: Box<dyn ProcReader>,
     clock: procinfo::Clock,
     max_actors: usize,
     /// Exited/dead entries are kept this long for the record.
@@ -302,12 +320,11 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(sink: Box<dyn WatchedSink>, proc: Box<dyn ProcReader>, max_actors: usize) -> Self {
+    pub fn new(sink: Box<dyn WatchedSink>, max_actors: usize) -> Self {
         Registry {
             actors: HashMap::new(),
             history: VecDeque::new(),
             sink,
-            proc,
             clock: procinfo::Clock::now(),
             max_actors,
             retain_exited_ns: 300_000_000_000,
@@ -363,11 +380,19 @@ impl Registry {
     }
 
     /// Adds or refreshes an actor. `caller` is `None` for the agent's own
-    /// sources (selectors, tractor, discovery).
-    pub fn upsert(&mut self, spec: &ActorSpec, source: Source, caller: Option<Caller>) -> Result<Actor, RegistryError> {
+    /// sources (selectors, tractor, discovery). `facts` are the process's,
+    /// read by the caller from /proc *before* taking any lock on the
+    /// registry ([`read_facts`]): the registry itself does no I/O.
+    pub fn upsert(
+        &mut self,
+        spec: &ActorSpec,
+        source: Source,
+        caller: Option<Caller>,
+        facts: Option<ProcFacts>,
+    ) -> Result<Actor, RegistryError> {
         validate(spec)?;
-        let pid = spec.pid.or(caller.map(|c| c.pid)).ok_or_else(|| RegistryError::Invalid("pid is required".into()))?;
-        let facts = self.proc.facts(pid).ok_or(RegistryError::NoSuchProcess(pid))?;
+        let pid = spec.target_pid(caller).ok_or_else(|| RegistryError::Invalid("pid is required".into()))?;
+        let facts = facts.ok_or(RegistryError::NoSuchProcess(pid))?;
         if let Some(c) = caller
             && !may_signal(c.uid, &facts)
         {
@@ -462,14 +487,19 @@ impl Registry {
     }
 
     /// For the socket's `update`: the actor must exist and be the caller's.
-    pub fn update(&mut self, spec: &ActorSpec, caller: Caller) -> Result<Actor, RegistryError> {
+    pub fn update(
+        &mut self,
+        spec: &ActorSpec,
+        caller: Caller,
+        facts: Option<ProcFacts>,
+    ) -> Result<Actor, RegistryError> {
         let pid = spec.pid.unwrap_or(caller.pid);
         let Some(actor) = self.get(pid) else { return Err(RegistryError::NotRegistered(pid)) };
         if caller.uid != 0 && caller.uid != actor.uid {
             return Err(RegistryError::NotPermitted { pid, caller_uid: caller.uid });
         }
         // Socket outranks every other source, so the update may rename and re-policy.
-        self.upsert(&ActorSpec { pid: Some(pid), ..spec.clone() }, Source::Socket, Some(caller))
+        self.upsert(&ActorSpec { pid: Some(pid), ..spec.clone() }, Source::Socket, Some(caller), facts)
     }
 
     /// Records what an event says about its actor; returns the actor's
@@ -513,23 +543,27 @@ impl Registry {
         }
     }
 
-    /// Drops entries whose process is gone or whose pid was reused
-    /// (covers exits the kernel could not report), and expires old
-    /// exited entries.
-    pub fn sweep(&mut self) -> Vec<u32> {
+    /// Every live actor's identity, for the sweep to check against /proc
+    /// without holding the registry.
+    pub fn identities(&self) -> Vec<(u32, u64)> {
+        self.actors.values().map(|a| (a.pid, a.start_time)).collect()
+    }
+
+    /// Retires the actors whose process the sweep found gone or reused
+    /// (exits the kernel could not report), if the entry is still that
+    /// process, and expires old exited entries. Returns the retired pids.
+    pub fn sweep(&mut self, gone: &[(u32, u64)]) -> Vec<u32> {
         let (mono, now) = self.now();
-        let gone: Vec<u32> =
-            self.actors.values().filter(|a| self.proc.start_time(a.pid) != Some(a.start_time)).map(|a| a.pid).collect();
-        for pid in &gone {
-            self.retire(*pid, ActorState::Exited, mono, now.clone());
+        let mut retired = Vec::new();
+        for &(pid, start_time) in gone {
+            if self.actors.get(&pid).is_some_and(|a| a.start_time == start_time) {
+                self.retire(pid, ActorState::Exited, mono, now.clone());
+                retired.push(pid);
+            }
         }
         let retain = self.retain_exited_ns;
         self.history.retain(|a| mono.saturating_sub(a.last_seen_mono) < retain);
-        gone
-    }
-
-    pub fn facts(&self, pid: u32) -> Option<ProcFacts> {
-        self.proc.facts(pid)
+        retired
     }
 
     /// Sets a live actor's state; `Dead` on an exited one updates its record.
@@ -600,7 +634,23 @@ pub(crate) mod tests {
     pub fn registry() -> (Registry, FakeProc, FakeSink) {
         let p = FakeProc::default();
         let s = FakeSink::default();
-        (Registry::new(Box::new(s.clone()), Box::new(p.clone()), 100), p, s)
+        (Registry::new(Box::new(s.clone()), 100), p, s)
+    }
+
+    /// `upsert` with the facts read from the fake /proc, as callers do.
+    pub fn up(
+        r: &mut Registry,
+        p: &FakeProc,
+        spec: &ActorSpec,
+        source: Source,
+        caller: Option<Caller>,
+    ) -> Result<Actor, RegistryError> {
+        r.upsert(spec, source, caller, read_facts(p, spec, caller))
+    }
+
+    fn sweep(r: &mut Registry, p: &FakeProc) -> Vec<u32> {
+        let gone = gone(p, &r.identities());
+        r.sweep(&gone)
     }
 
     fn spec(pid: u32, name: &str) -> ActorSpec {
@@ -615,7 +665,7 @@ pub(crate) mod tests {
     fn owner_may_register_and_is_watched_in_the_kernel() {
         let (mut r, p, s) = registry();
         p.add(100, 5, 1000, 1);
-        let a = r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        let a = up(&mut r, &p, &spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
         assert_eq!((a.name.as_str(), a.pid, a.start_time, a.uid), ("fetcher", 100, 5, 1000));
         assert!(s.0.lock().unwrap().contains(&100));
         assert_eq!(r.name_of(100), Some("fetcher"));
@@ -625,10 +675,10 @@ pub(crate) mod tests {
     fn another_user_may_not_register_or_see_a_process() {
         let (mut r, p, _) = registry();
         p.add(100, 5, 0, 1);
-        let err = r.upsert(&spec(100, "x"), Source::Socket, Some(ALICE)).unwrap_err();
+        let err = up(&mut r, &p, &spec(100, "x"), Source::Socket, Some(ALICE)).unwrap_err();
         assert_eq!(err, RegistryError::NotPermitted { pid: 100, caller_uid: 1000 });
         assert_eq!(err.code(), "not_permitted");
-        r.upsert(&spec(100, "rootd"), Source::Socket, Some(ROOT)).unwrap();
+        up(&mut r, &p, &spec(100, "rootd"), Source::Socket, Some(ROOT)).unwrap();
         assert!(r.visible_to(ALICE).is_empty());
         assert_eq!(r.visible_to(ROOT).len(), 1);
         assert_eq!(r.deregister(100, ALICE), Err(RegistryError::NotPermitted { pid: 100, caller_uid: 1000 }));
@@ -637,15 +687,18 @@ pub(crate) mod tests {
     #[test]
     fn missing_pid_and_double_registration_are_specific_errors() {
         let (mut r, p, _) = registry();
-        assert_eq!(r.upsert(&spec(9, "x"), Source::Socket, Some(ROOT)).unwrap_err(), RegistryError::NoSuchProcess(9));
+        assert_eq!(
+            up(&mut r, &p, &spec(9, "x"), Source::Socket, Some(ROOT)).unwrap_err(),
+            RegistryError::NoSuchProcess(9)
+        );
         p.add(100, 5, 1000, 1);
         p.add(101, 5, 1001, 1);
-        r.upsert(&spec(100, "a"), Source::Socket, Some(ALICE)).unwrap();
+        up(&mut r, &p, &spec(100, "a"), Source::Socket, Some(ALICE)).unwrap();
         // Same uid re-registering is an update; a different (non-root) uid
         // that could signal it is refused.
-        assert_eq!(r.upsert(&spec(100, "a2"), Source::Socket, Some(ALICE)).unwrap().name, "a2");
+        assert_eq!(up(&mut r, &p, &spec(100, "a2"), Source::Socket, Some(ALICE)).unwrap().name, "a2");
         p.add(100, 5, 1001, 1);
-        let err = r.upsert(&spec(100, "b"), Source::Socket, Some(BOB)).unwrap_err();
+        let err = up(&mut r, &p, &spec(100, "b"), Source::Socket, Some(BOB)).unwrap_err();
         assert!(matches!(err, RegistryError::AlreadyRegistered { .. }), "{err:?}");
     }
 
@@ -653,17 +706,17 @@ pub(crate) mod tests {
     fn reused_pid_never_inherits_the_old_entry() {
         let (mut r, p, s) = registry();
         p.add(100, 5, 1000, 1);
-        r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        up(&mut r, &p, &spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
         // The actor exits without the kernel telling us; an unrelated
         // process gets pid 100.
         p.add(100, 999, 1000, 1);
-        assert_eq!(r.sweep(), vec![100]);
+        assert_eq!(sweep(&mut r, &p), vec![100]);
         assert_eq!(r.name_of(100), None);
         assert!(!s.0.lock().unwrap().contains(&100));
         assert_eq!(r.observe(&dropped_wakeup(100, 3, 1)), None, "the new process is not the actor");
         // Registering the new process makes a new entry with the new identity,
         // and the old one stays on record.
-        let a = r.upsert(&spec(100, "other"), Source::Socket, Some(ALICE)).unwrap();
+        let a = up(&mut r, &p, &spec(100, "other"), Source::Socket, Some(ALICE)).unwrap();
         assert_eq!((a.start_time, a.drops), (999, 0));
         let old: Vec<_> = r.all().filter(|a| a.pid == 100 && a.start_time == 5).collect();
         assert_eq!(old.len(), 1);
@@ -674,9 +727,9 @@ pub(crate) mod tests {
     fn registering_a_discovered_process_gives_it_the_default_policy() {
         let (mut r, p, _) = registry();
         p.add(100, 5, 1000, 1);
-        let a = r.upsert(&ActorSpec { pid: Some(100), ..Default::default() }, Source::Discovered, None).unwrap();
+        let a = up(&mut r, &p, &ActorSpec { pid: Some(100), ..Default::default() }, Source::Discovered, None).unwrap();
         assert_eq!(a.policy, None);
-        let a = r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        let a = up(&mut r, &p, &spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
         assert_eq!(a.policy.as_deref(), Some("default"));
     }
 
@@ -684,7 +737,7 @@ pub(crate) mod tests {
     fn drops_are_attributed_and_the_wakeup_fd_learned() {
         let (mut r, p, _) = registry();
         p.add(100, 5, 1000, 1);
-        r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        up(&mut r, &p, &spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
         assert_eq!(r.observe(&dropped_wakeup(100, 7, 10)).as_deref(), Some("fetcher"));
         let a = r.get(100).unwrap();
         assert_eq!((a.drops, a.wakeup_fd), (1, Some(7)));
@@ -695,7 +748,7 @@ pub(crate) mod tests {
     fn exit_event_marks_exited_and_unwatches() {
         let (mut r, p, s) = registry();
         p.add(100, 5, 1000, 1);
-        r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        up(&mut r, &p, &spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
         let exit = Event::try_from(&raw(kind::PROCESS_EXIT, 0, 100, 100)).unwrap();
         assert_eq!(r.observe(&exit).as_deref(), Some("fetcher"));
         assert_eq!(r.name_of(100), None);
@@ -708,8 +761,8 @@ pub(crate) mod tests {
         let (mut r, p, _) = registry();
         p.add(100, 5, 1000, 1);
         p.add(101, 6, 1000, 100);
-        r.upsert(&spec(100, "root"), Source::Socket, Some(ALICE)).unwrap();
-        let child = r.upsert(&spec(101, "child"), Source::Socket, Some(ALICE)).unwrap();
+        up(&mut r, &p, &spec(100, "root"), Source::Socket, Some(ALICE)).unwrap();
+        let child = up(&mut r, &p, &spec(101, "child"), Source::Socket, Some(ALICE)).unwrap();
         assert_eq!(child.parent.as_deref(), Some("root"));
         assert_eq!(child.parent_pid, Some(100));
     }
@@ -718,8 +771,8 @@ pub(crate) mod tests {
     fn weaker_sources_do_not_rename_a_registered_actor() {
         let (mut r, p, _) = registry();
         p.add(100, 5, 1000, 1);
-        r.upsert(&spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
-        let a = r.upsert(&spec(100, "python-100"), Source::Discovered, None).unwrap();
+        up(&mut r, &p, &spec(100, "fetcher"), Source::Socket, Some(ALICE)).unwrap();
+        let a = up(&mut r, &p, &spec(100, "python-100"), Source::Discovered, None).unwrap();
         assert_eq!(a.name, "fetcher");
         assert_eq!(a.source, Source::Socket);
     }
@@ -734,20 +787,20 @@ pub(crate) mod tests {
             ActorSpec { pid: Some(100), name: Some("a\nb".into()), ..Default::default() },
             ActorSpec { pid: Some(100), wakeup_fd: Some(-3), ..Default::default() },
         ] {
-            assert_eq!(r.upsert(&bad, Source::Socket, Some(ALICE)).unwrap_err().code(), "bad_request");
+            assert_eq!(up(&mut r, &p, &bad, Source::Socket, Some(ALICE)).unwrap_err().code(), "bad_request");
         }
     }
 
     #[test]
     fn registry_is_bounded() {
         let p = FakeProc::default();
-        let mut r = Registry::new(Box::new(NoSink), Box::new(p.clone()), 2);
+        let mut r = Registry::new(Box::new(NoSink), 2);
         for pid in 1..=3 {
             p.add(pid + 100, 1, 0, 1);
         }
-        r.upsert(&spec(101, "a"), Source::Socket, Some(ROOT)).unwrap();
-        r.upsert(&spec(102, "b"), Source::Socket, Some(ROOT)).unwrap();
-        assert_eq!(r.upsert(&spec(103, "c"), Source::Socket, Some(ROOT)).unwrap_err(), RegistryError::Full(2));
+        up(&mut r, &p, &spec(101, "a"), Source::Socket, Some(ROOT)).unwrap();
+        up(&mut r, &p, &spec(102, "b"), Source::Socket, Some(ROOT)).unwrap();
+        assert_eq!(up(&mut r, &p, &spec(103, "c"), Source::Socket, Some(ROOT)).unwrap_err(), RegistryError::Full(2));
     }
 
     #[test]

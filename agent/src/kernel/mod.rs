@@ -8,3 +8,4 @@ pub mod probes;
 pub mod selftest;
 pub mod source;
 pub mod tracefs;
+pub mod watched;

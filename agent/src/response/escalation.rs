@@ -227,7 +227,9 @@ impl Engine {
                         runtime,
                         ..Default::default()
                     };
-                    let restored = lock(&self.registry).upsert(&spec, crate::actors::registry::Source::Socket, None);
+                    let facts = crate::actors::registry::read_facts(&crate::actors::registry::RealProc, &spec, None);
+                    let restored =
+                        lock(&self.registry).upsert(&spec, crate::actors::registry::Source::Socket, None, facts);
                     if let Err(e) = restored {
                         tracing::warn!("incident {}: cannot restore actor {}: {e}", i.id, i.actor);
                         continue;

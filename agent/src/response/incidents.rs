@@ -265,8 +265,9 @@ impl Store {
             "evidence": i.evidence,
         });
         let path = self.dir.join("audit.jsonl");
-        let res =
-            std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| writeln!(f, "{line}"));
+        let res = crate::app::blocking(|| {
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| writeln!(f, "{line}"))
+        });
         if let Err(e) = res {
             tracing::error!("cannot append to the audit log {}: {e}", path.display());
         }
@@ -276,11 +277,15 @@ impl Store {
         let path = self.dir.join("incidents.json");
         let tmp = self.dir.join("incidents.json.tmp");
         let list: Vec<&Incident> = self.incidents.values().collect();
+        // Written and synced before the caller goes on (a restarted agent
+        // must never repeat a tier it already ran), off the async workers.
         let res = serde_json::to_vec_pretty(&list).map_err(std::io::Error::other).and_then(|bytes| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            crate::app::blocking(|| {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)
+            })
         });
         if let Err(e) = res {
             tracing::error!("cannot save incidents to {}: {e}", path.display());

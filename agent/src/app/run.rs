@@ -1,0 +1,384 @@
+//! `sigwake run`: the agent. Wiring and the event loop; each kind of wake-up
+//! is one [`Pipeline`] method.
+//!
+//! Locking rule: the registry's lock is never held across I/O. /proc reads,
+//! pidfd_getfd and sock_diag happen first, without it (under [`blocking`],
+//! off the async workers); the registry then takes the results in one short
+//! critical section. Its watched set reaches the kernel map through a queue
+//! (kernel/watched.rs).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use sigwake_common::Config as KernelConfig;
+
+use super::{blocking, load_probes, shutdown_signal, spawn_kernel_logger, start_source};
+use crate::{
+    actors::{
+        discovery::{Discovery, Found},
+        registration,
+        registry::{self, ActorState, RealProc, Registry, Runtime, WatchedSink},
+    },
+    cli::RunArgs,
+    config::{Config, Overrides, Policy},
+    kernel::{
+        events::{Disposition, Event, EventBody},
+        probes::Probes,
+        source::Batch,
+        watched::WatchedPids,
+    },
+    lock,
+    response::{
+        detector::{Detector, Input, Output},
+        escalation::{Confirmation, Engine},
+        incidents,
+    },
+    serve::{
+        http::{self, HttpState},
+        metrics::{ActorLabel, Metrics},
+    },
+    sys::{fdqueue, procinfo},
+};
+
+/// The registry's watched set, mirrored into the kernel map by its thread.
+struct KernelWatched(WatchedPids);
+
+impl WatchedSink for KernelWatched {
+    fn watch(&mut self, pid: u32) {
+        self.0.watch(pid);
+    }
+    fn unwatch(&mut self, pid: u32) {
+        self.0.unwatch(pid);
+    }
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        listen: args.listen,
+        socket: args.socket.clone(),
+        state_dir: args.state_dir.clone(),
+        dry_run: args.dry_run,
+        no_discovery: args.no_discovery,
+    };
+    let config = match &args.config {
+        Some(path) => Config::load(path, &overrides)?,
+        None => Config::defaults(&overrides),
+    };
+    let listener = http::bind(config.listen).await?;
+    let (socket, _socket_guard) = registration::bind(&config.socket).await?;
+    let metrics = Arc::new(Metrics::with_actor_label_cap(config.max_actor_labels));
+
+    // Without self-pipe discovery only registered and selected actors
+    // matter: the kernel then skips the signal path of every other process.
+    let kernel_config =
+        KernelConfig { watched_only: u32::from(!config.discovery), report_exec: 1, ..KernelConfig::DEFAULT };
+    let mut probes = load_probes(kernel_config, args.hooks)?;
+    spawn_kernel_logger(&mut probes);
+    metrics.attached_programs.set(probes.hooks().len() as i64);
+    metrics.set_hooks(probes.report());
+    let watched =
+        KernelWatched(WatchedPids::spawn(probes.take_watched_pids()?).context("starting the watched-set thread")?);
+    let registry = Arc::new(Mutex::new(Registry::new(Box::new(watched), config.max_actors)));
+    let mut discovery = Discovery::new(config.selectors.clone(), config.discovery);
+    let found = blocking(|| discovery.scan(false));
+    Discovery::apply(found, &mut lock(&registry));
+    let store = incidents::Store::open(&config.state_dir)?;
+    let engine = Engine::new(&config, store, registry.clone(), metrics.clone());
+    let mut detector = Detector::default();
+    let default_policy = config.policies.get("default").cloned().unwrap_or_else(Policy::builtin_default);
+    for (pid, runtime) in engine.resume() {
+        let window = default_policy.confirm_window(runtime).as_nanos() as u64;
+        detector.resume_starving(pid, runtime, window, procinfo::monotonic_ns());
+    }
+    if config.dry_run {
+        tracing::warn!("dry run: escalation will log what it would do and signal nothing");
+    }
+
+    let state = Arc::new(HttpState {
+        metrics: metrics.clone(),
+        ready: false.into(),
+        registry: registry.clone(),
+        incidents: engine.store.clone(),
+    });
+    let server = tokio::spawn(http::serve(listener, state.clone()));
+    tokio::spawn(registration::serve(socket, registry.clone()));
+    tracing::info!(
+        "serving /metrics, /healthz, /readyz, /actors and /incidents on http://{}; registration socket {}; state in {}",
+        config.listen,
+        config.socket.display(),
+        config.state_dir.display()
+    );
+    let mut batches = start_source(&mut probes)?;
+    state.ready.store(true, Ordering::Release);
+
+    let mut pipeline =
+        Pipeline { registry, discovery, detector, engine, metrics, config, default_policy, outputs: Vec::new() };
+    let mut lost_seen = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The detector decides at confirm deadlines; 50 ms keeps that decision
+    // within 50 ms of the deadline. It runs only while some actor is
+    // watched or starving, so an idle agent wakes once a second, not twenty
+    // times.
+    let mut detect_tick = tokio::time::interval(Duration::from_millis(50));
+    detect_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            why = &mut shutdown => { tracing::info!("{}: detaching and stopping", why?); break; }
+            _ = detect_tick.tick(), if !pipeline.detector.is_idle() => pipeline.on_detect_tick(),
+            _ = tick.tick() => {
+                // Lost events may include execs: look at everything again.
+                let lost = probes.counters().ringbuf_lost;
+                pipeline.on_tick(&probes, lost > lost_seen);
+                lost_seen = lost;
+            }
+            batch = batches.recv() => {
+                let Some(batch) = batch else { break };
+                pipeline.on_batch(batch);
+            }
+        }
+        if server.is_finished() {
+            anyhow::bail!("the metrics endpoint stopped unexpectedly");
+        }
+    }
+    state.ready.store(false, Ordering::Release);
+    drop(probes);
+    Ok(())
+}
+
+/// The stages after the decoder, fed by the event loop.
+struct Pipeline {
+    registry: Arc<Mutex<Registry>>,
+    discovery: Discovery,
+    detector: Detector,
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    config: Config,
+    default_policy: Policy,
+    outputs: Vec<Output>,
+}
+
+impl Pipeline {
+    /// A batch of kernel events: discovery's I/O first, without the
+    /// registry; then every event in order under one short lock.
+    fn on_batch(&mut self, batch: Batch) {
+        let mut events = Vec::with_capacity(batch.len());
+        for item in batch {
+            match item {
+                Ok(ev) => events.push(ev),
+                Err(e) => self.metrics.decode_error(e.reason()),
+            }
+        }
+        let found = self.examine_new_processes(&events);
+        let mut reg = lock(&self.registry);
+        let mut found = found.into_iter();
+        for ev in &events {
+            match &ev.body {
+                EventBody::ProcessExec(_) => {
+                    if let Some(Examined::Exec(f)) = found.next() {
+                        Discovery::apply(f, &mut reg);
+                    }
+                    continue;
+                }
+                EventBody::HandlerWrite(w) if self.discovery.wants(w) => {
+                    if let Some(Examined::Loop(Some(f))) = found.next() {
+                        Discovery::apply_loop(f, &mut reg);
+                    }
+                }
+                _ => {}
+            }
+            let actor = reg.observe(ev);
+            let runtime = reg.get(ev.subject_pid()).map_or("unknown", |a| a.runtime.as_str());
+            self.metrics.observe(ev, actor.as_deref(), runtime);
+            if actor.is_some() {
+                feed_detector(&mut self.detector, &reg, &self.config, &self.default_policy, ev, &mut self.outputs);
+            }
+            if let EventBody::HandlerWrite(w) = &ev.body
+                && w.is_dropped_wakeup()
+            {
+                tracing::warn!(
+                    pid = w.task.pid, tid = w.task.tid, fd = w.fd, syscall = w.call_name(),
+                    signal = %w.signal, errno = w.errno().unwrap_or(0),
+                    actor = actor.as_deref().unwrap_or("-"),
+                    "signal handler could not write its wakeup byte: the event loop did not see {}",
+                    w.signal
+                );
+            }
+        }
+        drop(reg);
+        self.apply_detector_outputs();
+    }
+
+    /// The /proc and fd reads discovery needs for `events`, one entry per
+    /// exec and per self-pipe candidate write, in event order. Only
+    /// processes that are not actors yet are examined.
+    fn examine_new_processes(&mut self, events: &[Event]) -> Vec<Examined> {
+        let candidates: Vec<u32> = events
+            .iter()
+            .filter_map(|ev| match &ev.body {
+                EventBody::HandlerWrite(w) if self.discovery.wants(w) => Some(w.task.pid),
+                _ => None,
+            })
+            .collect();
+        if candidates.is_empty() && !events.iter().any(|e| matches!(e.body, EventBody::ProcessExec(_))) {
+            return Vec::new();
+        }
+        let known: HashSet<u32> = {
+            let reg = lock(&self.registry);
+            candidates.into_iter().filter(|p| reg.get(*p).is_some()).collect()
+        };
+        let discovery = &mut self.discovery;
+        blocking(|| {
+            let mut examined_loops = HashSet::new();
+            events
+                .iter()
+                .filter_map(|ev| match &ev.body {
+                    EventBody::ProcessExec(e) => Some(Examined::Exec(discovery.on_exec(e.task.pid))),
+                    EventBody::HandlerWrite(w) if discovery.wants(w) => {
+                        // Once per process and batch: a burst of handler
+                        // writes needs one look.
+                        let new = !known.contains(&w.task.pid) && examined_loops.insert(w.task.pid);
+                        Some(Examined::Loop(new.then(|| discovery.examine_loop(w))))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+    }
+
+    /// Once a second: discovery's scan, the identity sweep (exits the
+    /// kernel could not report), and the metrics that are read, not
+    /// counted.
+    fn on_tick(&mut self, probes: &Probes, events_lost: bool) {
+        let identities = lock(&self.registry).identities();
+        let discovery = &mut self.discovery;
+        let (found, gone) = blocking(|| (discovery.scan(events_lost), registry::gone(&RealProc, &identities)));
+        let mut reg = lock(&self.registry);
+        Discovery::apply(found, &mut reg);
+        // Exits the kernel could not report end incidents too.
+        for pid in reg.sweep(&gone) {
+            self.detector.forget(pid);
+            self.engine.on_exited(pid);
+        }
+        self.metrics.set_actor_counts(&reg.counts());
+        drop(reg);
+        self.metrics.update_kernel_counters(probes.counters());
+        self.metrics.kernel_open_windows.set(probes.open_windows() as i64);
+        self.metrics.update_bpf_stats(&probes.program_stats());
+        self.metrics.update_process();
+    }
+
+    /// Every 50 ms while an actor is watched: how full each watched
+    /// wakeup fd is, for the detector's verdicts.
+    fn on_detect_tick(&mut self) {
+        let now = procinfo::monotonic_ns();
+        let active = self.detector.active();
+        let fds: HashMap<u32, (Option<i32>, Option<String>)> = {
+            let reg = lock(&self.registry);
+            active
+                .iter()
+                .map(|p| (*p, reg.get(*p).map_or((None, None), |a| (a.wakeup_fd, Some(a.name.clone())))))
+                .collect()
+        };
+        let fills: HashMap<u32, fdqueue::WakeupFill> = blocking(|| {
+            fds.iter().filter_map(|(pid, (fd, _))| Some((*pid, fdqueue::wakeup_fill(*pid, (*fd)?)?))).collect()
+        });
+        let metrics = &self.metrics;
+        let mut probe = |pid: u32| -> Option<u64> {
+            let fill = fills.get(&pid)?;
+            if let Some(cap) = fill.capacity_hint.filter(|c| *c > 0) {
+                let name = fds.get(&pid).and_then(|(_, n)| n.as_deref());
+                metrics
+                    .wakeup_fill_ratio
+                    .get_or_create(&ActorLabel { actor: metrics.actor_labels.label(name) })
+                    .set((fill.queued as f64 / cap as f64).min(1.0));
+            }
+            Some(fill.queued)
+        };
+        self.detector.tick(now, &mut probe, &mut self.outputs);
+        self.apply_detector_outputs();
+    }
+
+    fn apply_detector_outputs(&mut self) {
+        let (registry, engine, metrics) = (&self.registry, &self.engine, &self.metrics);
+        for o in self.outputs.drain(..) {
+            match o {
+                Output::Dropped { pid } => lock(registry).set_state(pid, ActorState::DroppedWakeup),
+                Output::Lost { pid, sig } => {
+                    let name = lock(registry).name_of(pid).unwrap_or("-").to_string();
+                    tracing::warn!(
+                        actor = name,
+                        pid,
+                        "asyncio lost a {} callback: its wakeup byte was dropped",
+                        crate::kernel::events::Signal(sig)
+                    );
+                }
+                Output::Confirmed { pid, first_evidence_ns, confirmed_ns, drops, fill } => {
+                    let signals = lock(registry)
+                        .get(pid)
+                        .map(|a| {
+                            let mut s: Vec<String> = a.recent_drops.iter().map(|d| d.signal.clone()).collect();
+                            s.dedup();
+                            s
+                        })
+                        .unwrap_or_default();
+                    engine.on_confirmed(Confirmation { pid, first_evidence_ns, confirmed_ns, drops, fill, signals });
+                }
+                Output::Recovered { pid, .. } => {
+                    engine.on_recovered(pid);
+                    let name = lock(registry).name_of(pid).map(str::to_string);
+                    metrics
+                        .wakeup_fill_ratio
+                        .remove(&ActorLabel { actor: metrics.actor_labels.label(name.as_deref()) });
+                }
+                Output::Exited { pid } => engine.on_exited(pid),
+            }
+        }
+    }
+}
+
+/// What discovery read for one event of a batch.
+enum Examined {
+    /// A process exec'd: the actors it now matches.
+    Exec(Vec<Found>),
+    /// A self-pipe write; `None` when the process is an actor already or
+    /// was examined earlier in the batch.
+    Loop(Option<Found>),
+}
+
+/// Turns an actor's event into a detector input.
+fn feed_detector(
+    detector: &mut Detector,
+    reg: &Registry,
+    config: &Config,
+    default_policy: &Policy,
+    ev: &Event,
+    out: &mut Vec<Output>,
+) {
+    let pid = ev.subject_pid();
+    // An exit needs no actor (the registry has already moved it to its
+    // record); everything else is about a live actor, found in O(1).
+    if let EventBody::ProcessExit(_) = ev.body {
+        detector.input(pid, Runtime::Unknown, 0, ev.mono_ns, Input::Exited, out);
+        return;
+    }
+    let Some(actor) = reg.get(pid) else { return };
+    let input = match &ev.body {
+        EventBody::SignalDeliver(d)
+            if matches!(d.disposition, Disposition::Handler(_)) && Registry::is_stop_signal(d.signal) =>
+        {
+            Input::StopSignal { sig: d.signal.0 }
+        }
+        EventBody::HandlerWrite(w) if w.count == 1 && w.is_dropped_wakeup() => Input::WakeupDropped { sig: w.signal.0 },
+        EventBody::HandlerWrite(w) if w.count == 1 => Input::WakeupWritten,
+        _ => return,
+    };
+    let policy = actor.policy.as_ref().and_then(|p| config.policies.get(p)).unwrap_or(default_policy);
+    let window = policy.confirm_window(actor.runtime).as_nanos() as u64;
+    detector.input(pid, actor.runtime, window, ev.mono_ns, input, out);
+}
