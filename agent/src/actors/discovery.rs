@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     path::PathBuf,
 };
 
@@ -18,8 +18,8 @@ use crate::{
     actors::registry::{ActorSpec, ProcFacts, ProcReader, RealProc, Registry, Runtime, Source, tractor_identity},
     config::{Candidate, Selector},
     kernel::events::HandlerWrite,
-    sys::pidfd::ProcessHandle,
     sys::procinfo,
+    sys::{fdqueue, pidfd::ProcessHandle},
 };
 
 /// An actor a scan or a handler write found, with the /proc facts the
@@ -213,21 +213,7 @@ pub fn guess_runtime(pid: u32, wakeup_fd: i32) -> Runtime {
     let small_sndbuf = ProcessHandle::open(pid, None)
         .and_then(|h| h.get_fd(wakeup_fd))
         .ok()
-        .and_then(|fd| {
-            let mut v: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: valid fd, pointer and length for an int option.
-            let rc = unsafe {
-                libc::getsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDBUF,
-                    (&mut v as *mut libc::c_int).cast(),
-                    &mut len,
-                )
-            };
-            (rc == 0).then_some(v)
-        })
+        .and_then(|fd| fdqueue::send_buffer_size(fd.as_fd()).ok())
         .is_some_and(|v| v < 16 * 1024);
     if small_sndbuf { Runtime::Trio } else { Runtime::Other }
 }

@@ -676,12 +676,10 @@ fn missing_map(name: &str) -> LoadError {
 /// the memory cgroup. Raising it can fail without CAP_SYS_RESOURCE, which
 /// only matters on old kernels, so failure is a warning.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: plain syscall with a valid pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+    let unlimited = rustix::process::Rlimit { current: None, maximum: None };
+    if let Err(e) = rustix::process::setrlimit(rustix::process::Resource::Memlock, unlimited) {
         tracing::debug!(
-            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11, which account BPF memory to the cgroup",
-            io::Error::last_os_error()
+            "could not raise RLIMIT_MEMLOCK ({e}); fine on kernels >= 5.11, which account BPF memory to the cgroup"
         );
     }
 }

@@ -89,12 +89,8 @@ pub fn tracefs_root() -> Result<PathBuf, TracefsError> {
             _ => {}
         }
     }
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: valid NUL-terminated strings; a failed mount only returns -1.
-    let rc = unsafe { libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(TracefsError::NotMounted(std::io::Error::last_os_error()));
-    }
+    rustix::mount::mount("nodev", "/sys/kernel/tracing", "tracefs", rustix::mount::MountFlags::empty(), None)
+        .map_err(|e| TracefsError::NotMounted(e.into()))?;
     Ok(PathBuf::from("/sys/kernel/tracing"))
 }
 

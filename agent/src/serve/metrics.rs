@@ -482,7 +482,7 @@ impl Metrics {
             *last = ticks;
             let rss_pages = stat.rss_pages as i64;
             // SAFETY: sysconf has no preconditions.
-            self.process_rss.set(rss_pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64);
+            self.process_rss.set(rss_pages * rustix::param::page_size() as i64);
         }
         if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
             self.process_fds.set(dir.count() as i64);
@@ -498,9 +498,7 @@ impl Metrics {
 }
 
 fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
+    rustix::param::clock_ticks_per_second() as f64
 }
 
 /// Start time of this process, Unix seconds.

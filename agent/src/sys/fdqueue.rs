@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use serde::Serialize;
 
@@ -12,13 +12,12 @@ use super::{pidfd::ProcessHandle, sockdiag as sock_diag};
 /// Bytes readable from `fd` (ioctl FIONREAD). For a pipe, either end gives the
 /// bytes in the pipe; for a socket, the bytes in *its own* receive queue.
 pub fn queued_bytes(fd: BorrowedFd) -> io::Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer.
-    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n.max(0) as usize)
+    Ok(rustix::io::ioctl_fionread(fd)? as usize)
+}
+
+/// SO_SNDBUF of a socket (what the kernel doubled and clamped it to).
+pub fn send_buffer_size(fd: BorrowedFd) -> io::Result<usize> {
+    Ok(rustix::net::sockopt::socket_send_buffer_size(fd)?)
 }
 
 /// How full a process's signal wakeup fd is.
@@ -73,9 +72,7 @@ pub fn wakeup_fill(pid: u32, wakeup_fd: i32) -> Option<WakeupFill> {
     let fd = handle.get_fd(wakeup_fd).ok()?;
     let queued = queued_bytes(fd.as_fd()).ok()? as u64;
     let capacity_hint = if target.starts_with("pipe:[") {
-        // SAFETY: F_GETPIPE_SZ takes no argument.
-        let sz = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        (sz > 0).then_some(sz as u64)
+        rustix::pipe::fcntl_getpipe_size(&fd).ok().filter(|s| *s > 0).map(|s| s as u64)
     } else {
         None
     };

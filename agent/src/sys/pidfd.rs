@@ -13,7 +13,7 @@
 //! target for [`ProcessHandle::get_fd`], and read access to /proc/PID/fd.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// Errors from opening, signalling and inspecting a process through a pidfd.
@@ -72,13 +72,9 @@ impl ProcessHandle {
         if pid == 0 || pid > i32::MAX as u32 {
             return Err(PidfdError::Exited { pid });
         }
-        // SAFETY: pidfd_open(pid_t, unsigned int) takes no pointers.
-        let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0u32) };
-        if ret < 0 {
-            return Err(PidfdError::from_errno("pidfd_open", pid, io::Error::last_os_error()));
-        }
-        // SAFETY: the syscall returned a fresh descriptor that nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(ret as RawFd) };
+        let raw = rustix::process::Pid::from_raw(pid as i32).ok_or(PidfdError::Exited { pid })?;
+        let fd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+            .map_err(|e| PidfdError::from_errno("pidfd_open", pid, e.into()))?;
 
         // Read the start time only now: the pidfd pins the pid number, so the
         // process this stat describes is the one the pidfd refers to (or the
@@ -112,20 +108,15 @@ impl ProcessHandle {
     /// Sends `sig` through the pidfd (pidfd_send_signal(2)). A zombie that has
     /// not been reaped yet still accepts (and ignores) signals.
     pub fn send_signal(&self, sig: i32) -> Result<(), PidfdError> {
-        // SAFETY: NULL siginfo is allowed (the kernel fills in SI_USER).
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.fd.as_raw_fd(),
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0u32,
-            )
-        };
-        if ret < 0 {
-            return Err(PidfdError::from_errno("pidfd_send_signal", self.pid, io::Error::last_os_error()));
-        }
-        Ok(())
+        // Only the standard, named signals: the agent sends SIGTERM,
+        // SIGKILL, SIGINT, SIGABRT; never a libc-reserved real-time one.
+        let signal = rustix::process::Signal::from_named_raw(sig).ok_or_else(|| PidfdError::Syscall {
+            op: "pidfd_send_signal",
+            pid: self.pid,
+            source: io::Error::new(io::ErrorKind::InvalidInput, format!("signal {sig} is not a standard signal")),
+        })?;
+        rustix::process::pidfd_send_signal(&self.fd, signal)
+            .map_err(|e| PidfdError::from_errno("pidfd_send_signal", self.pid, e.into()))
     }
 
     /// False once the process has exited (a pidfd polls readable on exit,
@@ -140,30 +131,21 @@ impl ProcessHandle {
     }
 
     fn poll_exit(&self, timeout: Option<Duration>) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            let ms: libc::c_int = match deadline {
-                None => -1,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    // Round up so a 0.5 ms remainder does not busy-loop.
-                    let ms = left.as_micros().div_ceil(1000);
-                    ms.min(libc::c_int::MAX as u128) as libc::c_int
-                }
-            };
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if n > 0 {
-                return pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
-            }
-            if n == 0 {
-                return false;
-            }
-            if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            let left = deadline.map(|d| {
+                let left = d.saturating_duration_since(Instant::now());
+                Timespec { tv_sec: left.as_secs() as i64, tv_nsec: i64::from(left.subsec_nanos()) }
+            });
+            let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+            match poll(&mut fds, left.as_ref()) {
+                Ok(0) => return false,
+                Ok(_) => return fds[0].revents().intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR),
+                Err(rustix::io::Errno::INTR) => continue,
                 // poll on a valid pidfd does not fail otherwise; say "alive"
                 // so nobody concludes an exit that did not happen.
-                return false;
+                Err(_) => return false,
             }
         }
     }
@@ -178,17 +160,13 @@ impl ProcessHandle {
     /// the queued bytes *are* the signals (asyncio reads the signal numbers
     /// out of them); consuming them would lose the signals for good.
     pub fn get_fd(&self, target_fd: i32) -> Result<OwnedFd, PidfdError> {
-        // SAFETY: pidfd_getfd(int, int, unsigned int) takes no pointers.
-        let ret = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.fd.as_raw_fd(), target_fd, 0u32) };
-        if ret < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EBADF) {
-                return Err(PidfdError::NoSuchFd { pid: self.pid, fd: target_fd });
+        rustix::process::pidfd_getfd(&self.fd, target_fd, rustix::process::PidfdGetfdFlags::empty()).map_err(|e| {
+            if e == rustix::io::Errno::BADF {
+                PidfdError::NoSuchFd { pid: self.pid, fd: target_fd }
+            } else {
+                PidfdError::from_errno("pidfd_getfd", self.pid, e.into())
             }
-            return Err(PidfdError::from_errno("pidfd_getfd", self.pid, err));
-        }
-        // SAFETY: fresh descriptor owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+        })
     }
 }
 
@@ -274,6 +252,6 @@ pub(crate) mod tests {
         assert!(matches!(h.get_fd(987), Err(PidfdError::NoSuchFd { fd: 987, .. })));
         // fd 0 exists: get a duplicate and inspect it without reading.
         let fd = h.get_fd(0).unwrap();
-        assert!(fd.as_raw_fd() >= 0);
+        assert!(std::os::fd::AsRawFd::as_raw_fd(&fd) >= 0);
     }
 }
