@@ -2,5 +2,7 @@
 //! enter it (the registration socket, config selectors, self-pipe discovery).
 
 pub mod discovery;
+pub mod identity;
+pub mod model;
 pub mod registration;
 pub mod registry;

@@ -4,192 +4,18 @@
 //! a pid that is reused never inherits an entry. Entries come from the
 //! registration socket, config selectors, tractor command lines and
 //! auto-discovery; the watched set is mirrored into the kernel's
-//! WATCHED_PIDS map through [`WatchedSink`].
+//! WATCHED_PIDS map through [`WatchedSink`]. The registry does no I/O:
+//! callers read a process's [`ProcFacts`] first. The actor types live in
+//! `model.rs` and the /proc facts in `identity.rs`; both are re-exported
+//! here, the registry being their one user-facing home.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
-use serde::{Deserialize, Serialize};
-
+pub use super::{identity::*, model::*};
 use crate::{
     kernel::events::{Event, EventBody, Signal},
     sys::procinfo,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Runtime {
-    Trio,
-    Asyncio,
-    Other,
-    Unknown,
-}
-
-impl Runtime {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Trio => "trio",
-            Self::Asyncio => "asyncio",
-            Self::Other => "other",
-            Self::Unknown => "unknown",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ActorState {
-    Healthy,
-    /// A wakeup write failed; waiting to see whether the loop runs again.
-    DroppedWakeup,
-    /// Confirmed: the loop did not run within the confirm window.
-    Starving,
-    Escalating,
-    Exited,
-    /// Escalation finished the actor; kept for the record until it expires.
-    Dead,
-}
-
-impl ActorState {
-    pub const ALL: [ActorState; 6] =
-        [Self::Healthy, Self::DroppedWakeup, Self::Starving, Self::Escalating, Self::Exited, Self::Dead];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Healthy => "healthy",
-            Self::DroppedWakeup => "dropped_wakeup",
-            Self::Starving => "starving",
-            Self::Escalating => "escalating",
-            Self::Exited => "exited",
-            Self::Dead => "dead",
-        }
-    }
-
-    pub fn is_live(self) -> bool {
-        !matches!(self, Self::Exited | Self::Dead)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    Socket,
-    Selector,
-    Tractor,
-    Discovered,
-}
-
-impl Source {
-    /// A stronger source may rename or re-policy an actor a weaker one made.
-    fn rank(self) -> u8 {
-        match self {
-            Self::Discovered => 0,
-            Self::Tractor => 1,
-            Self::Selector => 2,
-            Self::Socket => 3,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct DropRecord {
-    pub time: String,
-    pub mono_ns: u64,
-    pub signal: String,
-    pub fd: i32,
-    pub errno: i32,
-}
-
-const RECENT_DROPS: usize = 16;
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Actor {
-    pub name: String,
-    pub pid: u32,
-    /// Clock ticks since boot (/proc/PID/stat field 22).
-    pub start_time: u64,
-    pub uid: u32,
-    pub runtime: Runtime,
-    /// Name of the parent actor, if it is one.
-    pub parent: Option<String>,
-    pub parent_pid: Option<u32>,
-    /// Escalation policy; `None`: observe only.
-    pub policy: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    /// Learned from the handler's writes, or given at registration.
-    pub wakeup_fd: Option<i32>,
-    pub source: Source,
-    /// uid of the socket client that registered it.
-    #[serde(skip)]
-    pub registered_by: Option<u32>,
-    pub state: ActorState,
-    pub first_seen: String,
-    pub last_seen: String,
-    #[serde(skip)]
-    pub last_seen_mono: u64,
-    pub drops: u64,
-    pub recent_drops: VecDeque<DropRecord>,
-}
-
-/// What a client (or a selector) asks for.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ActorSpec {
-    pub pid: Option<u32>,
-    pub name: Option<String>,
-    pub runtime: Option<Runtime>,
-    pub parent: Option<u32>,
-    pub policy: Option<String>,
-    pub labels: Option<BTreeMap<String, String>>,
-    pub wakeup_fd: Option<i32>,
-}
-
-impl ActorSpec {
-    /// The process the spec is about: its pid, else the caller's own.
-    pub fn target_pid(&self, caller: Option<Caller>) -> Option<u32> {
-        self.pid.or(caller.map(|c| c.pid))
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Caller {
-    pub pid: u32,
-    pub uid: u32,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum RegistryError {
-    /// The pid does not exist (or exited while being registered).
-    #[error("no process with pid {0}")]
-    NoSuchProcess(u32),
-    /// The caller could not signal that process itself.
-    #[error("uid {caller_uid} may not act on pid {pid}: only its owner or root may register it")]
-    NotPermitted { pid: u32, caller_uid: u32 },
-    /// Another client registered that process.
-    #[error("pid {pid} is already registered as `{name}` by another client")]
-    AlreadyRegistered { pid: u32, name: String },
-    /// Update or deregister of a process nobody registered.
-    #[error("pid {0} is not registered")]
-    NotRegistered(u32),
-    /// A field is out of bounds.
-    #[error("{0}")]
-    Invalid(String),
-    /// The registry is full.
-    #[error("the registry holds its maximum of {0} actors")]
-    Full(usize),
-}
-
-impl RegistryError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::NoSuchProcess(_) => "no_such_process",
-            Self::NotPermitted { .. } => "not_permitted",
-            Self::AlreadyRegistered { .. } => "already_registered",
-            Self::NotRegistered(_) => "not_registered",
-            Self::Invalid(_) => "bad_request",
-            Self::Full(_) => "busy",
-        }
-    }
-}
 
 /// Where the registry mirrors its watched set (the kernel map; a fake in tests).
 pub trait WatchedSink: Send {
@@ -202,57 +28,6 @@ pub struct NoSink;
 impl WatchedSink for NoSink {
     fn watch(&mut self, _: u32) {}
     fn unwatch(&mut self, _: u32) {}
-}
-
-/// Facts about a live process, read from /proc; a seam for tests.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcFacts {
-    pub start_time: u64,
-    /// Real, effective, saved uid.
-    pub uids: [u32; 3],
-    pub ppid: u32,
-    pub comm: String,
-    pub cmdline: Vec<String>,
-}
-
-/// The identities among `identities` whose process is gone or reused.
-/// Reads /proc: call it without holding the registry.
-pub fn gone(proc: &dyn ProcReader, identities: &[(u32, u64)]) -> Vec<(u32, u64)> {
-    identities.iter().copied().filter(|&(pid, start)| proc.start_time(pid) != Some(start)).collect()
-}
-
-/// The facts [`Registry::upsert`] needs for `spec`. Reads /proc: call it
-/// without holding the registry.
-pub fn read_facts(proc: &dyn ProcReader, spec: &ActorSpec, caller: Option<Caller>) -> Option<ProcFacts> {
-    proc.facts(spec.target_pid(caller)?)
-}
-
-pub trait ProcReader: Send + Sync {
-    fn facts(&self, pid: u32) -> Option<ProcFacts>;
-
-    /// Just the start time: what the once-a-second identity sweep needs.
-    fn start_time(&self, pid: u32) -> Option<u64> {
-        self.facts(pid).map(|f| f.start_time)
-    }
-}
-
-/// Reads the real /proc.
-pub struct RealProc;
-impl ProcReader for RealProc {
-    fn facts(&self, pid: u32) -> Option<ProcFacts> {
-        let status = procinfo::status(pid)?;
-        Some(ProcFacts {
-            start_time: procinfo::start_time(pid)?,
-            uids: status.uids,
-            ppid: status.ppid,
-            comm: procinfo::comm(pid).unwrap_or_default(),
-            cmdline: procinfo::cmdline(pid).unwrap_or_default(),
-        })
-    }
-
-    fn start_time(&self, pid: u32) -> Option<u64> {
-        procinfo::start_time(pid)
-    }
 }
 
 pub const MAX_NAME: usize = 128;
@@ -282,28 +57,6 @@ fn validate(spec: &ActorSpec) -> Result<(), RegistryError> {
         return Err(RegistryError::Invalid("wakeup_fd must be >= 0".into()));
     }
     Ok(())
-}
-
-/// kill(2)'s permission rule: root, or the caller's uid is the target's
-/// real or saved uid.
-fn may_signal(caller_uid: u32, target: &ProcFacts) -> bool {
-    caller_uid == 0 || caller_uid == target.uids[0] || caller_uid == target.uids[2]
-}
-
-/// Parses tractor's `--uid "('name', 'uuid')"` from a subactor cmdline
-/// (`python -m tractor._child --uid ... --parent_addr ...`).
-pub fn tractor_identity(cmdline: &[String]) -> Option<(String, String)> {
-    let is_child = cmdline.windows(2).any(|w| w[0] == "-m" && w[1] == "tractor._child");
-    if !is_child {
-        return None;
-    }
-    let uid = cmdline.windows(2).find(|w| w[0] == "--uid").map(|w| w[1].as_str())?;
-    // ('name', 'uuid') with either quote style.
-    let inner = uid.trim().strip_prefix('(')?.strip_suffix(')')?;
-    let mut parts = inner.splitn(2, ',').map(|p| p.trim().trim_matches(['\'', '"']).to_string());
-    let name = parts.next().filter(|n| !n.is_empty())?;
-    let uuid = parts.next().unwrap_or_default();
-    Some((name, uuid))
 }
 
 pub struct Registry {

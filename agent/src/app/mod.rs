@@ -23,8 +23,8 @@ pub use trace::trace;
 use crate::{
     cli::CheckArgs,
     kernel::{
-        probes::{self, HookPreference, Probes},
-        source,
+        probes::{HookPreference, Probes},
+        source, tiers,
     },
 };
 
@@ -40,7 +40,7 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 
 fn load_probes(config: KernelConfig, preference: HookPreference) -> anyhow::Result<Probes> {
     let probes = Probes::load(config, preference)?;
-    for line in probes::report_lines(probes.report()) {
+    for line in tiers::report_lines(probes.report()) {
         tracing::info!("{line}");
     }
     let hooks: Vec<_> = probes.hooks().iter().map(|h| h.attach_point.as_str()).collect();
@@ -64,7 +64,7 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(report)?);
     } else {
-        for line in probes::report_lines(report) {
+        for line in tiers::report_lines(report) {
             println!("{line}");
         }
     }

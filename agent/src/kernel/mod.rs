@@ -7,5 +7,6 @@ pub mod events;
 pub mod probes;
 pub mod selftest;
 pub mod source;
+pub mod tiers;
 pub mod tracefs;
 pub mod watched;

@@ -372,7 +372,7 @@ impl Metrics {
     }
 
     /// Publishes which tier serves each job.
-    pub fn set_hooks(&self, report: &crate::kernel::probes::HookReport) {
+    pub fn set_hooks(&self, report: &crate::kernel::tiers::HookReport) {
         for j in &report.jobs {
             self.hook_tier.get_or_create(&HookLabels { job: j.job.as_str().into(), tier: j.tier.into() }).set(1);
         }
