@@ -14,12 +14,15 @@ use std::{
 };
 
 use anyhow::Context as _;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream, unix::UCred},
     sync::Semaphore,
 };
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, FramedRead};
 
 use crate::actors::registry::{ActorSpec, Caller, ProcReader, RealProc, Registry, RegistryError, Source, read_facts};
 
@@ -125,42 +128,58 @@ fn error_reply(code: &str, message: &str) -> String {
     format!("{}\n", json!({"ok": false, "code": code, "error": message}))
 }
 
-async fn client(mut stream: UnixStream, cred: UCred, registry: Arc<Mutex<Registry>>) -> std::io::Result<()> {
+/// Requests are newline-terminated lines of at most [`MAX_REQUEST`] bytes,
+/// framed on a `BytesMut` by tokio-util's delimiter codec, which enforces
+/// the limit. Unlike that codec, bytes left without a newline at
+/// end-of-stream are no request: a line is only complete with its newline.
+struct RequestCodec(AnyDelimiterCodec);
+
+impl RequestCodec {
+    fn new() -> Self {
+        RequestCodec(AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_REQUEST))
+    }
+}
+
+impl Decoder for RequestCodec {
+    type Item = Bytes;
+    type Error = AnyDelimiterCodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, Self::Error> {
+        self.0.decode(buf)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, Self::Error> {
+        self.0.decode(buf)
+    }
+}
+
+async fn client(stream: UnixStream, cred: UCred, registry: Arc<Mutex<Registry>>) -> std::io::Result<()> {
     let caller = Caller { pid: cred.pid().map(|p| p as u32).unwrap_or(0), uid: cred.uid() };
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    // A request must be complete within IDLE_TIMEOUT of its first byte (and
-    // the next one must start within IDLE_TIMEOUT): trickling one byte at a
-    // time does not hold a slot forever.
-    let mut deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+    let (read, mut write) = stream.into_split();
+    let mut requests = FramedRead::new(read, RequestCodec::new());
+    // A request must be complete within IDLE_TIMEOUT of the previous reply
+    // (or of connecting): trickling one byte at a time does not hold a slot
+    // forever.
     loop {
-        // Answer every complete line already buffered.
-        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            if nl > MAX_REQUEST {
-                return refuse(stream, "too_large", &format!("requests are limited to {MAX_REQUEST} bytes")).await;
-            }
-            let line: Vec<u8> = buf.drain(..=nl).collect();
-            let reply = handle_line(&line[..line.len() - 1], caller, &registry, &RealProc);
-            tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(reply.as_bytes()))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client not reading"))??;
-            deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
-        }
-        if buf.len() > MAX_REQUEST {
-            return refuse(stream, "too_large", &format!("requests are limited to {MAX_REQUEST} bytes")).await;
-        }
-        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Ok(r) => r?,
+        let deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+        let line = match tokio::time::timeout_at(deadline, requests.next()).await {
             Err(_) => {
                 let reply = error_reply("timeout", &format!("no complete request within {IDLE_TIMEOUT:?}"));
-                let _ = stream.write_all(reply.as_bytes()).await;
+                let _ = write.write_all(reply.as_bytes()).await;
                 return Ok(());
             }
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded))) => {
+                let stream = requests.into_inner().reunite(write).map_err(std::io::Error::other)?;
+                return refuse(stream, "too_large", &format!("requests are limited to {MAX_REQUEST} bytes")).await;
+            }
+            Ok(Some(Err(AnyDelimiterCodecError::Io(e)))) => return Err(e),
+            Ok(Some(Ok(line))) => line,
         };
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        let reply = handle_line(&line, caller, &registry, &RealProc);
+        tokio::time::timeout(IDLE_TIMEOUT, write.write_all(reply.as_bytes()))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client not reading"))??;
     }
 }
 

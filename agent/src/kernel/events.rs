@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use bytes::Buf as _;
 use serde::Serialize;
 use sigwake_common::{RAW_EVENT_SIZE, RawEvent, generate_result, kind};
 
@@ -313,11 +314,28 @@ impl TryFrom<&[u8]> for Event {
         if bytes.len() != RAW_EVENT_SIZE {
             return Err(DecodeError::BadSize(bytes.len()));
         }
-        // SAFETY: length checked; RawEvent is plain integers, any bit
-        // pattern is valid; read_unaligned copes with any alignment.
-        let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        Event::try_from(&raw)
+        Event::try_from(&raw_event(bytes))
     }
+}
+
+/// Reads a [`RawEvent`] field by field, little-endian (the BPF target's
+/// order), in the wire layout's order; `bytes` is RAW_EVENT_SIZE long.
+fn raw_event(mut b: &[u8]) -> RawEvent {
+    let kind = b.get_u32_le();
+    let sig = b.get_i32_le();
+    let ts_ns = b.get_u64_le();
+    let pid = b.get_u32_le();
+    let tid = b.get_u32_le();
+    let target = b.get_i32_le();
+    let call = b.get_u32_le();
+    let arg0 = b.get_i64_le();
+    let arg1 = b.get_i64_le();
+    let arg2 = b.get_i64_le();
+    let mut comm = [0u8; 16];
+    b.copy_to_slice(&mut comm);
+    let mut comm2 = [0u8; 16];
+    b.copy_to_slice(&mut comm2);
+    RawEvent { kind, sig, ts_ns, pid, tid, target, call, arg0, arg1, arg2, comm, comm2 }
 }
 
 impl TryFrom<&RawEvent> for Event {
@@ -416,6 +434,25 @@ mod tests {
         assert_eq!(w.signal, Signal::INT);
         assert_eq!(w.errno(), Some(libc::EAGAIN));
         assert!(ev.is_drop());
+    }
+
+    #[test]
+    fn every_wire_field_lands_where_the_kernel_put_it() {
+        let raw = RawEvent {
+            kind: 3,
+            sig: 2,
+            ts_ns: 0x0102_0304_0506_0708,
+            pid: 11,
+            tid: 12,
+            target: -13,
+            call: 4,
+            arg0: -14,
+            arg1: 15,
+            arg2: i64::MIN,
+            comm: *b"abcdefghijklmnop",
+            comm2: *b"ponmlkjihgfedcba",
+        };
+        assert_eq!(raw_event(&bytes(&raw)), raw);
     }
 
     #[test]
