@@ -65,7 +65,7 @@ pub async fn bind(path: &Path) -> anyhow::Result<(UnixListener, SocketGuard)> {
 }
 
 fn release(per_uid: &Mutex<HashMap<u32, usize>>, uid: u32) {
-    let mut counts = crate::lock(&per_uid);
+    let mut counts = crate::lock(per_uid);
     if let Some(n) = counts.get_mut(&uid) {
         *n = n.saturating_sub(1);
         if *n == 0 {
