@@ -202,7 +202,7 @@ impl Discovery {
 /// option through a pidfd_getfd duplicate never touches the queue.
 pub fn guess_runtime(pid: u32, wakeup_fd: i32) -> Runtime {
     let exe = procinfo::exe(pid).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let maps = procinfo::maps(pid).unwrap_or_default();
     let python = exe.contains("python") || maps.contains("libpython");
     if !python {
         return Runtime::Unknown;

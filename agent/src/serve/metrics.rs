@@ -504,9 +504,7 @@ fn clock_ticks_per_second() -> f64 {
 /// Start time of this process, Unix seconds.
 fn process_start_time() -> Option<f64> {
     let ticks = crate::sys::procinfo::start_time(std::process::id())? as f64;
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let btime: f64 = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
-    Some(btime + ticks / clock_ticks_per_second())
+    Some(crate::sys::procinfo::boot_time()? as f64 + ticks / clock_ticks_per_second())
 }
 
 impl Default for Metrics {

@@ -179,6 +179,17 @@ pub fn cmdline(pid: u32) -> Option<Vec<String>> {
     Some(raw.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
 }
 
+/// Boot time, Unix seconds (`btime` of /proc/stat).
+pub fn boot_time() -> Option<u64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()
+}
+
+/// The text of /proc/PID/maps (which libraries are loaded).
+pub fn maps(pid: u32) -> Option<String> {
+    fs::read_to_string(proc_path(pid, "maps")).ok()
+}
+
 pub fn exe(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(proc_path(pid, "exe")).ok()
 }
