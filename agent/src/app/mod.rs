@@ -51,10 +51,9 @@ fn load_probes(config: KernelConfig, preference: HookPreference) -> anyhow::Resu
 /// Starts the pipeline's event source: the self-test's backlog, then the
 /// ring buffer.
 fn start_source(probes: &mut Probes) -> anyhow::Result<tokio::sync::mpsc::Receiver<source::Batch>> {
-    let backlog = probes.take_backlog();
-    let (batches, _reader) =
-        source::spawn_ringbuf_reader(probes.take_events()?, backlog).context("polling the event ring buffer")?;
-    Ok(batches)
+    use source::EventSource as _;
+    let ring = source::RingSource { ring: probes.take_events()?, backlog: probes.take_backlog() };
+    ring.start().context("polling the event ring buffer")
 }
 
 /// `sigwake check`: load, attach, self-test, report, detach.

@@ -382,3 +382,70 @@ fn feed_detector(
     let window = policy.confirm_window(actor.runtime).as_nanos() as u64;
     detector.input(pid, actor.runtime, window, ev.mono_ns, input, out);
 }
+
+#[cfg(test)]
+mod tests {
+    use sigwake_common::kind;
+
+    use super::*;
+    use crate::{
+        actors::registry::{ActorSpec, Caller, NoSink, Source, read_facts},
+        config::Overrides,
+        kernel::{
+            events::testing::{dropped_wakeup, raw},
+            source::{EventSource, FakeSource},
+        },
+    };
+
+    /// The pipeline's wiring, end to end, from a fake source: a drop of a
+    /// registered actor is attributed to it, counted in the metrics, moves
+    /// it to dropped_wakeup, and its exit retires it; an undecodable record
+    /// is counted; another process's drop is not blamed on the actor.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fake_source_drives_attribution_metrics_and_state() {
+        let state = tempfile::tempdir().unwrap();
+        let over =
+            Overrides { state_dir: Some(state.path().into()), dry_run: true, no_discovery: true, ..Default::default() };
+        let config = Config::defaults(&over);
+        let metrics = Arc::new(Metrics::new());
+        let registry = Arc::new(Mutex::new(Registry::new(Box::new(NoSink), 16)));
+        let me = std::process::id();
+        let spec = ActorSpec { pid: Some(me), name: Some("wired".into()), ..Default::default() };
+        let caller = Caller { pid: me, uid: 0 };
+        let facts = read_facts(&RealProc, &spec, Some(caller));
+        lock(&registry).upsert(&spec, Source::Socket, Some(caller), facts).unwrap();
+        let store = incidents::Store::open(state.path()).unwrap();
+        let engine = Engine::new(&config, store, registry.clone(), metrics.clone());
+        let mut pipeline = Pipeline {
+            registry: registry.clone(),
+            discovery: Discovery::new(Vec::new(), false),
+            detector: Detector::default(),
+            engine,
+            metrics: metrics.clone(),
+            default_policy: Policy::builtin_default(),
+            config,
+            outputs: Vec::new(),
+        };
+        let stranger = me.wrapping_add(1_000_000);
+        let exit = Event::try_from(&raw(kind::PROCESS_EXIT, 0, me, me)).unwrap();
+        let source = FakeSource(vec![
+            vec![Ok(dropped_wakeup(me, 7, 10)), Ok(dropped_wakeup(stranger, 7, 11))],
+            vec![Err(crate::kernel::events::DecodeError::UnknownKind(99)), Ok(dropped_wakeup(me, 7, 12))],
+        ]);
+        let mut batches = source.start().unwrap();
+        while let Ok(batch) = batches.try_recv() {
+            pipeline.on_batch(batch);
+        }
+        {
+            let reg = lock(&registry);
+            let actor = reg.get(me).expect("still an actor");
+            assert_eq!((actor.drops, actor.wakeup_fd, actor.state), (2, Some(7), ActorState::DroppedWakeup));
+            assert!(reg.get(stranger).is_none());
+        }
+        let text = metrics.encode();
+        assert!(text.contains(r#"sigwake_wakeup_writes_dropped_total{actor="wired",runtime="unknown",signal="SIGINT",errno="EAGAIN"} 2"#), "{text}");
+        assert!(text.contains(r#"sigwake_decode_errors_total{reason="unknown_kind"} 1"#), "{text}");
+        pipeline.on_batch(vec![Ok(exit)]);
+        assert!(lock(&registry).get(me).is_none(), "the exit retires the actor");
+    }
+}

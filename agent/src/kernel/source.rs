@@ -1,8 +1,8 @@
 //! Event source: drains the kernel ring buffer and hands decoded batches to
 //! the pipeline over a bounded channel.
 //!
-//! The channel is the seam: tests feed the pipeline by sending batches
-//! themselves. When the pipeline falls behind, the reader waits, the ring
+//! [`EventSource`] is the seam: the agent runs on [`RingSource`]; tests
+//! wire the same pipeline to a [`FakeSource`] of hand-made batches. When the pipeline falls behind, the reader waits, the ring
 //! buffer fills, and the kernel counts what it could not reserve; nothing
 //! is dropped silently.
 
@@ -12,6 +12,38 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use crate::kernel::events::{DecodeError, Event};
 
 pub type Batch = Vec<Result<Event, DecodeError>>;
+
+/// Where the pipeline's batches come from.
+pub trait EventSource {
+    /// Starts delivering; the channel closes when the source is done.
+    fn start(self) -> std::io::Result<mpsc::Receiver<Batch>>;
+}
+
+/// The kernel's ring buffer, after the self-test's backlog.
+pub struct RingSource {
+    pub ring: RingBuf<MapData>,
+    pub backlog: Vec<Event>,
+}
+
+impl EventSource for RingSource {
+    fn start(self) -> std::io::Result<mpsc::Receiver<Batch>> {
+        // The reader task ends when the receiver is dropped.
+        spawn_ringbuf_reader(self.ring, self.backlog).map(|(rx, _task)| rx)
+    }
+}
+
+/// Batches given up front, then closed: for tests of the wiring.
+pub struct FakeSource(pub Vec<Batch>);
+
+impl EventSource for FakeSource {
+    fn start(self) -> std::io::Result<mpsc::Receiver<Batch>> {
+        let (tx, rx) = mpsc::channel(self.0.len().max(1));
+        for batch in self.0 {
+            tx.try_send(batch).expect("channel sized for every batch");
+        }
+        Ok(rx)
+    }
+}
 
 /// Upper bound on records per batch, so one burst cannot starve the
 /// consumer of a chance to run between batches.
