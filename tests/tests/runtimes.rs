@@ -181,7 +181,7 @@ fn audit_actions(state_dir: &Path, incident: u64) -> Vec<String> {
 /// diagnostics and SIGTERMs it — tokio leaves SIGTERM at its default
 /// action (only SIGINT has a handler), so that ends it.
 #[test]
-fn starved_tokio_actor_is_discovered_and_escalated() {
+fn starved_tokio_actor_selected_by_config_is_escalated() {
     let t0 = Instant::now();
     let tag = format!("tokio-escalation-{}", std::process::id());
     let name = "tokio-fetcher";
@@ -304,4 +304,35 @@ fn starved_tokio_actor_is_discovered_and_escalated() {
     assert_eq!(metric_sum(&m, "sigwake_escalation_actions_total", &[&label, r#"action="sigkill""#]), 0.0, "{m}");
     agent.stop();
     eprintln!("[tokio escalation] done in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// Nobody registers or selects the tokio loop: its first handler `sendto`
+/// of one byte is the self-pipe trick, and discovery records it, as it does
+/// a CPython loop's `write` (observe only, with its wakeup fd); its drops
+/// are then attributed to it by name.
+#[test]
+fn unregistered_tokio_loop_is_discovered_from_its_sendto_and_its_drops_attributed() {
+    let agent = RunningAgent::start(&[]);
+    let (mut actor, ready) = tokio_actor(&["--starve-seconds", "3"]);
+    check_ready(&ready);
+    let pid = actor.pid();
+    assert!(agent.entries_for("/actors", pid).is_empty(), "nothing registered it yet");
+    actor.stdout.wait_json("the loop to start starving", EVENT, |v| v["starving"] == true);
+    sigint_flood(&actor, FLOOD);
+    let a = agent.wait_entry("/actors", "the tokio loop to be discovered", EVENT, pid, |a| {
+        a["source"] == "discovered" && a["drops"].as_u64().is_some_and(|d| d > 0)
+    });
+    assert_eq!(a["wakeup_fd"], ready["wakeup_fd"], "the fd its handler sends to: {a}");
+    assert!(a["policy"].is_null(), "discovered loops are observed only: {a}");
+    assert_eq!(a["start_time"], start_time(pid), "{a}");
+    let name = a["name"].as_str().unwrap().to_string();
+    let text = agent.metrics();
+    let counted = metric_sum(&text, "sigwake_wakeup_writes_dropped_total", &[&format!("actor=\"{name}\"")]);
+    assert!(counted >= 1.0, "drops counted for actor {name}: {counted}\n{text}");
+    // The loop recovers by itself (trio-like delay, not loss: tokio
+    // coalesces) and exits on the SIGINT it finally sees.
+    actor.stdout.wait_json("the SIGINT once the loop runs", Duration::from_secs(20), |v| v["interrupted"] == true);
+    assert_eq!(actor.wait_exit(EVENT).code(), Some(130));
+    agent.wait_entry("/actors", "the discovered loop to be exited", EVENT, pid, |a| a["state"] == "exited");
+    agent.stop();
 }
