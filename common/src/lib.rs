@@ -222,13 +222,25 @@ pub struct HandlerWindow {
 
 /// Kernel-side counters, one slot each in the per-CPU COUNTERS array.
 pub mod counter {
-    /// Ring buffer full: an event could not be reserved.
-    pub const RINGBUF_LOST: u32 = 0;
+    /// Slot 0 is unused (it counted every kind of loss together before
+    /// losses were counted per kind).
+    pub const UNUSED_0: u32 = 0;
     /// IN_HANDLER full: a handler window could not be tracked.
     pub const HANDLER_MAP_FULL: u32 = 1;
     /// Handler windows discarded as stale (no rt_sigreturn seen).
     pub const STALE_WINDOWS: u32 = 2;
-    pub const COUNT: u32 = 4;
+    /// Ring buffer full: an event of kind `k` could not be reserved; slot
+    /// `LOST_BASE + k` (kinds are 1..=MAX_KIND; an unknown kind lands in
+    /// `LOST_BASE`).
+    pub const LOST_BASE: u32 = 8;
+    /// The largest [`super::kind`] number.
+    pub const MAX_KIND: u32 = 6;
+    pub const COUNT: u32 = LOST_BASE + MAX_KIND + 1;
+
+    /// The slot counting lost events of `kind`.
+    pub const fn lost(kind: u32) -> u32 {
+        if kind >= 1 && kind <= MAX_KIND { LOST_BASE + kind } else { LOST_BASE }
+    }
 }
 
 #[cfg(feature = "user")]

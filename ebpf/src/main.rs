@@ -143,7 +143,7 @@ fn emit(ev: RawEvent) {
             entry.write(ev);
             entry.submit(0);
         }
-        None => bump(counter::RINGBUF_LOST),
+        None => bump(counter::lost(ev.kind)),
     }
 }
 

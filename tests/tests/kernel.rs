@@ -82,5 +82,15 @@ fn metrics_name_the_tier_serving_each_job() {
         let line = format!(r#"sigwake_hook_tier{{job="{job}",tier="{want}"}} 1"#);
         assert!(text.contains(&line), "missing `{line}` in /metrics:\n{text}");
     }
+    // Loss is counted per kind from the start, and the kernel's recursion
+    // misses are read for every program (a series only once read).
+    wait_until("the first once-a-second update", EVENT, || {
+        agent.metrics().contains(r#"sigwake_bpf_program_recursion_misses_total{program="signal_deliver"}"#)
+    });
+    let text = agent.metrics();
+    for kind in ["handler_write", "signal_generate", "process_exit"] {
+        let line = format!(r#"sigwake_kernel_lost_events_total{{kind="{kind}"}} "#);
+        assert!(text.contains(&line), "missing `{line}` in /metrics:\n{text}");
+    }
     agent.stop();
 }

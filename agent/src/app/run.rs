@@ -132,8 +132,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             why = &mut shutdown => { tracing::info!("{}: detaching and stopping", why?); break; }
             _ = detect_tick.tick(), if !pipeline.detector.is_idle() => pipeline.on_detect_tick(),
             _ = tick.tick() => {
-                // Lost events may include execs: look at everything again.
-                let lost = probes.counters().ringbuf_lost;
+                // Lost exec events: look at every process again (only
+                // then; a flood of other kinds costs no /proc rescan).
+                let lost = probes.counters().lost_of(sigwake_common::kind::PROCESS_EXEC);
                 pipeline.on_tick(&probes, lost > lost_seen);
                 lost_seen = lost;
             }

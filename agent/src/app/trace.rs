@@ -49,9 +49,14 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         tokio::select! {
             why = &mut shutdown => { tracing::info!("{}: stopping", why?); break; }
             _ = tick.tick() => {
-                let lost = probes.counters().ringbuf_lost;
+                let counters = probes.counters();
+                let lost = counters.total_lost();
                 if lost > reported_lost {
-                    tracing::warn!("{} events lost in the kernel (ring buffer full)", lost - reported_lost);
+                    let drops = counters.lost_of(sigwake_common::kind::HANDLER_WRITE);
+                    tracing::warn!(
+                        "{} events lost in the kernel (ring buffer full), {drops} of them handler writes so far",
+                        lost - reported_lost
+                    );
                     reported_lost = lost;
                 }
             }

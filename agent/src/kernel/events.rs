@@ -10,6 +10,19 @@ use bytes::Buf as _;
 use serde::Serialize;
 use sigwake_common::{RAW_EVENT_SIZE, RawEvent, generate_result, kind};
 
+/// A bounded name for an event kind (`sigwake_common::kind`), for labels.
+pub fn kind_name(k: u32) -> &'static str {
+    match k {
+        kind::SIGNAL_GENERATE => "signal_generate",
+        kind::SIGNAL_DELIVER => "signal_deliver",
+        kind::HANDLER_WRITE => "handler_write",
+        kind::HANDLER_RETURN => "handler_return",
+        kind::PROCESS_EXIT => "process_exit",
+        kind::PROCESS_EXEC => "process_exec",
+        _ => "unknown",
+    }
+}
+
 /// A signal number (1..=64).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Signal(pub i32);

@@ -166,12 +166,37 @@ fn classify<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String
     }
 }
 
+/// What the kernel counts for one program. Run count and time only with
+/// `kernel.bpf_stats_enabled=1`; recursion misses always (5.12+).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub run_count: u64,
+    pub run_ns: u64,
+    /// Times the kernel skipped the program (already running on the CPU);
+    /// `None` if the kernel would not say.
+    pub recursion_misses: Option<u64>,
+}
+
 /// Kernel-side counters summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
-    pub ringbuf_lost: u64,
+    /// Events the ring buffer had no room for, by event kind (index =
+    /// `kind`; 0 = a kind this agent does not know).
+    pub lost: [u64; counter::MAX_KIND as usize + 1],
     pub handler_map_full: u64,
     pub stale_windows: u64,
+}
+
+impl KernelCounters {
+    /// Lost events of every kind.
+    pub fn total_lost(&self) -> u64 {
+        self.lost.iter().sum()
+    }
+
+    /// Lost events of one kind (`sigwake_common::kind`).
+    pub fn lost_of(&self, kind: u32) -> u64 {
+        self.lost[counter::lost(kind) as usize - counter::LOST_BASE as usize]
+    }
 }
 
 pub struct Probes {
@@ -445,7 +470,7 @@ impl Probes {
     pub fn counters(&self) -> KernelCounters {
         let sum = |slot: u32| -> u64 { self.counters.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0) };
         KernelCounters {
-            ringbuf_lost: sum(counter::RINGBUF_LOST),
+            lost: std::array::from_fn(|k| sum(counter::LOST_BASE + k as u32)),
             handler_map_full: sum(counter::HANDLER_MAP_FULL),
             stale_windows: sum(counter::STALE_WINDOWS),
         }
@@ -453,12 +478,21 @@ impl Probes {
 
     /// Per-program run count and run time (ns), when the kernel collects
     /// them (`kernel.bpf_stats_enabled=1`).
-    pub fn program_stats(&self) -> StdHashMap<&'static str, (u64, u64)> {
+    pub fn program_stats(&self) -> StdHashMap<&'static str, ProgramStats> {
+        use std::os::fd::AsFd as _;
         let mut out = StdHashMap::new();
         for name in self.hooks.iter().map(|h| h.program) {
-            if let Some(info) = self.ebpf.program(name).and_then(|p| p.info().ok()) {
-                out.insert(name, (info.run_count(), info.run_time().as_nanos() as u64));
-            }
+            let Some(prog) = self.ebpf.program(name) else { continue };
+            let Ok(info) = prog.info() else { continue };
+            let recursion_misses = prog.fd().ok().and_then(|fd| crate::sys::bpfinfo::recursion_misses(fd.as_fd()).ok());
+            out.insert(
+                name,
+                ProgramStats {
+                    run_count: info.run_count(),
+                    run_ns: info.run_time().as_nanos() as u64,
+                    recursion_misses,
+                },
+            );
         }
         out
     }

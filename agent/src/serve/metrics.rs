@@ -16,7 +16,7 @@ use prometheus_client::{
 
 use crate::{
     kernel::events::{Event, EventBody},
-    kernel::probes::KernelCounters,
+    kernel::probes::{KernelCounters, ProgramStats},
     serve::trace::errno_name,
 };
 
@@ -61,6 +61,11 @@ pub struct EscalationLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
     pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -148,8 +153,9 @@ pub struct Metrics {
     pub escalation_actions: Family<EscalationLabels, Counter>,
     pub detection_latency: Family<StageLabels, Histogram>,
     pub bpf_run_count: Family<ProgramLabels, Counter>,
+    pub bpf_recursion_misses: Family<ProgramLabels, Counter>,
     pub bpf_run_time: Family<ProgramLabels, CounterF64>,
-    last_bpf: Mutex<std::collections::HashMap<String, (u64, u64)>>,
+    last_bpf: Mutex<std::collections::HashMap<String, ProgramStats>>,
     process_cpu: CounterF64,
     last_cpu_ticks: Mutex<u64>,
     process_rss: Gauge,
@@ -161,7 +167,7 @@ pub struct Metrics {
     pub process_exits: Counter,
     pub events: Counter,
     pub decode_errors: Family<ReasonLabels, Counter>,
-    pub kernel_lost_events: Counter,
+    pub kernel_lost_events: Family<KindLabels, Counter>,
     pub kernel_handler_map_full: Counter,
     pub kernel_stale_windows: Counter,
     pub attached_programs: Gauge,
@@ -246,6 +252,12 @@ impl Metrics {
             Unit::Seconds,
             detection_latency.clone(),
         );
+        let bpf_recursion_misses = Family::default();
+        registry.register(
+            "bpf_program_recursion_misses",
+            "Times the kernel skipped a program because it was already running on that CPU: events it never saw",
+            bpf_recursion_misses.clone(),
+        );
         let bpf_run_count = Family::default();
         registry.register(
             "bpf_program_run_count",
@@ -297,10 +309,10 @@ impl Metrics {
             "Kernel event records that could not be decoded, by reason",
             decode_errors.clone(),
         );
-        let kernel_lost_events = Counter::default();
+        let kernel_lost_events = Family::default();
         registry.register(
             "kernel_lost_events",
-            "Events the kernel programs could not put on the ring buffer because it was full",
+            "Events the kernel programs could not put on the ring buffer because it was full, by event kind (handler_write: lost wakeup drops)",
             kernel_lost_events.clone(),
         );
         let kernel_handler_map_full = Counter::default();
@@ -348,6 +360,7 @@ impl Metrics {
             escalation_actions,
             detection_latency,
             bpf_run_count,
+            bpf_recursion_misses,
             bpf_run_time,
             last_bpf: Default::default(),
             process_cpu,
@@ -434,7 +447,12 @@ impl Metrics {
     /// cumulative in the kernel; only the difference is added).
     pub fn update_kernel_counters(&self, now: KernelCounters) {
         let mut last = crate::lock(&self.last_kernel);
-        self.kernel_lost_events.inc_by(now.ringbuf_lost.saturating_sub(last.ringbuf_lost));
+        for (k, (now_lost, last_lost)) in now.lost.iter().zip(last.lost.iter()).enumerate() {
+            // Every kind is written, so each series exists (at 0) from the start.
+            self.kernel_lost_events
+                .get_or_create(&KindLabels { kind: crate::kernel::events::kind_name(k as u32).into() })
+                .inc_by(now_lost.saturating_sub(*last_lost));
+        }
         self.kernel_handler_map_full.inc_by(now.handler_map_full.saturating_sub(last.handler_map_full));
         self.kernel_stale_windows.inc_by(now.stale_windows.saturating_sub(last.stale_windows));
         *last = now;
@@ -462,14 +480,18 @@ impl Metrics {
     }
 
     /// Adds the kernel's per-program run counts and times since the last call.
-    pub fn update_bpf_stats(&self, stats: &std::collections::HashMap<&'static str, (u64, u64)>) {
+    pub fn update_bpf_stats(&self, stats: &std::collections::HashMap<&'static str, ProgramStats>) {
         let mut last = crate::lock(&self.last_bpf);
-        for (name, &(count, ns)) in stats {
-            let (lc, lns) = last.get(*name).copied().unwrap_or((0, 0));
+        for (name, now) in stats {
+            let before = last.get(*name).copied().unwrap_or_default();
             let labels = ProgramLabels { program: name.to_string() };
-            self.bpf_run_count.get_or_create(&labels).inc_by(count.saturating_sub(lc));
-            self.bpf_run_time.get_or_create(&labels).inc_by(ns.saturating_sub(lns) as f64 / 1e9);
-            last.insert(name.to_string(), (count, ns));
+            self.bpf_run_count.get_or_create(&labels).inc_by(now.run_count.saturating_sub(before.run_count));
+            self.bpf_run_time.get_or_create(&labels).inc_by(now.run_ns.saturating_sub(before.run_ns) as f64 / 1e9);
+            if let Some(misses) = now.recursion_misses {
+                let before = before.recursion_misses.unwrap_or(0);
+                self.bpf_recursion_misses.get_or_create(&labels).inc_by(misses.saturating_sub(before));
+            }
+            last.insert(name.to_string(), *now);
         }
     }
 
@@ -607,8 +629,15 @@ mod tests {
     #[test]
     fn kernel_counters_add_only_the_difference() {
         let m = Metrics::new();
-        m.update_kernel_counters(KernelCounters { ringbuf_lost: 5, ..Default::default() });
-        m.update_kernel_counters(KernelCounters { ringbuf_lost: 7, ..Default::default() });
-        assert_eq!(sample_value(&m.encode(), "sigwake_kernel_lost_events_total"), Some(7.0));
+        let mut c = KernelCounters::default();
+        c.lost[3] = 5;
+        c.lost[1] = 2;
+        m.update_kernel_counters(c);
+        c.lost[3] = 7;
+        m.update_kernel_counters(c);
+        let text = m.encode();
+        assert!(text.contains(r#"sigwake_kernel_lost_events_total{kind="handler_write"} 7"#), "{text}");
+        assert!(text.contains(r#"sigwake_kernel_lost_events_total{kind="signal_generate"} 2"#), "{text}");
+        assert!(text.contains(r#"sigwake_kernel_lost_events_total{kind="process_exec"} 0"#), "{text}");
     }
 }

@@ -6,7 +6,9 @@
 //! - `fdqueue`: how full a wakeup fd is, never reading it
 //! - `sockdiag`: the NETLINK_SOCK_DIAG client `fdqueue` uses
 //! - `cgroup`: cgroup v2 kill
+//! - `bpfinfo`: counters of loaded BPF programs aya does not expose
 
+pub mod bpfinfo;
 pub mod cgroup;
 pub mod fdqueue;
 pub mod pidfd;

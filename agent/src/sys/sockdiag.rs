@@ -314,15 +314,24 @@ mod tmp_bench {
     fn tmp_bench_query() {
         use std::os::unix::fs::MetadataExt;
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let ino = std::fs::File::from(std::os::fd::OwnedFd::from(a.try_clone().unwrap())).metadata().unwrap().ino() as u32;
+        let ino =
+            std::fs::File::from(std::os::fd::OwnedFd::from(a.try_clone().unwrap())).metadata().unwrap().ino() as u32;
         let pid = std::process::id();
         let show = super::SHOW_PEER | super::SHOW_MEMINFO | super::SHOW_RQLEN;
-        for _ in 0..200 { assert!(super::query(pid, ino, show).is_some()); }
+        for _ in 0..200 {
+            assert!(super::query(pid, ino, show).is_some());
+        }
         for round in 0..3 {
             let t = std::time::Instant::now();
-            for _ in 0..10_000 { assert!(super::query(pid, ino, show).is_some()); }
+            for _ in 0..10_000 {
+                assert!(super::query(pid, ino, show).is_some());
+            }
             let el = t.elapsed();
-            eprintln!("BENCH round {round}: 10000 queries {:?} = {:.2} us/query", el, el.as_secs_f64() * 1e6 / 10_000.0);
+            eprintln!(
+                "BENCH round {round}: 10000 queries {:?} = {:.2} us/query",
+                el,
+                el.as_secs_f64() * 1e6 / 10_000.0
+            );
         }
     }
 }
