@@ -207,8 +207,11 @@ pub const MAX_HANDLER_DEPTH: usize = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HandlerWindow {
-    /// Entry time of the innermost handler.
+    /// Entry time of the innermost handler (staleness is judged from it).
     pub entered_ns: u64,
+    /// Entry time of each nested handler, outermost at 0, so each level's
+    /// own duration is reported when it returns.
+    pub entered: [u64; MAX_HANDLER_DEPTH],
     /// Signals of the nested handlers, innermost at `depth - 1`.
     pub sigs: [i32; MAX_HANDLER_DEPTH],
     pub depth: u32,

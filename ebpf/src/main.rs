@@ -72,6 +72,10 @@ static SEEN_PIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// MAX_HANDLER_DEPTH is a power of two: `& LEVEL_MASK` bounds an index.
+const LEVEL_MASK: usize = MAX_HANDLER_DEPTH - 1;
+const _: () = assert!(MAX_HANDLER_DEPTH.is_power_of_two());
+
 const SIG_DFL: u64 = 0;
 const SIG_IGN: u64 = 1;
 
@@ -242,10 +246,12 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
     let depth = window.depth as usize;
     if depth < MAX_HANDLER_DEPTH {
         window.sigs[depth] = sig;
+        window.entered[depth] = now;
         window.depth += 1;
     } else {
         // Deeper nesting: keep the innermost signal on top.
         window.sigs[MAX_HANDLER_DEPTH - 1] = sig;
+        window.entered[MAX_HANDLER_DEPTH - 1] = now;
     }
     if IN_HANDLER.insert(&tid, &window, 0).is_err() {
         bump(counter::HANDLER_MAP_FULL);
@@ -273,19 +279,27 @@ fn try_sys_enter_rt_sigreturn() -> Result<(), i64> {
     // SAFETY: the entry belongs to the current thread; only it updates it.
     let window = unsafe { &mut *window };
     let depth = window.depth as usize;
-    let sig = if (1..=MAX_HANDLER_DEPTH).contains(&depth) {
-        window.sigs[depth - 1]
+    // Indexes are masked, not only range-checked: the compiler may compute
+    // an address before the check, and the verifier must see it bounded.
+    let level = depth.wrapping_sub(1) & LEVEL_MASK;
+    let (sig, entered) = if (1..=MAX_HANDLER_DEPTH).contains(&depth) {
+        (window.sigs[level], window.entered[level])
     } else {
-        0
+        (0, window.entered_ns)
     };
     let mut ev = base_event(kind::HANDLER_RETURN, sig);
     ev.arg0 = depth as i64;
-    ev.arg1 = ev.ts_ns.wrapping_sub(window.entered_ns) as i64;
+    // This level's own time, from its own entry (not the innermost's).
+    ev.arg1 = ev.ts_ns.wrapping_sub(entered) as i64;
     if depth <= 1 {
         close_window(tid);
     } else {
         window.depth -= 1;
         window.write_fd = -1;
+        // The outer handler runs again: staleness counts from its entry.
+        if (2..=MAX_HANDLER_DEPTH).contains(&depth) {
+            window.entered_ns = window.entered[depth.wrapping_sub(2) & LEVEL_MASK];
+        }
     }
     emit(ev);
     Ok(())
@@ -439,7 +453,7 @@ fn finish_write(tid: u32, window: *mut HandlerWindow, ret: i64) {
     }
     let depth = window.depth as usize;
     let sig = if (1..=MAX_HANDLER_DEPTH).contains(&depth) {
-        window.sigs[depth - 1]
+        window.sigs[depth.wrapping_sub(1) & LEVEL_MASK]
     } else {
         0
     };

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use serde_json::Value;
 use sigwake_tests::*;
 
 /// Sends `n` SIGINTs, `gap` apart.
@@ -158,4 +159,40 @@ fn without_privileges_the_agent_names_the_cause_and_fails() {
         stderr.contains("permission denied") && stderr.contains("needs root"),
         "the error must name the cause: {stderr}"
     );
+}
+
+/// Nested handlers: each level's `handler_ns` is its own, from its own
+/// entry. The fixture's outer SIGUSR1 handler runs 25 ms, then a nested
+/// SIGUSR2 handler 10 ms, then 25 ms more.
+#[test]
+fn nested_handlers_each_report_their_own_duration() {
+    let dir = TempDir::new("nested");
+    let bin = dir.0.join("nested_handlers");
+    let cc = std::process::Command::new("cc")
+        .arg("-O2")
+        .arg("-o")
+        .arg(&bin)
+        .arg(fixtures_dir().join("nested_handlers.c"))
+        .status()
+        .expect("running cc (gcc)");
+    assert!(cc.success(), "compiling nested_handlers.c");
+    let mut cmd = std::process::Command::new(&bin);
+    let mut p = Proc::spawn("nested_handlers", &mut cmd);
+    p.stdout.wait_json("nested_handlers ready", EVENT, |v| v["ready"] == true);
+    let pid = p.pid().to_string();
+    let mut all = trace(&["--pid", &pid, "--until-exit"]);
+    p.write_stdin("x");
+    p.stdout.wait_json("nested_handlers done", EVENT, |v| v["done"] == true);
+    p.wait_exit(EVENT);
+    all.wait_exit(EVENT);
+    let returns: Vec<Value> = all.stdout.json().into_iter().filter(|v| v["event"] == "handler_return").collect();
+    assert_eq!(returns.len(), 2, "two handlers returned: {returns:#?}");
+    let (inner, outer) = (&returns[0], &returns[1]);
+    assert_eq!((inner["signal"].as_str(), inner["depth"].as_u64()), (Some("SIGUSR2"), Some(2)), "{inner}");
+    assert_eq!((outer["signal"].as_str(), outer["depth"].as_u64()), (Some("SIGUSR1"), Some(1)), "{outer}");
+    let ms = |v: &Value| v["handler_ns"].as_u64().unwrap() as f64 / 1e6;
+    assert!(ms(inner) >= 10.0, "the inner handler spins 10 ms: {inner}");
+    // The outer one spins 50 ms around the inner one: measured from the
+    // inner entry it would read about 35 ms.
+    assert!(ms(outer) >= 50.0 + ms(inner), "the outer handler's own time, inner included: {outer}");
 }

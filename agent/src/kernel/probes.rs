@@ -166,6 +166,19 @@ fn classify<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String
     }
 }
 
+/// A program load that failed. BPF_PROG_LOAD answers EACCES when the
+/// *verifier* rejects a program (kernel/bpf/verifier.c) and EPERM for a
+/// lack of privilege, so only a load error without EACCES is about rights.
+fn classify_load(program: &str, what: String, err: ProgramError) -> LoadError {
+    let verifier_rejected = matches!(&err, ProgramError::LoadError { io_error, .. }
+        if io_error.raw_os_error() == Some(libc::EACCES));
+    if verifier_rejected {
+        LoadError::Verifier { program: program.to_string(), source: err }
+    } else {
+        classify(what, err)
+    }
+}
+
 /// What the kernel counts for one program. Run count and time only with
 /// `kernel.bpf_stats_enabled=1`; recursion misses always (5.12+).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -300,7 +313,19 @@ impl Probes {
                     continue;
                 }
                 Err(e) if plan.tier == Tier::Fentry => {
-                    fallbacks.push(format!("{}{}", plan.tier.refused_prefix(), error_chain(&e)));
+                    // A verifier log can run to pages: its start names the
+                    // program, its end the reason.
+                    let chain = error_chain(&e);
+                    let short = if chain.chars().count() > 600 {
+                        let head: String = chain.chars().take(200).collect();
+                        let tail: String =
+                            chain.chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
+                        format!("{head} … {tail}")
+                    } else {
+                        chain
+                    };
+                    tracing::debug!("fentry/fexit refused: {}", error_chain(&e));
+                    fallbacks.push(format!("{}{short}", plan.tier.refused_prefix()));
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -368,7 +393,7 @@ impl Probes {
                     e @ ProgramError::LoadError { .. } if !is_permission_denied(&e) => {
                         LoadError::Verifier { program: program.to_string(), source: e }
                     }
-                    e => classify(format!("load program `{program}`"), e),
+                    e => classify_load(program, format!("load program `{program}`"), e),
                 })?;
             }
             prog.attach(group, event)
@@ -555,12 +580,12 @@ fn attach_btf_hooks(ebpf: &mut Ebpf) -> Result<Vec<Hook>, LoadError> {
         let attached = if is_exit {
             let p: &mut FExit = prog.try_into().map_err(|e| classify(format!("program `{program}`"), e))?;
             p.load(function, &btf)
-                .map_err(|e| classify(format!("load fexit {function}"), e))
+                .map_err(|e| classify_load(program, format!("load fexit {function}"), e))
                 .and_then(|()| p.attach().map(drop).map_err(|e| classify(format!("attach fexit {function}"), e)))
         } else {
             let p: &mut FEntry = prog.try_into().map_err(|e| classify(format!("program `{program}`"), e))?;
             p.load(function, &btf)
-                .map_err(|e| classify(format!("load fentry {function}"), e))
+                .map_err(|e| classify_load(program, format!("load fentry {function}"), e))
                 .and_then(|()| p.attach().map(drop).map_err(|e| classify(format!("attach fentry {function}"), e)))
         };
         attached?;
@@ -591,6 +616,24 @@ fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load_error(errno: i32) -> ProgramError {
+        ProgramError::LoadError {
+            io_error: io::Error::from_raw_os_error(errno),
+            verifier_log: aya_obj::VerifierLog::new("121: R3 unbounded memory access".into()),
+        }
+    }
+
+    #[test]
+    fn a_verifier_rejection_is_not_called_a_permission_problem() {
+        // EACCES from BPF_PROG_LOAD: the verifier said no; its log is kept.
+        let e = classify_load("p", "load program `p`".into(), load_error(libc::EACCES));
+        assert!(matches!(e, LoadError::Verifier { .. }), "{e:?}");
+        assert!(error_chain(&e).contains("unbounded memory access"), "{}", error_chain(&e));
+        // EPERM: no rights.
+        let e = classify_load("p", "load program `p`".into(), load_error(libc::EPERM));
+        assert!(matches!(e, LoadError::Permission { .. }), "{e:?}");
+    }
 
     #[test]
     fn kernel_releases_parse_and_old_ones_are_refused_in_one_sentence() {
