@@ -247,11 +247,17 @@ pub(crate) mod tests {
 
     #[test]
     fn get_fd_missing_fd() {
-        let child = sleeper();
+        use std::os::unix::fs::MetadataExt;
+        // The child's fd 0 is a file only this test has: the duplicate must
+        // be that very file (an OwnedFd is never negative, so checking the
+        // number would prove nothing).
+        let file = tempfile::tempfile().unwrap();
+        let want = file.metadata().unwrap();
+        let child = Reaper(Command::new("sleep").arg("30").stdin(file).spawn().expect("spawn sleep"));
         let h = ProcessHandle::open(child.0.id(), None).unwrap();
         assert!(matches!(h.get_fd(987), Err(PidfdError::NoSuchFd { fd: 987, .. })));
         // fd 0 exists: get a duplicate and inspect it without reading.
-        let fd = h.get_fd(0).unwrap();
-        assert!(std::os::fd::AsRawFd::as_raw_fd(&fd) >= 0);
+        let got = std::fs::File::from(h.get_fd(0).unwrap()).metadata().unwrap();
+        assert_eq!((got.dev(), got.ino()), (want.dev(), want.ino()), "the duplicate is the child's fd 0");
     }
 }
