@@ -56,6 +56,17 @@ fn start_source(probes: &mut Probes) -> anyhow::Result<tokio::sync::mpsc::Receiv
     ring.start().context("polling the event ring buffer")
 }
 
+/// The error of a command whose event source ended while it ran: the
+/// ring-buffer reader stops only when polling the ring buffer failed (the
+/// reason is logged just before) or it panicked.
+fn source_ended() -> anyhow::Error {
+    anyhow::anyhow!(
+        "the kernel event reader stopped (see the error logged above): no more kernel events can be seen, so \
+         sigwake stops instead of running blind; restart it (for `sigwake run` under systemd, Restart=on-failure \
+         does that) and report the logged error if it happens again"
+    )
+}
+
 /// `sigwake check`: load, attach, self-test, report, detach.
 pub async fn check(args: CheckArgs) -> anyhow::Result<()> {
     let probes = Probes::load(KernelConfig::DEFAULT, args.hooks)?;

@@ -118,6 +118,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut pipeline =
         Pipeline { registry, discovery, detector, engine, metrics, config, default_policy, outputs: Vec::new() };
     let mut lost_seen = 0u64;
+    let on_tick = |pipeline: &mut Pipeline| {
+        // Lost exec events: look at every process again (only
+        // then; a flood of other kinds costs no /proc rescan).
+        let lost = probes.counters().lost_of(sigwake_common::kind::PROCESS_EXEC);
+        pipeline.on_tick(&probes, lost > lost_seen);
+        lost_seen = lost;
+    };
+    let ended = event_loop(&mut pipeline, &mut batches, shutdown_signal(), on_tick, || !server.is_finished()).await;
+    state.ready.store(false, Ordering::Release);
+    drop(probes);
+    ended
+}
+
+/// The agent's event loop, until SIGINT/SIGTERM (`shutdown`: Ok) or an
+/// error: the event source ended (the ring-buffer reader died: an agent
+/// that sees no more kernel events must not look healthy, nor exit 0 so a
+/// supervisor leaves it down), or the metrics endpoint stopped
+/// (`server_alive` false).
+async fn event_loop(
+    pipeline: &mut Pipeline,
+    batches: &mut tokio::sync::mpsc::Receiver<Batch>,
+    shutdown: impl std::future::Future<Output = anyhow::Result<&'static str>>,
+    mut on_tick: impl FnMut(&mut Pipeline),
+    server_alive: impl Fn() -> bool,
+) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // The detector decides at confirm deadlines; 50 ms keeps that decision
     // within 50 ms of the deadline. It runs only while some actor is
@@ -125,31 +150,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // times.
     let mut detect_tick = tokio::time::interval(Duration::from_millis(50));
     detect_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            why = &mut shutdown => { tracing::info!("{}: detaching and stopping", why?); break; }
+            why = &mut shutdown => { tracing::info!("{}: detaching and stopping", why?); return Ok(()); }
             _ = detect_tick.tick(), if !pipeline.detector.is_idle() => pipeline.on_detect_tick(),
-            _ = tick.tick() => {
-                // Lost exec events: look at every process again (only
-                // then; a flood of other kinds costs no /proc rescan).
-                let lost = probes.counters().lost_of(sigwake_common::kind::PROCESS_EXEC);
-                pipeline.on_tick(&probes, lost > lost_seen);
-                lost_seen = lost;
-            }
+            _ = tick.tick() => on_tick(pipeline),
             batch = batches.recv() => {
-                let Some(batch) = batch else { break };
+                let Some(batch) = batch else { return Err(super::source_ended()) };
                 pipeline.on_batch(batch);
             }
         }
-        if server.is_finished() {
+        if !server_alive() {
             anyhow::bail!("the metrics endpoint stopped unexpectedly");
         }
     }
-    state.ready.store(false, Ordering::Release);
-    drop(probes);
-    Ok(())
 }
 
 /// The stages after the decoder, fed by the event loop.
@@ -398,15 +413,10 @@ mod tests {
         },
     };
 
-    /// The pipeline's wiring, end to end, from a fake source: a drop of a
-    /// registered actor is attributed to it, counted in the metrics, moves
-    /// it to dropped_wakeup, and its exit retires it; an undecodable record
-    /// is counted; another process's drop is not blamed on the actor.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_fake_source_drives_attribution_metrics_and_state() {
-        let state = tempfile::tempdir().unwrap();
-        let over =
-            Overrides { state_dir: Some(state.path().into()), dry_run: true, no_discovery: true, ..Default::default() };
+    /// A dry-run pipeline over a fresh state dir, with this test process
+    /// registered as the actor "wired".
+    fn wired_pipeline(state: &std::path::Path) -> Pipeline {
+        let over = Overrides { state_dir: Some(state.into()), dry_run: true, no_discovery: true, ..Default::default() };
         let config = Config::defaults(&over);
         let metrics = Arc::new(Metrics::new());
         let registry = Arc::new(Mutex::new(Registry::new(Box::new(NoSink), 16)));
@@ -415,18 +425,30 @@ mod tests {
         let caller = Caller { pid: me, uid: 0 };
         let facts = read_facts(&RealProc, &spec, Some(caller));
         lock(&registry).upsert(&spec, Source::Socket, Some(caller), facts).unwrap();
-        let store = incidents::Store::open(state.path()).unwrap();
+        let store = incidents::Store::open(state).unwrap();
         let engine = Engine::new(&config, store, registry.clone(), metrics.clone());
-        let mut pipeline = Pipeline {
-            registry: registry.clone(),
+        Pipeline {
+            registry,
             discovery: Discovery::new(Vec::new(), false),
             detector: Detector::default(),
             engine,
-            metrics: metrics.clone(),
+            metrics,
             default_policy: Policy::builtin_default(),
             config,
             outputs: Vec::new(),
-        };
+        }
+    }
+
+    /// The pipeline's wiring, end to end, from a fake source: a drop of a
+    /// registered actor is attributed to it, counted in the metrics, moves
+    /// it to dropped_wakeup, and its exit retires it; an undecodable record
+    /// is counted; another process's drop is not blamed on the actor.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fake_source_drives_attribution_metrics_and_state() {
+        let state = tempfile::tempdir().unwrap();
+        let mut pipeline = wired_pipeline(state.path());
+        let (registry, metrics) = (pipeline.registry.clone(), pipeline.metrics.clone());
+        let me = std::process::id();
         let stranger = me.wrapping_add(1_000_000);
         let exit = Event::try_from(&raw(kind::PROCESS_EXIT, 0, me, me)).unwrap();
         let source = FakeSource(vec![
@@ -448,5 +470,35 @@ mod tests {
         assert!(text.contains(r#"sigwake_decode_errors_total{reason="unknown_kind"} 1"#), "{text}");
         pipeline.on_batch(vec![Ok(exit)]);
         assert!(lock(&registry).get(me).is_none(), "the exit retires the actor");
+    }
+
+    /// The event source ending on its own (the ring-buffer reader died) is
+    /// an error, so that `sigwake run` exits non-zero and a supervisor
+    /// restarts it; the batches before the end are still handled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_event_loop_fails_when_the_source_ends() {
+        let state = tempfile::tempdir().unwrap();
+        let mut pipeline = wired_pipeline(state.path());
+        let me = std::process::id();
+        let mut batches = FakeSource(vec![vec![Ok(dropped_wakeup(me, 7, 10))]]).start().unwrap();
+        let ended = event_loop(&mut pipeline, &mut batches, std::future::pending(), |_| {}, || true).await;
+        let err = ended.expect_err("a source that ends must stop the agent with an error");
+        let text = format!("{err:#}");
+        assert!(text.contains("kernel event reader stopped"), "says what happened: {text}");
+        assert!(text.contains("restart"), "says what to do: {text}");
+        assert_eq!(lock(&pipeline.registry).get(me).map(|a| a.drops), Some(1), "the last batch was handled");
+    }
+
+    /// SIGINT/SIGTERM is the clean stop: Ok, while the source is still open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_event_loop_stops_cleanly_on_shutdown() {
+        let state = tempfile::tempdir().unwrap();
+        let mut pipeline = wired_pipeline(state.path());
+        let (_tx, mut batches) = tokio::sync::mpsc::channel::<Batch>(1);
+        let shutdown = async { Ok("SIGTERM") };
+        event_loop(&mut pipeline, &mut batches, shutdown, |_| {}, || true).await.expect("a clean stop");
+        let (_tx, mut batches) = tokio::sync::mpsc::channel::<Batch>(1);
+        let err = event_loop(&mut pipeline, &mut batches, std::future::pending(), |_| {}, || false).await.unwrap_err();
+        assert!(err.to_string().contains("metrics endpoint stopped"), "{err}");
     }
 }

@@ -61,7 +61,7 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
                 }
             }
             batch = batches.recv() => {
-                let Some(batch) = batch else { break };
+                let Some(batch) = batch else { return Err(super::source_ended()) };
                 let mut out = stdout.lock();
                 for item in batch {
                     let ev = match item {
