@@ -3,9 +3,12 @@
 //!
 //! A dropped wakeup is an event; *starvation* is a stop signal (or a
 //! dropped wakeup) not followed by the loop running within the confirm
-//! window (DESIGN §1). "The loop ran" is seen as:
-//! - its wakeup fd drained (fill level 0, read without touching the queue),
-//! - or a handler write succeeding after drops (there is room again).
+//! window (DESIGN §1). "The loop ran" is seen as its wakeup fd drained
+//! (fill level 0, read without touching the queue), for pipes and sockets
+//! alike. A handler write that succeeds after drops proves only that there
+//! was room for one more byte — a pipe holds 65536 of them, and an
+//! undrained one takes writes while its loop starves — so it counts as
+//! recovery only for an actor whose fill cannot be measured.
 //!
 //! Runtime matters: for trio a full wakeup socket is normal and SIGINT is
 //! only delayed, so only the confirm window decides; for asyncio every
@@ -79,6 +82,9 @@ struct Track {
     runtime: Runtime,
     window_ns: u64,
     phase: Phase,
+    /// A handler write succeeded since the last drop: recovery evidence
+    /// when (and only when) the fill level is unknown.
+    written: bool,
 }
 
 #[derive(Default)]
@@ -94,7 +100,7 @@ impl Detector {
     /// Re-arms an actor whose incident was resumed after a restart, so that
     /// its recovery (wakeup fd drained) still cancels the escalation.
     pub fn resume_starving(&mut self, pid: u32, runtime: Runtime, window_ns: u64, now: u64) {
-        self.tracks.insert(pid, Track { runtime, window_ns, phase: Phase::Starving { since: now } });
+        self.tracks.insert(pid, Track { runtime, window_ns, phase: Phase::Starving { since: now }, written: false });
     }
 
     pub fn forget(&mut self, pid: u32) {
@@ -114,7 +120,10 @@ impl Detector {
     /// Feeds one input for actor `pid`, whose runtime and confirm window
     /// the caller looks up (they may change while it lives).
     pub fn input(&mut self, pid: u32, runtime: Runtime, window_ns: u64, now: u64, input: Input, out: &mut Vec<Output>) {
-        let t = self.tracks.entry(pid).or_insert(Track { runtime, window_ns, phase: Phase::Idle });
+        let t = self.tracks.entry(pid).or_insert(Track { runtime, window_ns, phase: Phase::Idle, written: false });
+        if matches!(input, Input::WakeupDropped { .. }) {
+            t.written = false;
+        }
         t.runtime = runtime;
         t.window_ns = window_ns;
         match (input, t.phase) {
@@ -147,15 +156,10 @@ impl Detector {
             (Input::WakeupDropped { sig }, Phase::Starving { .. }) if runtime == Runtime::Asyncio => {
                 out.push(Output::Lost { pid, sig });
             }
-            // Room in the wakeup fd again after drops: the loop drained it.
-            (Input::WakeupWritten, Phase::Watching { drops, .. }) if drops > 0 => {
-                t.phase = Phase::Idle;
-                out.push(Output::Recovered { pid, at_ns: now });
-            }
-            (Input::WakeupWritten, Phase::Starving { .. }) => {
-                t.phase = Phase::Idle;
-                out.push(Output::Recovered { pid, at_ns: now });
-            }
+            // Room for a byte again after drops: the next tick decides,
+            // from the fill level if it can be measured.
+            (Input::WakeupWritten, Phase::Watching { drops, .. }) if drops > 0 => t.written = true,
+            (Input::WakeupWritten, Phase::Starving { .. }) => t.written = true,
             _ => {}
         }
         // Only non-idle actors are kept: the caller stops ticking when none are.
@@ -165,16 +169,17 @@ impl Detector {
     }
 
     /// Advances time. `fill(pid)` is the wakeup fd's undrained byte count
-    /// (None: unknown). A drained fd is progress; at the deadline, a fd
-    /// still holding bytes — or, when the fill is unknown, drops with no
-    /// successful write since — confirms starvation.
+    /// (None: unknown). A drained fd is recovery (or, when the fill is
+    /// unknown, a successful write since the last drop); at the deadline,
+    /// a fd still holding bytes — or, when the fill is unknown, drops with
+    /// no successful write since — confirms starvation.
     pub fn tick(&mut self, now: u64, fill: &mut dyn FnMut(u32) -> Option<u64>, out: &mut Vec<Output>) {
         for (&pid, t) in self.tracks.iter_mut() {
             match t.phase {
                 Phase::Idle => {}
                 Phase::Watching { since, deadline, drops, .. } => {
                     let f = fill(pid);
-                    if f == Some(0) {
+                    if f == Some(0) || (f.is_none() && t.written && drops > 0) {
                         t.phase = Phase::Idle;
                         out.push(Output::Recovered { pid, at_ns: now });
                     } else if now >= deadline && (f.is_some() || drops > 0) {
@@ -192,7 +197,8 @@ impl Detector {
                     }
                 }
                 Phase::Starving { .. } => {
-                    if fill(pid) == Some(0) {
+                    let f = fill(pid);
+                    if f == Some(0) || (f.is_none() && t.written) {
                         t.phase = Phase::Idle;
                         out.push(Output::Recovered { pid, at_ns: now });
                     }
@@ -250,16 +256,34 @@ mod tests {
     }
 
     #[test]
-    fn a_successful_write_after_drops_is_recovery() {
+    fn a_successful_write_after_drops_is_recovery_only_when_the_fill_is_unknown() {
         let mut d = Detector::default();
-        run(&mut d, 7, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 });
-        assert_eq!(
-            run(&mut d, 7, Runtime::Trio, MS, Input::WakeupWritten),
-            vec![Output::Recovered { pid: 7, at_ns: MS }]
-        );
+        run(&mut d, 7, Runtime::Other, 0, Input::WakeupDropped { sig: 2 });
+        assert!(run(&mut d, 7, Runtime::Other, MS, Input::WakeupWritten).is_empty(), "the tick decides");
+        assert_eq!(tick(&mut d, 2 * MS, None), vec![Output::Recovered { pid: 7, at_ns: 2 * MS }]);
         // A successful write without drops means nothing.
         run(&mut d, 8, Runtime::Trio, 0, Input::StopSignal { sig: 2 });
         assert!(run(&mut d, 8, Runtime::Trio, MS, Input::WakeupWritten).is_empty());
+        assert!(tick(&mut d, 2 * MS, None).is_empty());
+    }
+
+    /// A pipe wakeup fd (Twisted): 65536 bytes, so handler writes succeed
+    /// into an undrained pipe while the loop starves. Seen before: the
+    /// incident was confirmed, "recovered" 2 ms later at fill 2543/4096,
+    /// then reopened.
+    #[test]
+    fn writes_into_an_undrained_pipe_are_not_recovery() {
+        let mut d = Detector::default();
+        run(&mut d, 7, Runtime::Other, 0, Input::StopSignal { sig: 2 });
+        run(&mut d, 7, Runtime::Other, MS, Input::WakeupWritten);
+        assert!(tick(&mut d, W / 2, Some(2543)).is_empty());
+        assert!(matches!(tick(&mut d, W, Some(2543))[..], [Output::Confirmed { pid: 7, fill: Some(2543), .. }]));
+        for i in 1..=5 {
+            assert!(run(&mut d, 7, Runtime::Other, W + i * MS, Input::WakeupWritten).is_empty());
+            assert!(tick(&mut d, W + i * MS + 1, Some(2543 + i)).is_empty(), "no flapping");
+        }
+        assert_eq!(d.phase(7), Phase::Starving { since: W });
+        assert_eq!(tick(&mut d, 2 * W, Some(0)), vec![Output::Recovered { pid: 7, at_ns: 2 * W }]);
     }
 
     #[test]
@@ -268,12 +292,10 @@ mod tests {
         run(&mut d, 7, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 });
         tick(&mut d, W, Some(6));
         assert_eq!(tick(&mut d, 2 * W, Some(0)), vec![Output::Recovered { pid: 7, at_ns: 2 * W }]);
-        run(&mut d, 9, Runtime::Trio, 0, Input::WakeupDropped { sig: 2 });
-        tick(&mut d, W, Some(6));
-        assert_eq!(
-            run(&mut d, 9, Runtime::Trio, W + 1, Input::WakeupWritten),
-            vec![Output::Recovered { pid: 9, at_ns: W + 1 }]
-        );
+        run(&mut d, 9, Runtime::Other, 0, Input::WakeupDropped { sig: 2 });
+        tick(&mut d, W, None);
+        assert!(run(&mut d, 9, Runtime::Other, W + 1, Input::WakeupWritten).is_empty());
+        assert_eq!(tick(&mut d, W + 2, None), vec![Output::Recovered { pid: 9, at_ns: W + 2 }]);
     }
 
     #[test]
