@@ -70,6 +70,9 @@ pub struct Registry {
     max_actors: usize,
     /// Exited/dead entries are kept this long for the record.
     retain_exited_ns: u64,
+    /// (pid, fd) of wakeup fds learned since the caller last asked, so it
+    /// can note what each refers to (I/O, outside the lock).
+    learned: Vec<(u32, i32)>,
 }
 
 impl Registry {
@@ -81,6 +84,7 @@ impl Registry {
             clock: procinfo::Clock::now(),
             max_actors,
             retain_exited_ns: 300_000_000_000,
+            learned: Vec::new(),
         }
     }
 
@@ -187,8 +191,9 @@ impl Registry {
             if let Some(l) = &spec.labels {
                 existing.labels = l.clone();
             }
-            if spec.wakeup_fd.is_some() {
-                existing.wakeup_fd = spec.wakeup_fd;
+            if let Some(fd) = spec.wakeup_fd {
+                existing.wakeup_fd = Some(fd);
+                self.learned.push((pid, fd));
             }
             if parent.is_some() {
                 existing.parent = parent;
@@ -224,6 +229,9 @@ impl Registry {
             recent_drops: VecDeque::new(),
         };
         self.sink.watch(pid);
+        if let Some(fd) = actor.wakeup_fd {
+            self.learned.push((pid, fd));
+        }
         self.actors.insert(pid, actor.clone());
         Ok(actor)
     }
@@ -266,12 +274,14 @@ impl Registry {
                 Some(actor.name.clone())
             }
             EventBody::HandlerWrite(w) => {
-                let actor = self.get_mut(w.task.pid)?;
+                let learned = &mut self.learned;
+                let actor = self.actors.get_mut(&w.task.pid).filter(|a| a.state.is_live())?;
                 actor.last_seen = clock.rfc3339(ev.mono_ns);
                 actor.last_seen_mono = ev.mono_ns;
                 // A one-byte write from a handler is the wakeup write: learn the fd.
                 if w.count == 1 && w.task.tid == w.task.pid && actor.wakeup_fd.is_none() {
                     actor.wakeup_fd = Some(w.fd);
+                    learned.push((w.task.pid, w.fd));
                 }
                 if let Some(errno) = w.errno() {
                     actor.drops += 1;
@@ -293,6 +303,20 @@ impl Registry {
                 let pid = ev.subject_pid();
                 self.name_of(pid).map(str::to_string)
             }
+        }
+    }
+
+    /// Wakeup fds learned since the last call.
+    pub fn take_learned(&mut self) -> Vec<(u32, i32)> {
+        std::mem::take(&mut self.learned)
+    }
+
+    /// Forgets an actor's wakeup fd that no longer refers to what was
+    /// learned (closed and reused): the next one-byte handler write
+    /// teaches it again.
+    pub fn forget_wakeup_fd(&mut self, pid: u32, fd: i32) {
+        if let Some(a) = self.actors.get_mut(&pid).filter(|a| a.wakeup_fd == Some(fd)) {
+            a.wakeup_fd = None;
         }
     }
 

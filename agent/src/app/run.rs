@@ -115,8 +115,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut batches = start_source(&mut probes)?;
     state.ready.store(true, Ordering::Release);
 
-    let mut pipeline =
-        Pipeline { registry, discovery, detector, engine, metrics, config, default_policy, outputs: Vec::new() };
+    let mut pipeline = Pipeline {
+        registry,
+        discovery,
+        detector,
+        engine,
+        metrics,
+        config,
+        default_policy,
+        outputs: Vec::new(),
+        fd_ids: HashMap::new(),
+    };
     let mut lost_seen = 0u64;
     let on_tick = |pipeline: &mut Pipeline| {
         // Lost exec events: look at every process again (only
@@ -177,6 +186,9 @@ struct Pipeline {
     config: Config,
     default_policy: Policy,
     outputs: Vec<Output>,
+    /// What each actor's wakeup fd referred to when it was learned:
+    /// pid → (fd, `socket:[INODE]`/`pipe:[INODE]`).
+    fd_ids: HashMap<u32, (i32, String)>,
 }
 
 impl Pipeline {
@@ -226,7 +238,18 @@ impl Pipeline {
                 );
             }
         }
+        let learned = reg.take_learned();
         drop(reg);
+        // What each newly learned wakeup fd is, to tell later whether the
+        // same number still is that fd.
+        if !learned.is_empty() {
+            let ids: Vec<_> = blocking(|| {
+                learned.into_iter().filter_map(|(pid, fd)| Some((pid, fd, fdqueue::fd_target(pid, fd)?))).collect()
+            });
+            for (pid, fd, target) in ids {
+                self.fd_ids.insert(pid, (fd, target));
+            }
+        }
         self.apply_detector_outputs();
     }
 
@@ -301,9 +324,35 @@ impl Pipeline {
                 .map(|p| (*p, reg.get(*p).map_or((None, None), |a| (a.wakeup_fd, Some(a.name.clone())))))
                 .collect()
         };
-        let fills: HashMap<u32, fdqueue::WakeupFill> = blocking(|| {
-            fds.iter().filter_map(|(pid, (fd, _))| Some((*pid, fdqueue::wakeup_fill(*pid, (*fd)?)?))).collect()
+        // What each fd refers to now, and how full it is.
+        let (targets, mut fills): (HashMap<u32, String>, HashMap<u32, fdqueue::WakeupFill>) = blocking(|| {
+            let targets =
+                fds.iter().filter_map(|(pid, (fd, _))| Some((*pid, fdqueue::fd_target(*pid, (*fd)?)?))).collect();
+            let fills =
+                fds.iter().filter_map(|(pid, (fd, _))| Some((*pid, fdqueue::wakeup_fill(*pid, (*fd)?)?))).collect();
+            (targets, fills)
         });
+        // A wakeup fd that was closed and its number reused (another pipe,
+        // maybe with data in it) says nothing about the loop: forget it.
+        for (pid, (fd, _)) in &fds {
+            let (Some(fd), Some(target)) = (fd, targets.get(pid)) else { continue };
+            match self.fd_ids.get(pid) {
+                Some((known_fd, known)) if known_fd == fd && known != target => {
+                    tracing::warn!(
+                        pid,
+                        fd,
+                        "wakeup fd {fd} now refers to {target} (was {known}): closed and reused; forgetting it"
+                    );
+                    fills.remove(pid);
+                    self.fd_ids.remove(pid);
+                    lock(&self.registry).forget_wakeup_fd(*pid, *fd);
+                }
+                Some((known_fd, _)) if known_fd == fd => {}
+                _ => {
+                    self.fd_ids.insert(*pid, (*fd, target.clone()));
+                }
+            }
+        }
         let metrics = &self.metrics;
         let mut probe = |pid: u32| -> Option<u64> {
             let fill = fills.get(&pid)?;
@@ -436,6 +485,7 @@ mod tests {
             default_policy: Policy::builtin_default(),
             config,
             outputs: Vec::new(),
+            fd_ids: HashMap::new(),
         }
     }
 
@@ -500,5 +550,34 @@ mod tests {
         let (_tx, mut batches) = tokio::sync::mpsc::channel::<Batch>(1);
         let err = event_loop(&mut pipeline, &mut batches, std::future::pending(), |_| {}, || false).await.unwrap_err();
         assert!(err.to_string().contains("metrics endpoint stopped"), "{err}");
+    }
+
+    /// A learned wakeup fd that is closed and its number reused by a pipe
+    /// with data in it says nothing about the loop: it is not measured as
+    /// undrained, and it is forgotten (the next handler write re-teaches it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reused_wakeup_fd_number_is_forgotten_not_measured() {
+        use std::os::fd::AsRawFd as _;
+        let state = tempfile::tempdir().unwrap();
+        let mut pipeline = wired_pipeline(state.path());
+        let me = std::process::id();
+        let (wakeup, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = wakeup.as_raw_fd();
+        // An undrained byte: the loop stays watched, its fd measured.
+        std::io::Write::write_all(&mut &wakeup, b"\x02").unwrap();
+        pipeline.on_batch(vec![Ok(dropped_wakeup(me, fd, 10))]);
+        assert_eq!(lock(&pipeline.registry).get(me).unwrap().wakeup_fd, Some(fd), "learned");
+        pipeline.on_detect_tick();
+        assert_eq!(lock(&pipeline.registry).get(me).unwrap().wakeup_fd, Some(fd), "still the same socket");
+        // The loop closes its socket; a pipe holding data gets the number.
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        rustix::io::write(&w, b"not a wakeup byte").unwrap();
+        drop(wakeup);
+        // SAFETY: fd is free (just closed); dup2 makes it a copy of r.
+        assert_eq!(unsafe { libc::dup2(r.as_raw_fd(), fd) }, fd);
+        pipeline.on_detect_tick();
+        assert_eq!(lock(&pipeline.registry).get(me).unwrap().wakeup_fd, None, "forgotten, not measured");
+        // SAFETY: closing the duplicate this test made.
+        unsafe { libc::close(fd) };
     }
 }

@@ -44,6 +44,14 @@ pub struct WakeupFill {
     /// `"sock_diag"` (peer's receive queue via NETLINK_SOCK_DIAG) or
     /// `"fionread"` (pidfd_getfd + FIONREAD).
     pub method: &'static str,
+    /// What the fd refers to (`socket:[INODE]`, `pipe:[INODE]`): the same
+    /// fd number may be closed and reused for something else.
+    pub target: String,
+}
+
+/// What `pid`'s fd `fd` refers to now (`socket:[INODE]`, `pipe:[INODE]`).
+pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok().map(|t| t.to_string_lossy().into_owned())
 }
 
 /// Measures the undrained bytes of `pid`'s wakeup fd `wakeup_fd` (the fd
@@ -51,8 +59,7 @@ pub struct WakeupFill {
 /// `None` if the process or fd is gone, or the fd is a socket we cannot find
 /// in sock_diag, or not a pipe-like fd FIONREAD understands.
 pub fn wakeup_fill(pid: u32, wakeup_fd: i32) -> Option<WakeupFill> {
-    let target = fs::read_link(format!("/proc/{pid}/fd/{wakeup_fd}")).ok()?;
-    let target = target.to_string_lossy();
+    let target = fd_target(pid, wakeup_fd)?;
     if let Some(ino) = socket_inode(&target) {
         // Data of a connected AF_UNIX socket sits on the receiving end's
         // queue: ask for the write end's peer, then for the peer's rqueue.
@@ -66,7 +73,7 @@ pub fn wakeup_fill(pid: u32, wakeup_fd: i32) -> Option<WakeupFill> {
             let sndbuf = *m.get(sock_diag::MEMINFO_SNDBUF)? as u64;
             (queued > 0 && wmem > 0).then(|| (queued * sndbuf).div_ceil(wmem))
         });
-        return Some(WakeupFill { queued, capacity_hint, method: "sock_diag" });
+        return Some(WakeupFill { queued, capacity_hint, method: "sock_diag", target });
     }
     let handle = ProcessHandle::open(pid, None).ok()?;
     let fd = handle.get_fd(wakeup_fd).ok()?;
@@ -76,7 +83,7 @@ pub fn wakeup_fill(pid: u32, wakeup_fd: i32) -> Option<WakeupFill> {
     } else {
         None
     };
-    Some(WakeupFill { queued, capacity_hint, method: "fionread" })
+    Some(WakeupFill { queued, capacity_hint, method: "fionread", target })
 }
 
 /// Receive queue (bytes) and inode of the AF_UNIX socket `fd` of `pid`, via
