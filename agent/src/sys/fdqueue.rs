@@ -63,14 +63,14 @@ pub fn wakeup_fill(pid: u32, wakeup_fd: i32) -> Option<WakeupFill> {
     if let Some(ino) = socket_inode(&target) {
         // Data of a connected AF_UNIX socket sits on the receiving end's
         // queue: ask for the write end's peer, then for the peer's rqueue.
-        let diag = sock_diag::query(pid, ino, sock_diag::SHOW_PEER | sock_diag::SHOW_MEMINFO)?;
+        // The write end's RQLEN carries its sk_wmem_alloc, MEMINFO its SNDBUF.
+        let diag = sock_diag::query(pid, ino, sock_diag::SHOW_PEER | sock_diag::SHOW_RQLEN | sock_diag::SHOW_MEMINFO)?;
         let peer = diag.peer.filter(|&p| p != 0)?;
         let peer_diag = sock_diag::query(pid, peer, sock_diag::SHOW_RQLEN)?;
         let (rqueue, _) = peer_diag.rqlen?;
         let queued = rqueue as u64;
-        let capacity_hint = diag.meminfo.as_ref().and_then(|m| {
-            let wmem = *m.get(sock_diag::MEMINFO_WMEM_ALLOC)? as u64;
-            let sndbuf = *m.get(sock_diag::MEMINFO_SNDBUF)? as u64;
+        let capacity_hint = diag.rqlen.zip(diag.sndbuf).and_then(|((_, wmem), sndbuf)| {
+            let (wmem, sndbuf) = (wmem as u64, sndbuf as u64);
             (queued > 0 && wmem > 0).then(|| (queued * sndbuf).div_ceil(wmem))
         });
         return Some(WakeupFill { queued, capacity_hint, method: "sock_diag", target });
