@@ -88,7 +88,7 @@ pub struct RunArgs {
     /// Registration socket [default: /run/sigwake/registry.sock]
     #[arg(long, env = "SIGWAKE_SOCKET")]
     pub socket: Option<PathBuf>,
-    /// Where the audit log, incident state and diagnostics go [default: /var/lib/sigwake]
+    /// Where the audit log, incident state and diagnostics go; kept private (0700, the agent's own) [default: /var/lib/sigwake]
     #[arg(long, env = "SIGWAKE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Log what escalation would do; signal nothing.

@@ -67,6 +67,15 @@ pub fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
             println!("no incidents recorded in {}", args.state_dir.display());
             return Ok(());
         }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(e).with_context(|| {
+                format!(
+                    "reading {}: the agent keeps its state directory private to its own user (it holds other \
+                     users' diagnostics); run `sigwake incidents` as that user (root)",
+                    path.display()
+                )
+            });
+        }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let list: Vec<incidents::Incident> =

@@ -68,6 +68,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => Config::load(path, &overrides)?,
         None => Config::defaults(&overrides),
     };
+    // Before anything is loaded: a state dir that is not the agent's own
+    // stops it at once.
+    let store = incidents::Store::open(&config.state_dir)?;
     let listener = http::bind(config.listen).await?;
     let (socket, _socket_guard) = registration::bind(&config.socket).await?;
     let metrics = Arc::new(Metrics::with_actor_label_cap(config.max_actor_labels));
@@ -86,7 +89,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut discovery = Discovery::new(config.selectors.clone(), config.discovery);
     let found = blocking(|| discovery.scan(false));
     Discovery::apply(found, &mut lock(&registry));
-    let store = incidents::Store::open(&config.state_dir)?;
     let engine = Engine::new(&config, store, registry.clone(), metrics.clone());
     let mut detector = Detector::default();
     let default_policy = config.policies.get("default").cloned().unwrap_or_else(Policy::builtin_default);

@@ -11,6 +11,9 @@
 //! | `status.txt` | a copy of /proc/PID/status |
 //! | `py-spy.txt` | `py-spy dump --pid PID`, if asked for and py-spy is on PATH |
 //!
+//! The directory is created 0700 and every file 0600 (never through a
+//! symlink): they describe processes of other users.
+//!
 //! Every piece is best-effort: the process may exit mid-capture, kernel
 //! stacks need root, py-spy may be missing or hang. Such failures are
 //! recorded in [`DiagnosticsSummary::errors`]; only failing to create or
@@ -27,9 +30,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::sys::{
-    fdqueue::{self, WakeupFill},
-    procinfo,
+use crate::{
+    response::statedir,
+    sys::{
+        fdqueue::{self, WakeupFill},
+        procinfo,
+    },
 };
 
 /// Where and how to capture.
@@ -130,7 +136,8 @@ fn capture_with(
     py_spy: Option<Option<PathBuf>>,
 ) -> Result<DiagnosticsSummary, DiagnosticsError> {
     let dir = &opts.dir;
-    fs::create_dir_all(dir).map_err(|source| DiagnosticsError::CreateDir { dir: dir.clone(), source })?;
+    // Other users' fds, stacks and dumps: readable by the agent's uid only.
+    statedir::create_private_dir_all(dir).map_err(|source| DiagnosticsError::CreateDir { dir: dir.clone(), source })?;
     let mut errors = Vec::new();
 
     // Threads first: they are what changes fastest.
@@ -274,7 +281,7 @@ fn read_fds(pid: u32, errors: &mut Vec<String>) -> BTreeMap<u32, String> {
 /// `out` in the incident directory.
 fn run_py_spy(bin: &Path, pid: u32, out: &Path, timeout: Duration) -> Result<String, DiagnosticsError> {
     let write_err = |source| DiagnosticsError::Write { path: out.to_path_buf(), source };
-    let file = fs::File::create(out).map_err(write_err)?;
+    let file = statedir::create_private(out).map_err(write_err)?;
     let file2 = file.try_clone().map_err(write_err)?;
     let mut child = match Command::new(bin)
         .args(["dump", "--pid", &pid.to_string()])
@@ -342,7 +349,7 @@ fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), Diagn
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), DiagnosticsError> {
-    fs::write(path, bytes).map_err(|source| DiagnosticsError::Write { path: path.to_path_buf(), source })
+    statedir::write_private(path, bytes).map_err(|source| DiagnosticsError::Write { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
@@ -522,6 +529,34 @@ mod tests {
 
         let s = capture_with(me, None, &opts(tmp.path(), true), Some(Some(bin_dir.path().join("nope")))).unwrap();
         assert!(s.py_spy.starts_with("failed: cannot run"), "{}", s.py_spy);
+    }
+
+    /// Diagnostics describe other users' processes: the incident dir (and
+    /// `incidents/` above it) are 0700, each file 0600, whatever the umask,
+    /// and a file planted as a symlink is not written through.
+    #[test]
+    fn the_capture_is_private_whatever_the_umask_and_never_follows_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bin_dir = tempfile::tempdir().unwrap();
+        let py_spy = fake_py_spy(bin_dir.path(), "echo dumped");
+        let dir = tmp.path().join("incidents").join("1");
+        crate::response::statedir::tests::with_umask_0(|| {
+            capture_with(std::process::id(), Some(0), &opts(&dir, true), Some(Some(py_spy))).unwrap();
+        });
+        let mode = crate::response::statedir::tests::mode;
+        assert_eq!(mode(&tmp.path().join("incidents")), 0o700);
+        assert_eq!(mode(&dir), 0o700);
+        for f in ["threads.json", "fds.json", "wakeup.json", "status.txt", "py-spy.txt"] {
+            assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+        }
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"precious\n").unwrap();
+        let again = tmp.path().join("incidents").join("2");
+        fs::create_dir(&again).unwrap();
+        std::os::unix::fs::symlink(&victim, again.join("threads.json")).unwrap();
+        let r = capture_with(std::process::id(), None, &opts(&again, false), None);
+        assert!(matches!(r, Err(DiagnosticsError::Write { .. })), "{r:?}");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious\n");
     }
 
     #[test]

@@ -5,16 +5,21 @@
 //! rename) after every change, so an agent restarted mid-incident knows
 //! which tiers already ran and neither repeats nor forgets them. Every
 //! action is also appended to `<state_dir>/audit.jsonl`.
+//!
+//! The state dir is private and the agent's own ([`statedir`]): a state
+//! file the agent cannot trust (another uid's, writable by others, a
+//! symlink) is moved aside and nothing in it is resumed, because resuming
+//! an incident signals the pid and start time it names.
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
+    io::{Read as _, Write as _},
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::sys::procinfo;
+use crate::{response::statedir, sys::procinfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -106,32 +111,57 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The state directory is not private to the agent.
+    #[error(transparent)]
+    Untrusted(#[from] statedir::StateDirError),
 }
 
 const KEEP_CLOSED: usize = 500;
 
 impl Store {
-    /// Opens the store, reading incidents a previous run left. A corrupt
-    /// file is moved aside (never silently lost) and the store starts empty.
+    /// Opens the store, reading incidents a previous run left. The state
+    /// dir is made private first (or refused: [`statedir::prepare`]). A
+    /// corrupt file, or one the agent cannot trust, is moved aside (never
+    /// silently lost) and the store starts empty.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { dir: dir.into(), source })?;
+        if let Some(warning) = statedir::prepare(dir)? {
+            tracing::warn!("{warning}");
+        }
         let path = dir.join("incidents.json");
         let mut incidents = BTreeMap::new();
-        match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<Vec<Incident>>(&bytes) {
-                Ok(list) => incidents.extend(list.into_iter().map(|i| (i.id, i))),
-                Err(e) => {
-                    let aside = dir.join(format!("incidents.json.corrupt-{}", procinfo::realtime_ns()));
-                    tracing::error!(
-                        "{} is not valid ({e}); moved to {} and starting empty",
-                        path.display(),
-                        aside.display()
-                    );
-                    let _ = std::fs::rename(&path, &aside);
+        let aside = |why: &str| {
+            let aside = dir.join(format!("incidents.json.{why}-{}", procinfo::realtime_ns()));
+            let _ = std::fs::rename(&path, &aside);
+            aside
+        };
+        match statedir::open_trusted(&path) {
+            Ok(Some(mut file)) => {
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes).map_err(|source| StoreError::Dir { dir: dir.into(), source })?;
+                match serde_json::from_slice::<Vec<Incident>>(&bytes) {
+                    Ok(list) => incidents.extend(list.into_iter().map(|i| (i.id, i))),
+                    Err(e) => {
+                        let aside = aside("corrupt");
+                        tracing::error!(
+                            "{} is not valid ({e}); moved to {} and starting empty",
+                            path.display(),
+                            aside.display()
+                        );
+                    }
                 }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(StoreError::Dir { dir: dir.into(), source }),
+            }
+            Ok(None) => {}
+            Err(statedir::Untrusted::Io(source)) => return Err(StoreError::Dir { dir: dir.into(), source }),
+            Err(why) => {
+                let aside = aside("untrusted");
+                tracing::error!(
+                    "{} cannot be trusted: {why}. Someone other than the agent may have written it, and resuming \
+                     its incidents would signal the processes it names: none is resumed; moved to {} and starting \
+                     empty",
+                    path.display(),
+                    aside.display()
+                );
+            }
         }
         let next_id = incidents.keys().next_back().map_or(1, |k| k + 1);
         Ok(Store { dir: dir.to_path_buf(), incidents, next_id, clock: procinfo::Clock::now() })
@@ -265,9 +295,7 @@ impl Store {
             "evidence": i.evidence,
         });
         let path = self.dir.join("audit.jsonl");
-        let res = crate::app::blocking(|| {
-            std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| writeln!(f, "{line}"))
-        });
+        let res = crate::app::blocking(|| statedir::append_private(&path).and_then(|mut f| writeln!(f, "{line}")));
         if let Err(e) = res {
             tracing::error!("cannot append to the audit log {}: {e}", path.display());
         }
@@ -275,18 +303,12 @@ impl Store {
 
     fn save(&self) {
         let path = self.dir.join("incidents.json");
-        let tmp = self.dir.join("incidents.json.tmp");
         let list: Vec<&Incident> = self.incidents.values().collect();
         // Written and synced before the caller goes on (a restarted agent
         // must never repeat a tier it already ran), off the async workers.
-        let res = serde_json::to_vec_pretty(&list).map_err(std::io::Error::other).and_then(|bytes| {
-            crate::app::blocking(|| {
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)
-            })
-        });
+        let res = serde_json::to_vec_pretty(&list)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::app::blocking(|| statedir::replace_private(&self.dir, "incidents.json", &bytes)));
         if let Err(e) = res {
             tracing::error!("cannot save incidents to {}: {e}", path.display());
         }
@@ -373,5 +395,93 @@ mod tests {
             .filter_map(|e| e.ok())
             .any(|e| e.file_name().to_string_lossy().starts_with("incidents.json.corrupt-"));
         assert!(aside);
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_state_dir_and_files_are_private_whatever_the_umask() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        statedir::tests::with_umask_0(|| {
+            let mut s = Store::open(&dir).unwrap();
+            s.create(incident(10));
+        });
+        assert_eq!(mode(&dir), 0o700, "the state dir");
+        assert_eq!(mode(&dir.join("incidents.json")), 0o600);
+        assert_eq!(mode(&dir.join("audit.jsonl")), 0o600);
+    }
+
+    #[test]
+    fn an_existing_state_dir_readable_by_others_is_tightened() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Store::open(tmp.path()).unwrap();
+        assert_eq!(mode(tmp.path()), 0o700);
+    }
+
+    #[test]
+    fn a_state_dir_writable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Store::open(tmp.path()).err().expect("refused");
+        assert!(err.to_string().contains("group or others can write it"), "{err}");
+    }
+
+    /// A state file another uid owns, or group/others may write, is not
+    /// resumed: it would name the process the agent goes on signalling.
+    /// It is moved aside, not deleted.
+    #[test]
+    fn a_state_file_the_agent_cannot_trust_is_not_resumed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let planted = serde_json::to_vec(&vec![Incident { id: 7, ..incident(1) }]).unwrap();
+        type Plant = fn(&Path);
+        let cases: [(&str, Plant); 3] = [
+            ("owned by nobody", |p| std::os::unix::fs::chown(p, Some(65534), None).expect("chown (run as root)")),
+            ("world-writable", |p| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666)).unwrap()),
+            ("a symlink", |p| {
+                let target = p.with_file_name("elsewhere.json");
+                std::fs::rename(p, &target).unwrap();
+                std::os::unix::fs::symlink(&target, p).unwrap();
+            }),
+        ];
+        for (what, plant) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("incidents.json");
+            std::fs::write(&path, &planted).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            plant(&path);
+            let s = Store::open(tmp.path()).unwrap();
+            assert!(s.open_for(1, 42).is_none(), "{what}: the planted incident must not be resumed");
+            assert_eq!(s.all().count(), 0, "{what}");
+            let aside = std::fs::read_dir(tmp.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("incidents.json.untrusted-"));
+            assert!(aside, "{what}: moved aside, not lost");
+        }
+    }
+
+    /// The old fixed temporary name, planted as a symlink, is not followed.
+    #[test]
+    fn saving_never_writes_through_a_planted_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"precious\n").unwrap();
+        let dir = tmp.path().join("state");
+        let mut s = Store::open(&dir).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("incidents.json.tmp")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("audit.jsonl")).unwrap();
+        let id = s.create(incident(10));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n", "the symlinks' target is untouched");
+        drop(s);
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.get(id).map(|i| i.pid), Some(10), "saved all the same");
+        assert!(std::fs::symlink_metadata(dir.join("audit.jsonl")).unwrap().file_type().is_symlink());
     }
 }

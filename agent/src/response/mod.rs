@@ -1,7 +1,9 @@
 //! What the agent does about a starving actor: the detector's verdict, the
-//! escalation ladder, incidents kept across restarts, and diagnostics.
+//! escalation ladder, incidents kept across restarts, and diagnostics, all
+//! kept in a private state directory.
 
 pub mod detector;
 pub mod diagnostics;
 pub mod escalation;
 pub mod incidents;
+pub mod statedir;

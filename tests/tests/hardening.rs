@@ -1,0 +1,142 @@
+//! What a local user without privileges can get out of (or do to) a
+//! running agent: its state directory and its HTTP endpoint.
+
+use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Command, thread, time::Duration};
+
+use serde_json::json;
+use sigwake_tests::*;
+
+/// `/proc/PID/stat` field 22: the start time the agent pins a process by.
+fn start_time(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process is alive");
+    stat[stat.rfind(')').unwrap() + 1..].split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// `sigwake run` with its own port and socket and the given state dir and
+/// config; not waited for.
+fn spawn_agent(dir: &TempDir, state_dir: &Path, config: &Path, extra: &[&str]) -> (Proc, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(sigwake_bin());
+    cmd.args(["run", "--no-discovery", "--listen", &addr])
+        .arg("--socket")
+        .arg(dir.0.join("registry.sock"))
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--config")
+        .arg(config)
+        .args(extra)
+        .env("RUST_LOG", "info");
+    (Proc::spawn("sigwake run", &mut cmd), addr)
+}
+
+fn wait_ready(agent: &Proc, addr: &str) {
+    wait_until("the agent to be ready", AGENT_START, || {
+        assert!(!agent.stderr.closed(), "the agent exited; stderr:\n{}", agent.stderr_text());
+        matches!(http_get(addr, "/readyz", None), Ok((200, _, _)))
+    });
+}
+
+/// An incident a previous agent "left", open and escalating, naming the
+/// process `pid` (with its real start time): resuming it runs the policy's
+/// first tier (SIGKILL) on that process.
+fn open_incident_for(pid: u32) -> Vec<u8> {
+    let incident = json!({
+        "id": 1, "actor": "planted", "pid": pid, "start_time": start_time(pid), "runtime": "other",
+        "policy": "default", "dry_run": false, "status": "escalating", "opened": "2026-01-01T00:00:00Z",
+        "closed": null, "evidence": {"drops": 1, "fill": null, "wakeup_fd": null, "signals": [], "confirm_ms": 0.0},
+        "steps": [], "next_tier": 0
+    });
+    serde_json::to_vec(&json!([incident])).unwrap()
+}
+
+const KILL_POLICY: &str = "[policy.default]\nconfirm = \"1s\"\ntiers = [{ action = \"sigkill\", timeout = \"1s\" }]\n";
+
+/// Resuming an incident signals the pid and start time `incidents.json`
+/// names, so that file is trusted only if it is the agent's own and not
+/// writable by others. The control run (the same file, root's, 0600) shows
+/// the planted incident would otherwise kill the process.
+#[test]
+fn a_state_file_the_agent_does_not_own_is_not_resumed_and_signals_nothing() {
+    let dir = TempDir::new("hardening-state");
+    let config = dir.0.join("sigwake.toml");
+    std::fs::write(&config, KILL_POLICY).unwrap();
+    let cases: [(&str, Box<dyn Fn(&Path)>); 3] = [
+        ("root's own, 0600 (control: resumed)", Box::new(|_| {})),
+        ("owned by nobody", Box::new(|p| std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap())),
+        (
+            "root's, world-writable",
+            Box::new(|p| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o666)).unwrap()),
+        ),
+    ];
+    for (i, (what, plant)) in cases.iter().enumerate() {
+        let state = dir.0.join(format!("state-{i}"));
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut victim = Proc::spawn("sleep 60", Command::new("sleep").arg("60"));
+        let file = state.join("incidents.json");
+        std::fs::write(&file, open_incident_for(victim.pid())).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        plant(&file);
+        let (mut agent, addr) = spawn_agent(&dir, &state, &config, &[]);
+        wait_ready(&agent, &addr);
+        if i == 0 {
+            let st = victim.wait_exit(Duration::from_secs(10));
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&st),
+                Some(libc::SIGKILL),
+                "{what}: the control must be resumed and kill; agent stderr:\n{}",
+                agent.stderr_text()
+            );
+        } else {
+            // Past the resumed ladder's SIGKILL in the control.
+            thread::sleep(Duration::from_secs(3));
+            assert!(
+                victim.child.try_wait().unwrap().is_none(),
+                "{what}: the planted incident was resumed and its process signalled; agent stderr:\n{}",
+                agent.stderr_text()
+            );
+            let err = agent.stderr_text();
+            assert!(err.contains("cannot be trusted") && err.contains("none is resumed"), "{what}: says why: {err}");
+            let aside = std::fs::read_dir(&state)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .any(|e| e.file_name().to_string_lossy().starts_with("incidents.json.untrusted-"));
+            assert!(aside, "{what}: the untrusted file is kept aside");
+        }
+        stop_agent(&mut agent);
+    }
+}
+
+/// A state directory another uid owns, or others can write, is refused at
+/// start-up (exit non-zero, saying why); one others can only read is
+/// tightened to 0700.
+#[test]
+fn a_state_dir_that_is_not_the_agents_own_is_refused_and_a_readable_one_tightened() {
+    let dir = TempDir::new("hardening-statedir");
+    let config = dir.0.join("sigwake.toml");
+    std::fs::write(&config, "").unwrap();
+    let state = dir.0.join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    for (what, want) in
+        [("owned by nobody", "belongs to uid 65534"), ("world-writable", "group or others can write it")]
+    {
+        if what == "world-writable" {
+            std::os::unix::fs::chown(&state, Some(0), Some(0)).unwrap();
+            std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let (mut agent, _) = spawn_agent(&dir, &state, &config, &[]);
+        let st = agent.wait_exit(AGENT_START);
+        let err = agent.stderr_text();
+        assert!(!st.success(), "{what}: must refuse to start: {err}");
+        assert!(err.contains(want), "{what}: says why: {err}");
+    }
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (mut agent, addr) = spawn_agent(&dir, &state, &config, &[]);
+    wait_ready(&agent, &addr);
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "tightened");
+    assert!(agent.stderr_text().contains("tightened to 0700"), "{}", agent.stderr_text());
+    stop_agent(&mut agent);
+}
