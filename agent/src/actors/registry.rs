@@ -366,9 +366,11 @@ impl Registry {
         out
     }
 
-    /// True for a stop signal (SIGINT, SIGTERM, SIGQUIT, SIGHUP).
+    /// True for a stop signal: SIGINT, SIGTERM, SIGQUIT. Not SIGHUP: a
+    /// daemon reloads on it, and one busy during a reload is not a stop
+    /// that went unheard (judging it so would end a reload in a kill).
     pub fn is_stop_signal(sig: Signal) -> bool {
-        matches!(sig.0, libc::SIGINT | libc::SIGTERM | libc::SIGQUIT | libc::SIGHUP)
+        matches!(sig.0, libc::SIGINT | libc::SIGTERM | libc::SIGQUIT)
     }
 }
 
@@ -578,6 +580,19 @@ pub(crate) mod tests {
         up(&mut r, &p, &spec(101, "a"), Source::Socket, Some(ROOT)).unwrap();
         up(&mut r, &p, &spec(102, "b"), Source::Socket, Some(ROOT)).unwrap();
         assert_eq!(up(&mut r, &p, &spec(103, "c"), Source::Socket, Some(ROOT)).unwrap_err(), RegistryError::Full(2));
+    }
+
+    /// A daemon busy during a reload (SIGHUP into its handler) is not a
+    /// stop that went unheard: only SIGINT, SIGTERM and SIGQUIT start a
+    /// starvation verdict, so a reload can never end in a kill.
+    #[test]
+    fn only_sigint_sigterm_and_sigquit_are_stop_signals() {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGQUIT] {
+            assert!(Registry::is_stop_signal(Signal(sig)), "{}", Signal(sig));
+        }
+        for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGCHLD, libc::SIGWINCH] {
+            assert!(!Registry::is_stop_signal(Signal(sig)), "{}", Signal(sig));
+        }
     }
 
     #[test]
