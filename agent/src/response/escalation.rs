@@ -14,7 +14,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -30,8 +29,8 @@ use crate::{
     lock,
     response::diagnostics::{self, CaptureOptions},
     response::incidents::{Evidence, Incident, Status, Store},
+    response::{notify, subtree},
     serve::metrics::{EscalationLabels, Metrics, StageLabels},
-    sys::cgroup,
     sys::pidfd::{PidfdError, ProcessHandle},
     sys::procinfo,
 };
@@ -405,7 +404,7 @@ impl Engine {
                     if !self.take_rate_token(id).await {
                         return;
                     }
-                    let detail = self.kill_subtree(&current, Some(&handle));
+                    let detail = subtree::kill(&current, Some(&handle), self.dry_run);
                     let outcome = if self.dry_run { "dry_run" } else { "ok" };
                     self.step(&current, tier, name, outcome, &detail);
                     if self.wait_exit(&handle, *timeout, &cancel).await {
@@ -415,7 +414,8 @@ impl Engine {
                     }
                 }
                 Action::Notify { command, url } => {
-                    let (outcome, detail) = self.notify(&current, command.as_deref(), url.as_deref()).await;
+                    let (outcome, detail) =
+                        notify::notify(&current, command.as_deref(), url.as_deref(), self.dry_run).await;
                     self.step(&current, tier, name, outcome, &detail);
                 }
             }
@@ -473,7 +473,7 @@ impl Engine {
             inc.steps.iter().any(|s| s.outcome == "ok" && (s.action.starts_with("sig") || s.action == "kill_subtree"));
         if has_subtree_tier && we_acted && !inc.subtree.is_empty() {
             let tier = policy.tiers.iter().position(|t| matches!(t, Action::KillSubtree { .. })).unwrap_or(0);
-            let d = self.kill_subtree(inc, None);
+            let d = subtree::kill(inc, None, self.dry_run);
             let outcome = if self.dry_run { "dry_run" } else { "ok" };
             self.step(inc, tier, "kill_subtree", outcome, &format!("actor exited; finishing its subtree: {d}"));
         }
@@ -494,7 +494,8 @@ impl Engine {
         for (tier, action) in policy.tiers.iter().enumerate().skip(next) {
             if let Action::Notify { command, url } = action {
                 let current = lock(&self.store).get(inc.id).cloned().unwrap_or_else(|| inc.clone());
-                let (outcome, detail) = self.notify(&current, command.as_deref(), url.as_deref()).await;
+                let (outcome, detail) =
+                    notify::notify(&current, command.as_deref(), url.as_deref(), self.dry_run).await;
                 self.step(&current, tier, "notify", outcome, &detail);
             }
         }
@@ -502,77 +503,6 @@ impl Engine {
         lock(&self.registry).set_state(inc.pid, ActorState::Dead);
         lock(&self.running).remove(&inc.id);
         self.refresh_active();
-    }
-
-    /// Kills the actor's cgroup when it has one of its own, else SIGKILLs
-    /// the pinned descendants (and the actor) through pidfds.
-    fn kill_subtree(&self, inc: &Incident, actor: Option<&ProcessHandle>) -> String {
-        let mut done = Vec::new();
-        if let Some(cg) = own_cgroup(inc) {
-            if self.dry_run {
-                return format!("would write 1 to {}/cgroup.kill", cg.display());
-            }
-            match cgroup::kill_cgroup(&cg) {
-                Ok(()) => return format!("wrote 1 to {}/cgroup.kill", cg.display()),
-                Err(e) => {
-                    done.push(format!("cgroup.kill on {} failed ({e}); killing processes one by one", cg.display()))
-                }
-            }
-        }
-        let mut killed = 0;
-        let mut gone = 0;
-        for &(pid, start) in &inc.subtree {
-            match ProcessHandle::open(pid, Some(start)) {
-                Ok(h) if self.dry_run => {
-                    let _ = h;
-                    killed += 1;
-                }
-                Ok(h) => match h.send_signal(libc::SIGKILL) {
-                    Ok(()) => killed += 1,
-                    Err(_) => gone += 1,
-                },
-                Err(_) => gone += 1,
-            }
-        }
-        if let Some(h) = actor
-            && !self.dry_run
-        {
-            let _ = h.send_signal(libc::SIGKILL);
-        }
-        let verb = if self.dry_run { "would SIGKILL" } else { "SIGKILLed" };
-        done.push(format!("{verb} {killed} pinned descendants through pidfds ({gone} already gone)"));
-        done.join("; ")
-    }
-
-    async fn notify(&self, inc: &Incident, command: Option<&[String]>, url: Option<&str>) -> (&'static str, String) {
-        let body = serde_json::to_string(inc).unwrap_or_default();
-        if self.dry_run {
-            return ("dry_run", "would notify".into());
-        }
-        let mut notes = Vec::new();
-        let mut failed = false;
-        if let Some(cmd) = command {
-            match run_hook(cmd, &body).await {
-                Ok(()) => notes.push(format!("ran {}", cmd[0])),
-                Err(e) => {
-                    failed = true;
-                    notes.push(format!("{}: {e}", cmd[0]));
-                }
-            }
-        }
-        if let Some(u) = url {
-            match post_json(u, &body).await {
-                Ok(status) => {
-                    failed |= !(200..300).contains(&status);
-                    notes.push(format!("POST {u}: HTTP {status}"));
-                }
-                Err(e) => {
-                    failed = true;
-                    notes.push(format!("POST {u}: {e}"));
-                }
-            }
-        }
-        (if failed { "failed" } else { "ok" }, notes.join("; "))
     }
 }
 
@@ -582,67 +512,6 @@ fn remaining_wait(inc: &Incident, timeout: Duration) -> Duration {
     let Some(last) = inc.steps.last().filter(|s| s.unix_ms > 0) else { return timeout };
     let elapsed_ms = (procinfo::realtime_ns() / 1_000_000).saturating_sub(last.unix_ms);
     timeout.saturating_sub(Duration::from_millis(elapsed_ms))
-}
-
-/// The actor's cgroup, if it holds nothing but the actor and its pinned
-/// descendants (so killing it kills exactly the subtree).
-fn own_cgroup(inc: &Incident) -> Option<PathBuf> {
-    let rel = procinfo::cgroup(inc.pid)?;
-    if rel == "/" || rel.is_empty() {
-        return None;
-    }
-    let dir = PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
-    let ours: std::collections::HashSet<u32> =
-        std::iter::once(inc.pid).chain(inc.subtree.iter().map(|(p, _)| *p)).collect();
-    let all_ours = procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()).all(|p| ours.contains(&p));
-    (all_ours && dir.join("cgroup.kill").exists()).then_some(dir)
-}
-
-/// Runs a notify command with the incident JSON on stdin (10 s limit).
-async fn run_hook(cmd: &[String], body: &str) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt as _;
-    let mut child = tokio::process::Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(body.as_bytes()).await;
-    }
-    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-        Ok(Ok(st)) if st.success() => Ok(()),
-        Ok(Ok(st)) => Err(std::io::Error::other(format!("exited with {st}"))),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(std::io::Error::other("timed out after 10 s")),
-    }
-}
-
-/// POSTs JSON to an http:// URL (10 s limit); returns the status code.
-async fn post_json(url: &str, body: &str) -> std::io::Result<u16> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let rest = url.strip_prefix("http://").ok_or_else(|| std::io::Error::other("only http:// URLs"))?;
-    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let work = async {
-        let mut s = tokio::net::TcpStream::connect(host).await?;
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut head = vec![0u8; 64];
-        let n = s.read(&mut head).await?;
-        let text = String::from_utf8_lossy(&head[..n]);
-        text.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| std::io::Error::other("no HTTP status"))
-    };
-    tokio::time::timeout(Duration::from_secs(10), work)
-        .await
-        .map_err(|_| std::io::Error::other("timed out after 10 s"))?
 }
 
 #[cfg(test)]

@@ -6,4 +6,6 @@ pub mod detector;
 pub mod diagnostics;
 pub mod escalation;
 pub mod incidents;
+pub mod notify;
 pub mod statedir;
+pub mod subtree;
