@@ -35,7 +35,8 @@ use crate::{
     sys::procinfo,
 };
 
-/// Sliding one-minute window of signal/kill actions.
+/// Sliding one-minute window of actions: signals, subtree kills and
+/// notifications.
 struct RateLimit {
     per_minute: u32,
     sent: VecDeque<Instant>,
@@ -414,6 +415,10 @@ impl Engine {
                     }
                 }
                 Action::Notify { command, url } => {
+                    // A notification is an action too: rate-limited like a signal.
+                    if !self.take_rate_token(id).await {
+                        return;
+                    }
                     let (outcome, detail) =
                         notify::notify(&current, command.as_deref(), url.as_deref(), self.dry_run).await;
                     self.step(&current, tier, name, outcome, &detail);
@@ -493,6 +498,9 @@ impl Engine {
         let next = lock(&self.store).get(inc.id).map_or(inc.next_tier, |i| i.next_tier);
         for (tier, action) in policy.tiers.iter().enumerate().skip(next) {
             if let Action::Notify { command, url } = action {
+                if !self.take_rate_token(inc.id).await {
+                    break;
+                }
                 let current = lock(&self.store).get(inc.id).cloned().unwrap_or_else(|| inc.clone());
                 let (outcome, detail) =
                     notify::notify(&current, command.as_deref(), url.as_deref(), self.dry_run).await;
@@ -515,15 +523,4 @@ fn remaining_wait(inc: &Incident, timeout: Duration) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_limit_allows_n_per_minute() {
-        let mut r = RateLimit { per_minute: 3, sent: VecDeque::new() };
-        assert!(r.try_take() && r.try_take() && r.try_take());
-        assert!(!r.try_take());
-        r.sent.iter_mut().for_each(|t| *t -= Duration::from_secs(61));
-        assert!(r.try_take());
-    }
-}
+mod tests;
