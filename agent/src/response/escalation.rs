@@ -332,7 +332,7 @@ impl Engine {
             && self.wait_exit(&h, remaining_wait(&inc, *timeout), &cancel).await
         {
             let Some(now) = lock(&self.store).get(id).cloned() else { return };
-            self.finish_exited(&now, &policy, has_subtree_tier, "exited during the resumed wait").await;
+            self.finish_exited(&now, &policy, has_subtree_tier, "during the resumed wait").await;
             return;
         }
         for tier in inc.next_tier..policy.tiers.len() {
@@ -343,7 +343,7 @@ impl Engine {
             let handle = match ProcessHandle::open(inc.pid, Some(inc.start_time)) {
                 Ok(h) => h,
                 Err(e) => {
-                    self.finish_exited(&current, &policy, has_subtree_tier, &format!("before tier {tier}: {e}")).await;
+                    self.finish_exited(&current, &policy, has_subtree_tier, &format!("before tier {tier} ({e})")).await;
                     return;
                 }
             };
@@ -396,7 +396,7 @@ impl Engine {
                     }
                     if self.wait_exit(&handle, *timeout, &cancel).await {
                         let Some(now) = lock(&self.store).get(id).cloned() else { return };
-                        self.finish_exited(&now, &policy, has_subtree_tier, &format!("exited after {name}")).await;
+                        self.finish_exited(&now, &policy, has_subtree_tier, &format!("during the {name} wait")).await;
                         return;
                     }
                 }
@@ -410,7 +410,8 @@ impl Engine {
                     self.step(&current, tier, name, outcome, &detail);
                     if self.wait_exit(&handle, *timeout, &cancel).await {
                         let Some(now) = lock(&self.store).get(id).cloned() else { return };
-                        self.close_killed(&now, &policy, "exited after kill_subtree").await;
+                        // The subtree was just done (or, in a dry run, not).
+                        self.finish_exited(&now, &policy, false, "during the kill_subtree wait").await;
                         return;
                     }
                 }
@@ -435,7 +436,7 @@ impl Engine {
             self.close(id, Status::Failed, detail);
             self.count(&last.actor, policy.tiers.len(), "ladder", "failed");
         } else {
-            self.close_killed(&last, &policy, "exited").await;
+            self.finish_exited(&last, &policy, false, "after the last tier").await;
         }
         lock(&self.running).remove(&id);
         self.refresh_active();
@@ -470,12 +471,26 @@ impl Engine {
         }
     }
 
-    /// The actor is gone: finish the stop for the pinned subtree when the
-    /// policy asks for it, then close.
-    async fn finish_exited(&self, inc: &Incident, policy: &Policy, has_subtree_tier: bool, detail: &str) {
-        // Only signals actually sent count: a dry-run step sent nothing.
-        let we_acted =
-            inc.steps.iter().any(|s| s.outcome == "ok" && (s.action.starts_with("sig") || s.action == "kill_subtree"));
+    /// The actor is gone (`when`: "during the sigterm wait", …): if a
+    /// signal of ours reached it, finish the stop for the pinned subtree
+    /// when the policy asks for it and close it as killed; else it exited
+    /// by itself, and the record says so.
+    async fn finish_exited(&self, inc: &Incident, policy: &Policy, has_subtree_tier: bool, when: &str) {
+        // Only signals that took effect count: a dry-run step sent nothing,
+        // an ignored one was dropped by the kernel.
+        let acted = inc
+            .steps
+            .iter()
+            .rev()
+            .find(|s| s.outcome == "ok" && (s.action.starts_with("sig") || s.action == "kill_subtree"))
+            .map(|s| s.action.clone());
+        let we_acted = acted.is_some();
+        let detail = match acted {
+            Some(action) => format!("exited {when}, after {action}"),
+            None if self.dry_run => format!("exited by itself {when} (dry run: nothing was sent)"),
+            None => format!("exited by itself {when} (no signal of the agent's reached it)"),
+        };
+        let detail = detail.as_str();
         if has_subtree_tier && we_acted && !inc.subtree.is_empty() {
             let tier = policy.tiers.iter().position(|t| matches!(t, Action::KillSubtree { .. })).unwrap_or(0);
             let d = subtree::kill(inc, None, self.dry_run);

@@ -23,6 +23,7 @@ fn rate_limit_allows_n_per_minute() {
 /// registered (by root, through the socket) as the actor "subject".
 struct Rig {
     engine: Arc<Engine>,
+    registry: Arc<Mutex<Registry>>,
     pid: u32,
     _child: Reaper,
     _state: tempfile::TempDir,
@@ -42,7 +43,7 @@ impl Rig {
         lock(&registry).upsert(&spec, Source::Socket, Some(caller), facts).unwrap();
         let store = Store::open(state.path()).unwrap();
         let engine = Engine::new(&config, store, registry.clone(), Arc::new(Metrics::new()));
-        Rig { engine, pid, _child: child, _state: state }
+        Rig { engine, registry, pid, _child: child, _state: state }
     }
 
     /// The detector's verdict: starving, now.
@@ -60,6 +61,15 @@ impl Rig {
 
     fn incident(&self) -> Incident {
         lock(&self.engine.store).all().find(|i| i.pid == self.pid).cloned().expect("an incident")
+    }
+
+    /// The closing line of the audit log for the incident.
+    fn audit_close(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self._state.path().join("audit.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| l["action"].as_str().is_some_and(|a| a.starts_with("closed_")))
+            .unwrap_or_else(|| panic!("no close in the audit log:\n{text}"))
     }
 
     /// Polls the incident until `pred` holds (5 s at most).
@@ -105,4 +115,26 @@ tiers = [{ action = "notify", command = ["/bin/true"] }, { action = "notify", co
     let i2 = rig.incident();
     assert_eq!(actions(&i2), ["notify:ok"], "one action a minute: {i:#?}");
     assert_eq!(i2.status, Status::Deferred, "{i2:#?}");
+}
+
+/// A dry run sends nothing, so an actor that exits during a tier's wait
+/// exited by itself: the incident says so, and the actor is not `dead`
+/// (nobody killed it), whichever tier was waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_actor_that_exits_during_a_wait_exited_by_itself() {
+    for tier in ["kill_subtree", "sigterm"] {
+        let toml = format!("[policy.default]\ntiers = [{{ action = \"{tier}\", timeout = \"5s\" }}]\n");
+        let rig = Rig::new(&toml, true, &mut sleeper("1"));
+        rig.confirm();
+        let i = rig.wait("the incident to close", |i| !i.status.is_open()).await;
+        rig.wait("the ladder to end", |_| lock(&rig.engine.running).is_empty()).await;
+        assert_eq!(i.status, Status::Exited, "{i:#?}");
+        assert_eq!(actions(&i), [format!("{tier}:dry_run")], "{i:#?}");
+        let state = lock(&rig.registry).all().find(|a| a.pid == rig.pid).map(|a| a.state);
+        assert_ne!(state, Some(ActorState::Dead), "{tier}: a dry run killed nobody");
+        let close = rig.audit_close();
+        let detail = close["detail"].as_str().unwrap();
+        assert!(detail.contains("by itself") && detail.contains("dry run"), "{tier}: {close}");
+        assert!(!detail.contains(&format!("after {tier}")), "{tier}: {close}");
+    }
 }
