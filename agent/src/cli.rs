@@ -79,9 +79,15 @@ pub struct TraceArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Address for /metrics, /healthz, /readyz, /actors and /incidents [default: 127.0.0.1:9464]
+    /// Address for /metrics, /healthz, /readyz (and /actors, /incidents with --serve-state); no authentication, so
+    /// keep it on loopback or firewalled to Prometheus. At most 64 connections; request headers within 5 s
+    /// [default: 127.0.0.1:9464]
     #[arg(long, env = "SIGWAKE_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Also serve /actors and /incidents on --listen: every supervised process's pid, name, uid and incidents, to
+    /// anyone who can connect. For trusted networks only; `sigwake actors` and `sigwake incidents` need no HTTP.
+    #[arg(long)]
+    pub serve_state: bool,
     /// Optional TOML configuration file (see examples/sigwake.toml); flags override it.
     #[arg(long, env = "SIGWAKE_CONFIG")]
     pub config: Option<PathBuf>,

@@ -25,6 +25,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/sigwake";
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
+    serve_state: Option<bool>,
     socket: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     discovery: Option<bool>,
@@ -190,6 +191,9 @@ pub struct EscalationLimits {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Serve `/actors` and `/incidents` over HTTP: to anyone who can
+    /// connect, so for trusted networks only.
+    pub serve_state: bool,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub discovery: bool,
@@ -205,6 +209,7 @@ pub struct Config {
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
+    pub serve_state: bool,
     pub socket: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub dry_run: bool,
@@ -384,6 +389,7 @@ impl Config {
         let esc = file.escalation.unwrap_or_default();
         Ok(Config {
             listen,
+            serve_state: over.serve_state || file.serve_state.unwrap_or(false),
             socket: over.socket.clone().or(file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
             state_dir: over.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             discovery: !over.no_discovery && file.discovery.unwrap_or(true),
@@ -414,6 +420,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.policies["default"], Policy::builtin_default());
         assert!(c.discovery && !c.dry_run);
+        assert!(!c.serve_state, "/actors and /incidents are off unless asked for");
     }
 
     #[test]
@@ -476,6 +483,10 @@ mod tests {
         let c = Config::from_toml("listen = \"127.0.0.1:2\"\ndiscovery = true\n", Path::new("f"), &over).unwrap();
         assert_eq!(c.listen.port(), 1);
         assert!(c.dry_run && !c.discovery);
+        assert!(!c.serve_state);
+        assert!(parse("serve_state = true\n").unwrap().serve_state);
+        let over = Overrides { serve_state: true, ..Default::default() };
+        assert!(Config::from_toml("serve_state = false\n", Path::new("f"), &over).unwrap().serve_state);
     }
 
     #[test]

@@ -291,8 +291,16 @@ pub struct RunningAgent {
 }
 
 impl RunningAgent {
-    /// Starts `sigwake run` with `extra` args and waits for /readyz.
+    /// Starts `sigwake run --serve-state` with `extra` args and waits for
+    /// /readyz: the tests read /actors and /incidents.
     pub fn start(extra: &[&str]) -> RunningAgent {
+        let mut args = vec!["--serve-state"];
+        args.extend_from_slice(extra);
+        Self::start_default(&args)
+    }
+
+    /// Starts `sigwake run` with only `extra` args (no `--serve-state`).
+    pub fn start_default(extra: &[&str]) -> RunningAgent {
         let dir = TempDir::new("agent");
         let addr = format!("127.0.0.1:{}", free_port());
         let socket = dir.0.join("registry.sock");

@@ -799,10 +799,11 @@ fn pid_reused_before_confirmation_is_never_confirmed_nor_signalled() {
 // 7. Restart mid-incident
 // ---------------------------------------------------------------------------
 
-/// `sigwake run` with a fixed state dir, socket and config; ready.
+/// `sigwake run --serve-state` with a fixed state dir, socket and config;
+/// ready.
 fn start_agent_at(addr: &str, socket: &Path, state_dir: &Path, config: &Path) -> Proc {
     let mut cmd = Command::new(sigwake_bin());
-    cmd.args(["run", "--no-discovery", "--listen", addr])
+    cmd.args(["run", "--no-discovery", "--serve-state", "--listen", addr])
         .arg("--socket")
         .arg(socket)
         .arg("--state-dir")

@@ -59,6 +59,7 @@ impl WatchedSink for KernelWatched {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let overrides = Overrides {
         listen: args.listen,
+        serve_state: args.serve_state,
         socket: args.socket.clone(),
         state_dir: args.state_dir.clone(),
         dry_run: args.dry_run,
@@ -105,11 +106,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ready: false.into(),
         registry: registry.clone(),
         incidents: engine.store.clone(),
+        serve_state: config.serve_state,
     });
-    let server = tokio::spawn(http::serve(listener, state.clone()));
+    let server = tokio::spawn(http::serve(listener, state.clone(), http::Limits::DEFAULT));
     tokio::spawn(registration::serve(socket, registry.clone()));
     tracing::info!(
-        "serving /metrics, /healthz, /readyz, /actors and /incidents on http://{}; registration socket {}; state in {}",
+        "serving /metrics, /healthz, /readyz{} on http://{}; registration socket {}; state in {}",
+        if config.serve_state { ", /actors and /incidents (--serve-state: to anyone who can connect)" } else { "" },
         config.listen,
         config.socket.display(),
         config.state_dir.display()
