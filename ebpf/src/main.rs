@@ -20,20 +20,19 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "core_intrinsics for atomic_xadd, see above")]
 
-use aya_log_ebpf::warn;
 use aya_ebpf::{
     Global,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
     },
     macros::{fentry, fexit, map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
+use aya_log_ebpf::warn;
 use sigwake_common::{
-    Config, HandlerWindow, MAX_HANDLER_DEPTH, RawEvent, TracepointOffsets, counter, exit_source, kind,
-    write_call,
+    Config, HandlerWindow, MAX_HANDLER_DEPTH, RawEvent, TracepointOffsets, counter, exit_source, kind, write_call,
 };
 
 #[unsafe(no_mangle)]
@@ -227,11 +226,7 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
     if handler == SIG_DFL || handler == SIG_IGN {
         return Ok(());
     }
-    let mut window = HandlerWindow {
-        entered_ns: now,
-        write_fd: -1,
-        ..HandlerWindow::default()
-    };
+    let mut window = HandlerWindow { entered_ns: now, write_fd: -1, ..HandlerWindow::default() };
     // SAFETY: read-only copy of the thread's own entry.
     let existed = unsafe { IN_HANDLER.get(&tid) }.copied();
     if let Some(prev) = existed.as_ref() {
@@ -362,9 +357,8 @@ fn msghdr_bytes(msg: u64) -> u64 {
     // struct user_msghdr { void *msg_name; int msg_namelen; (pad)
     //   struct iovec *msg_iov; size_t msg_iovlen; ... }: iov at 16, len at 24.
     // SAFETY: bpf_probe_read_user checks the address.
-    let fields = unsafe {
-        (bpf_probe_read_user((msg + 16) as *const u64), bpf_probe_read_user((msg + 24) as *const u64))
-    };
+    let fields =
+        unsafe { (bpf_probe_read_user((msg + 16) as *const u64), bpf_probe_read_user((msg + 24) as *const u64)) };
     match fields {
         (Ok(iov), Ok(iovlen)) => iov_bytes(iov, iovlen),
         _ => 0,
@@ -452,11 +446,8 @@ fn finish_write(tid: u32, window: *mut HandlerWindow, ret: i64) {
         return;
     }
     let depth = window.depth as usize;
-    let sig = if (1..=MAX_HANDLER_DEPTH).contains(&depth) {
-        window.sigs[depth.wrapping_sub(1) & LEVEL_MASK]
-    } else {
-        0
-    };
+    let sig =
+        if (1..=MAX_HANDLER_DEPTH).contains(&depth) { window.sigs[depth.wrapping_sub(1) & LEVEL_MASK] } else { 0 };
     let mut ev = base_event(kind::HANDLER_WRITE, sig);
     ev.ts_ns = now;
     ev.arg0 = fd as i64;

@@ -10,7 +10,8 @@ use serde_json::Value;
 use sigwake_tests::*;
 
 fn check(args: &[&str]) -> Value {
-    let out = Command::new(sigwake_bin()).arg("check").arg("--json").args(args).output().expect("running sigwake check");
+    let out =
+        Command::new(sigwake_bin()).arg("check").arg("--json").args(args).output().expect("running sigwake check");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "sigwake check failed: {stderr}");
@@ -54,7 +55,10 @@ fn check_proves_every_job_on_this_kernel() {
     // Every call a handler can send its byte with has a hook.
     let points = job(&report, "write_path")["attach_points"].to_string();
     for call in ["write", "writev", "sendto", "sendmsg"] {
-        assert!(points.contains(&format!("sys_{call}\"")) || points.contains(&format!("sys_exit_{call}\"")), "{call}: {points}");
+        assert!(
+            points.contains(&format!("sys_{call}\"")) || points.contains(&format!("sys_exit_{call}\"")),
+            "{call}: {points}"
+        );
     }
     // Without group_dead (before 6.16) the exit job says how it decides.
     let has_group_dead = std::fs::read_to_string("/sys/kernel/tracing/events/sched/sched_process_exit/format")
@@ -77,7 +81,11 @@ fn forced_syscall_tracepoints_pass_the_self_test_too() {
 fn metrics_name_the_tier_serving_each_job() {
     let agent = RunningAgent::start(&[]);
     let text = agent.metrics();
-    let tier = if text.contains(r#"sigwake_hook_tier{job="write_path",tier="fexit"} 1"#) { "fexit" } else { "syscall_tracepoint" };
+    let tier = if text.contains(r#"sigwake_hook_tier{job="write_path",tier="fexit"} 1"#) {
+        "fexit"
+    } else {
+        "syscall_tracepoint"
+    };
     for (job, want) in [("write_path", tier), ("signal_path", "tracepoint"), ("exit", "tracepoint")] {
         let line = format!(r#"sigwake_hook_tier{{job="{job}",tier="{want}"}} 1"#);
         assert!(text.contains(&line), "missing `{line}` in /metrics:\n{text}");

@@ -75,9 +75,5 @@ print("ok", len(names))
     use std::io::Write as _;
     p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = p.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "invalid OpenMetrics: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "invalid OpenMetrics: {}\n{text}", String::from_utf8_lossy(&out.stderr));
 }

@@ -83,7 +83,8 @@ fn ordinary_eagain_writes_outside_handlers_report_nothing() {
     // A handler runs in this process too (SIGUSR1, no wakeup fd), and
     // more EAGAIN writes follow it: still not handler writes.
     writer.signal(libc::SIGUSR1);
-    all.stdout.wait_json("SIGUSR1 handler entry", EVENT, |v| v["event"] == "signal_deliver" && v["signal"] == "SIGUSR1");
+    all.stdout
+        .wait_json("SIGUSR1 handler entry", EVENT, |v| v["event"] == "signal_deliver" && v["signal"] == "SIGUSR1");
     writer.write_stdin("200\n");
     writer.stdout.wait_json("second round", EVENT, |v| v["usr1"] == 1);
     writer.close_stdin();
@@ -123,7 +124,8 @@ fn sigint_to_a_process_ignoring_it_is_ignored() {
     let pid = target.pid();
     let mut t = trace(&["--pid", &pid.to_string(), "--until-exit"]);
     target.signal(libc::SIGINT);
-    let ev = t.stdout.wait_json("SIGINT ignored", EVENT, |v| v["event"] == "signal_generate" && v["signal"] == "SIGINT");
+    let ev =
+        t.stdout.wait_json("SIGINT ignored", EVENT, |v| v["event"] == "signal_generate" && v["signal"] == "SIGINT");
     assert_eq!(ev["result"], "ignored", "{ev}");
     assert_eq!(ev["target_comm"], "python");
     target.close_stdin();
