@@ -496,11 +496,13 @@ fn briefly_busy_loop_that_drains_within_the_window_gets_no_incident_and_exits_by
 }
 
 // ---------------------------------------------------------------------------
-// 3. SIGTERM ignored: the SIGKILL tier ends it
+// 3. SIGTERM survived or dropped: the SIGKILL tier ends it
 // ---------------------------------------------------------------------------
 
+/// SIGTERM is delivered (a handler catches it) and survived: the SIGTERM
+/// tier's wait is kept, then SIGKILL.
 #[test]
-fn actor_that_ignores_sigterm_is_killed_at_the_sigkill_tier() {
+fn actor_that_survives_sigterm_is_killed_at_the_sigkill_tier() {
     let t0 = Instant::now();
     let config = default_policy(
         "1s",
@@ -515,7 +517,7 @@ fn actor_that_ignores_sigterm_is_killed_at_the_sigkill_tier() {
     let (mut actor, _) = spawn_actor(
         &agent.socket,
         "escalation_actor.py",
-        &["--register", "stubborn", "--ignore-sigterm", "--hog-seconds", "60"],
+        &["--register", "stubborn", "--survive-sigterm", "--hog-seconds", "60"],
     );
     let pid = actor.pid();
     let (_, sent) = starve(&actor);
@@ -546,6 +548,99 @@ fn actor_that_ignores_sigterm_is_killed_at_the_sigkill_tier() {
     eprintln!("[stubborn] SIGTERM -> SIGKILL {waited:.0} ms; first SIGINT -> exit {exit_ms:.0} ms");
     agent.stop();
     done(t0, "stubborn");
+}
+
+/// What the kernel would drop, read from /proc/PID/status before sending.
+/// SIGTERM set to SIG_IGN: the step says `ignored` and why, and the ladder
+/// goes straight on to SIGKILL instead of waiting out a SIGTERM tier that
+/// cannot work.
+#[test]
+fn sigterm_the_actor_ignores_is_recorded_ignored_and_the_ladder_moves_straight_on() {
+    let t0 = Instant::now();
+    let config = default_policy(
+        "1s",
+        &[r#"{ action = "sigterm", timeout = "10s" }"#, r#"{ action = "sigkill", timeout = "2s" }"#],
+    );
+    let agent = Agent::start(Some(&config), &[]);
+    let (mut actor, _) = spawn_actor(
+        &agent.socket,
+        "escalation_actor.py",
+        &["--register", "deaf", "--ignore-sigterm", "--hog-seconds", "60"],
+    );
+    let pid = actor.pid();
+    starve(&actor);
+    let status = actor.wait_exit(Duration::from_secs(8));
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "killed by the SIGKILL tier, well before the 10 s SIGTERM wait: {status}");
+    let inc = wait_incident(&agent, "the incident to close as exited", EVENT, pid, |i| i["status"] == "exited");
+    assert_eq!(steps(&inc), ["sigterm:ignored", "sigkill:ok"], "{inc:#}");
+    let detail = step(&inc, "sigterm")["detail"].as_str().unwrap();
+    assert!(detail.contains("SIG_IGN"), "the reason, from SigIgn: {detail}");
+    let waited = ms_between(
+        rfc3339_ns(step(&inc, "sigterm")["time"].as_str().unwrap()),
+        rfc3339_ns(step(&inc, "sigkill")["time"].as_str().unwrap()),
+    );
+    assert!(waited < 1000.0, "SIGKILL came {waited:.0} ms after a SIGTERM the kernel drops: the 10 s wait was kept");
+    let m = agent.metrics();
+    assert_eq!(
+        metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="deaf""#, r#"action="sigterm""#, r#"outcome="ignored""#]),
+        1.0,
+        "{m}"
+    );
+    agent.stop();
+    done(t0, "sigterm ignored");
+}
+
+/// The kernel drops every signal a pid namespace's init has no handler
+/// for, except SIGKILL from an ancestor namespace: a trio loop running as
+/// pid 1 of its own namespace (SIGTERM left at SIG_DFL) never gets the
+/// agent's SIGTERM. The step says `ignored`, saying why, and SIGKILL (which
+/// does reach it: the agent is in an ancestor namespace) follows at once.
+#[test]
+fn sigterm_to_a_pid_namespace_init_without_a_handler_is_recorded_ignored() {
+    let t0 = Instant::now();
+    let config = default_policy(
+        "1s",
+        &[r#"{ action = "sigterm", timeout = "10s" }"#, r#"{ action = "sigkill", timeout = "2s" }"#],
+    );
+    let agent = Agent::start(Some(&config), &[]);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child"])
+        .arg(python())
+        .arg(fixtures_dir().join("trio_actor.py"))
+        .args(["--register", "nsinit", "--hog-seconds", "60"])
+        .current_dir(fixtures_dir())
+        .env("SIGWAKE_SOCKET", &agent.socket);
+    let mut outer = Proc::spawn("unshare --pid --fork trio_actor.py", &mut cmd);
+    let ready = outer.stdout.wait_json("trio_actor.py (pid 1 of its namespace) ready", Duration::from_secs(30), |v| v["ready"] == true);
+    assert_eq!(ready["pid"], 1, "the loop is its namespace's init: {ready}");
+    let reg = outer.stdout.json().into_iter().find(|v| v.get("registered").is_some() || v.get("register_error").is_some());
+    let reg = reg.unwrap_or_else(|| panic!("no registration line; stdout: {:?}", outer.stdout.json()));
+    // The agent names it by its pid in the agent's (the initial) namespace.
+    let pid = reg["registered"]["pid"].as_u64().unwrap_or_else(|| panic!("could not register: {reg}")) as u32;
+    let start = start_time(pid);
+    let _cleanup = KillOnDrop(vec![(pid, start)]);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap().split_whitespace().collect::<Vec<_>>();
+    assert_eq!(nspid, [pid.to_string().as_str(), "1"], "{status}");
+    outer.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
+    for _ in 0..10 {
+        // SAFETY: kill(2) to our own fixture's loop, alive (start time above).
+        unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        thread::sleep(Duration::from_millis(20));
+    }
+    let inc = wait_incident(&agent, "the incident to close as exited", Duration::from_secs(20), pid, |i| i["status"] == "exited");
+    assert_eq!(steps(&inc), ["sigterm:ignored", "sigkill:ok"], "{inc:#}");
+    let detail = step(&inc, "sigterm")["detail"].as_str().unwrap();
+    assert!(detail.contains("pid 1 of its pid namespace"), "the reason: {detail}");
+    let waited = ms_between(
+        rfc3339_ns(step(&inc, "sigterm")["time"].as_str().unwrap()),
+        rfc3339_ns(step(&inc, "sigkill")["time"].as_str().unwrap()),
+    );
+    assert!(waited < 1000.0, "SIGKILL came {waited:.0} ms after a SIGTERM the kernel drops: the 10 s wait was kept");
+    outer.wait_exit(EVENT);
+    assert!(is_gone(pid, start), "{:?}", proc_stat(pid));
+    agent.stop();
+    done(t0, "pid namespace init");
 }
 
 // ---------------------------------------------------------------------------
@@ -693,7 +788,7 @@ fn pid_reused_during_escalation_is_never_signalled() {
     let (mut actor, _) = spawn_actor(
         &agent.socket,
         "escalation_actor.py",
-        &["--register", "victim", "--ignore-sigterm", "--hog-seconds", "60"],
+        &["--register", "victim", "--survive-sigterm", "--hog-seconds", "60"],
     );
     let pid = actor.pid();
     let a_start = start_time(pid);
@@ -847,13 +942,13 @@ fn restarted_agent_resumes_the_incident_without_repeating_a_tier() {
     let (mut actor, _) = spawn_actor(
         &socket,
         "escalation_actor.py",
-        &["--register", "survivor", "--ignore-sigterm", "--hog-seconds", "60"],
+        &["--register", "survivor", "--survive-sigterm", "--hog-seconds", "60"],
     );
     let pid = actor.pid();
     let start = start_time(pid);
     starve(&actor);
 
-    // The SIGTERM tier is recorded (and ignored); its 20 s wait is running.
+    // The SIGTERM tier is recorded (and survived); its 20 s wait is running.
     let deadline = Instant::now() + Duration::from_secs(10);
     let inc = loop {
         if let Some(i) = incidents_at(&addr1, pid).into_iter().find(|i| has_step(i, "sigterm")) {
@@ -868,7 +963,7 @@ fn restarted_agent_resumes_the_incident_without_repeating_a_tier() {
     assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok"], "{inc:#}");
     stop_agent(&mut agent1);
     let stopped_at = Instant::now();
-    assert!(is_running(pid, start), "the actor ignores SIGTERM: it must still be running when the agent stops");
+    assert!(is_running(pid, start), "the actor survives SIGTERM: it must still be running when the agent stops");
     let on_disk = cli_incidents(&state_dir).into_iter().find(|i| i["id"] == id).expect("the incident on disk");
     assert!(
         matches!(on_disk["status"].as_str(), Some("escalating" | "deferred" | "open")),
@@ -925,7 +1020,7 @@ fn restarted_agent_resumes_the_incident_without_repeating_a_tier() {
 // ---------------------------------------------------------------------------
 
 /// The loop is starved long enough to be confirmed and SIGTERMed (which
-/// it ignores), then the hog ends and the loop drains its wakeup fd and
+/// it survives), then the hog ends and the loop drains its wakeup fd and
 /// keeps running: the agent must see the recovery, close the incident as
 /// recovered and never reach the SIGKILL tier.
 #[test]
@@ -936,7 +1031,7 @@ fn loop_that_recovers_mid_ladder_stops_the_escalation() {
     let (mut actor, _) = spawn_actor(
         &agent.socket,
         "escalation_actor.py",
-        &["--register", "comeback", "--ignore-sigterm", "--catch-sigint", "--hog-seconds", "3"],
+        &["--register", "comeback", "--survive-sigterm", "--catch-sigint", "--hog-seconds", "3"],
     );
     let pid = actor.pid();
     let start = start_time(pid);
@@ -995,7 +1090,7 @@ fn resumed_incident_stops_when_the_loop_recovers_after_a_restart() {
     let (mut actor, _) = spawn_actor(
         &socket,
         "escalation_actor.py",
-        &["--register", "phoenix", "--ignore-sigterm", "--catch-sigint", "--hog-seconds", "5"],
+        &["--register", "phoenix", "--survive-sigterm", "--catch-sigint", "--hog-seconds", "5"],
     );
     let pid = actor.pid();
     let start = start_time(pid);

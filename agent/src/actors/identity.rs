@@ -62,6 +62,39 @@ pub fn may_signal(caller_uid: u32, target: &ProcFacts) -> bool {
     caller_uid == 0 || caller_uid == target.uids[0] || caller_uid == target.uids[2]
 }
 
+/// Why the kernel drops `sig` sent by the agent to a process with this
+/// /proc `status`, if it does (`kernel/signal.c` `sig_task_ignored`):
+/// - its disposition for `sig` is SIG_IGN (SIGKILL and SIGSTOP cannot be
+///   ignored);
+/// - it is the init (pid 1) of a pid namespace and has no handler for
+///   `sig`: a namespace's init gets only the signals it handles, except
+///   SIGKILL and SIGSTOP sent from an ancestor namespace (the agent's,
+///   when the process's `NSpid` has more than one entry).
+///
+/// Read just before sending: a process may change its dispositions at any
+/// time, so this is what the kernel would do now, not a promise.
+pub fn signal_dropped(status: &procinfo::Status, sig: i32) -> Option<String> {
+    if !(1..=64).contains(&sig) {
+        return None;
+    }
+    let bit = 1u64 << (sig - 1);
+    let name = crate::kernel::events::Signal(sig);
+    let kernel_only = sig == libc::SIGKILL || sig == libc::SIGSTOP;
+    if !kernel_only && status.sig_ign & bit != 0 {
+        return Some(format!("its disposition for {name} is SIG_IGN (SigIgn in /proc/PID/status)"));
+    }
+    let ns_init = status.nspid.last() == Some(&1);
+    let from_ancestor = status.nspid.len() > 1;
+    if ns_init && status.sig_cgt & bit == 0 && !(kernel_only && from_ancestor) {
+        return Some(format!(
+            "it is pid 1 of its pid namespace (NSpid {:?}) and has no handler for {name}: the kernel drops \
+             such a signal to a namespace's init",
+            status.nspid
+        ));
+    }
+    None
+}
+
 /// Parses tractor's `--uid "('name', 'uuid')"` from a subactor cmdline
 /// (`python -m tractor._child --uid ... --parent_addr ...`).
 pub fn tractor_identity(cmdline: &[String]) -> Option<(String, String)> {
@@ -76,4 +109,38 @@ pub fn tractor_identity(cmdline: &[String]) -> Option<(String, String)> {
     let name = parts.next().filter(|n| !n.is_empty())?;
     let uuid = parts.next().unwrap_or_default();
     Some((name, uuid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(sig_ign: u64, sig_cgt: u64, nspid: &[u32]) -> procinfo::Status {
+        procinfo::Status { tgid: 1, ppid: 0, uids: [0; 3], sig_ign, sig_cgt, nspid: nspid.to_vec() }
+    }
+
+    const fn bit(sig: i32) -> u64 {
+        1 << (sig - 1)
+    }
+
+    #[test]
+    fn what_the_kernel_drops() {
+        let (term, kill) = (libc::SIGTERM, libc::SIGKILL);
+        // An ordinary process, default disposition: delivered.
+        assert_eq!(signal_dropped(&status(0, 0, &[4711]), term), None);
+        // SIG_IGN: dropped, saying so; never SIGKILL.
+        let why = signal_dropped(&status(bit(term), 0, &[4711]), term).unwrap();
+        assert!(why.contains("SIG_IGN") && why.contains("SIGTERM"), "{why}");
+        assert_eq!(signal_dropped(&status(u64::MAX, 0, &[4711]), kill), None);
+        // pid 1 of a child namespace: only what it handles, and SIGKILL from here.
+        let why = signal_dropped(&status(0, bit(libc::SIGINT), &[4711, 1]), term).unwrap();
+        assert!(why.contains("pid 1 of its pid namespace"), "{why}");
+        assert_eq!(signal_dropped(&status(0, bit(term), &[4711, 1]), term), None);
+        assert_eq!(signal_dropped(&status(0, 0, &[4711, 1]), kill), None);
+        // The init of the agent's own namespace: not even SIGKILL.
+        assert!(signal_dropped(&status(0, 0, &[1]), kill).is_some());
+        // pid 1 deeper down is still a namespace's init; pid 1 elsewhere in NSpid is not.
+        assert!(signal_dropped(&status(0, 0, &[4711, 30, 1]), term).is_some());
+        assert_eq!(signal_dropped(&status(0, 0, &[1, 4711]), term), None);
+    }
 }

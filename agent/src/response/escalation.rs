@@ -24,7 +24,7 @@ use std::{
 use tokio::sync::Semaphore;
 
 use crate::{
-    actors::registry::{ActorState, Registry},
+    actors::registry::{self, ActorState, Registry},
     config::{Action, Config, EscalationLimits, Policy},
     lock,
     response::diagnostics::{self, CaptureOptions},
@@ -373,28 +373,43 @@ impl Engine {
                     if !self.take_rate_token(id).await {
                         return;
                     }
-                    if self.dry_run {
-                        self.step(
-                            &current,
-                            tier,
-                            name,
+                    let sig = crate::kernel::events::Signal(*signal);
+                    // What the kernel will do with it, read just before
+                    // sending (the pidfd pins the process). It is sent all
+                    // the same: the process may change its mind meanwhile.
+                    let dropped = procinfo::status(inc.pid).and_then(|st| registry::signal_dropped(&st, *signal));
+                    let done = if self.dry_run {
+                        Some((
                             "dry_run",
-                            &format!("would send {} through a pidfd", crate::kernel::events::Signal(*signal)),
-                        );
+                            match &dropped {
+                                Some(why) => {
+                                    format!("would send {sig} through a pidfd; the kernel would drop it: {why}")
+                                }
+                                None => format!("would send {sig} through a pidfd"),
+                            },
+                        ))
                     } else {
                         match handle.send_signal(*signal) {
-                            Ok(()) => self.step(
-                                &current,
-                                tier,
-                                name,
-                                "ok",
-                                &format!("sent {} through a pidfd", crate::kernel::events::Signal(*signal)),
-                            ),
-                            Err(PidfdError::Exited { .. }) => {}
-                            Err(e) => self.step(&current, tier, name, "failed", &e.to_string()),
+                            Ok(()) => Some(match &dropped {
+                                Some(why) => (
+                                    "ignored",
+                                    format!(
+                                        "sent {sig} through a pidfd, but the kernel drops it: {why}; on to the next \
+                                         tier without waiting"
+                                    ),
+                                ),
+                                None => ("ok", format!("sent {sig} through a pidfd")),
+                            }),
+                            Err(PidfdError::Exited { .. }) => None,
+                            Err(e) => Some(("failed", e.to_string())),
                         }
+                    };
+                    if let Some((outcome, detail)) = done {
+                        self.step(&current, tier, name, outcome, &detail);
                     }
-                    if self.wait_exit(&handle, *timeout, &cancel).await {
+                    // A signal the kernel drops cannot end the process: no wait.
+                    let wait = if dropped.is_some() { Duration::ZERO } else { *timeout };
+                    if self.wait_exit(&handle, wait, &cancel).await {
                         let Some(now) = lock(&self.store).get(id).cloned() else { return };
                         self.finish_exited(&now, &policy, has_subtree_tier, &format!("during the {name} wait")).await;
                         return;
@@ -530,9 +545,13 @@ impl Engine {
 }
 
 /// What is left of the wait after the incident's last step, measured on
-/// the wall clock (the agent may have been down in between).
+/// the wall clock (the agent may have been down in between); none after a
+/// signal the kernel dropped.
 fn remaining_wait(inc: &Incident, timeout: Duration) -> Duration {
     let Some(last) = inc.steps.last().filter(|s| s.unix_ms > 0) else { return timeout };
+    if last.outcome == "ignored" {
+        return Duration::ZERO;
+    }
     let elapsed_ms = (procinfo::realtime_ns() / 1_000_000).saturating_sub(last.unix_ms);
     timeout.saturating_sub(Duration::from_millis(elapsed_ms))
 }

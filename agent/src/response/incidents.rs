@@ -49,7 +49,8 @@ pub struct Step {
     /// Index in the policy's tiers.
     pub tier: usize,
     pub action: String,
-    /// ok, failed, skipped, dry_run
+    /// ok, failed, skipped, dry_run, ignored (sent, but the kernel drops
+    /// it: SIG_IGN, or a namespace init without a handler)
     pub outcome: String,
     pub detail: String,
     pub time: String,

@@ -76,16 +76,31 @@ pub struct Status {
     pub ppid: u32,
     /// Real, effective, saved uid.
     pub uids: [u32; 3],
+    /// Signals whose disposition is SIG_IGN (`SigIgn`), and those with a
+    /// handler (`SigCgt`): bit `n - 1` is signal `n`.
+    pub sig_ign: u64,
+    pub sig_cgt: u64,
+    /// The pid in each pid namespace, from the one of this /proc down to
+    /// the process's own (`NSpid`); the last is 1 for a namespace's init.
+    pub nspid: Vec<u32>,
 }
 
 /// Parses /proc/PID/status text: the one place the agent does.
 pub fn parse_status(status: &str) -> Option<Status> {
     let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim);
+    let mask = |key: &str| field(key).and_then(|v| u64::from_str_radix(v, 16).ok());
     let mut uids = field("Uid:")?.split_whitespace().map(|v| v.parse::<u32>());
+    let tgid = field("Tgid:")?.parse().ok()?;
     Some(Status {
-        tgid: field("Tgid:")?.parse().ok()?,
+        tgid,
         ppid: field("PPid:")?.parse().ok()?,
         uids: [uids.next()?.ok()?, uids.next()?.ok()?, uids.next()?.ok()?],
+        sig_ign: mask("SigIgn:").unwrap_or(0),
+        sig_cgt: mask("SigCgt:").unwrap_or(0),
+        // Kernels before 4.1 have no NSpid: one namespace, as far as the agent can tell.
+        nspid: field("NSpid:")
+            .and_then(|v| v.split_whitespace().map(|p| p.parse().ok()).collect::<Option<Vec<u32>>>())
+            .unwrap_or_else(|| vec![tgid]),
     })
 }
 
@@ -280,7 +295,11 @@ mod tests {
     #[test]
     fn status_parsing() {
         let text = "Name:\tx\nTgid:\t10\nPid:\t11\nPPid:\t1\nUid:\t1000\t0\t1000\t0\n";
-        assert_eq!(parse_status(text), Some(Status { tgid: 10, ppid: 1, uids: [1000, 0, 1000] }));
+        let old = Status { tgid: 10, ppid: 1, uids: [1000, 0, 1000], sig_ign: 0, sig_cgt: 0, nspid: vec![10] };
+        assert_eq!(parse_status(text), Some(old.clone()));
+        let text = format!("{text}NSpid:\t4711\t1\nSigBlk:\t0\nSigIgn:\t0000000000004000\nSigCgt:\t0000000180000002\n");
+        let s = parse_status(&text).unwrap();
+        assert_eq!((s.sig_ign, s.sig_cgt, s.nspid), (1 << (libc::SIGTERM - 1), 0x1_8000_0002, vec![4711, 1]));
         assert_eq!(parse_status("Uid:\t1\n"), None);
     }
 
