@@ -15,7 +15,7 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::actors::registry::Runtime;
+use crate::{actors::registry::Runtime, sys::programs};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_SOCKET: &str = "/run/sigwake/registry.sock";
@@ -247,6 +247,31 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// The program of a notify command, which the agent runs as root: an
+/// absolute path to an executable file, or a bare name found in the
+/// trusted PATH (never the environment's), resolved once, here.
+fn resolve_command(program: &str) -> Result<String, String> {
+    if program.starts_with('/') {
+        return if programs::is_executable(Path::new(program)) {
+            Ok(program.to_string())
+        } else {
+            Err(format!("command `{program}` is not an executable file"))
+        };
+    }
+    if program.contains('/') {
+        return Err(format!(
+            "command `{program}` is a relative path: give an absolute path (the agent runs it as root)"
+        ));
+    }
+    programs::find(program).map(|p| p.to_string_lossy().into_owned()).ok_or_else(|| {
+        format!(
+            "command `{program}` is not found in the trusted PATH {}: give an absolute path (the agent's own PATH is \
+             never searched)",
+            programs::TRUSTED_PATH
+        )
+    })
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
@@ -319,7 +344,16 @@ impl Config {
                         if t.command.as_ref().is_some_and(|c| c.is_empty()) {
                             return Err(invalid(at, format!("policy.{name}.{field}: command must not be empty")));
                         }
-                        Action::Notify { command: t.command.clone(), url: t.url.clone() }
+                        let command = t
+                            .command
+                            .clone()
+                            .map(|mut cmd| {
+                                cmd[0] = resolve_command(&cmd[0])?;
+                                Ok(cmd)
+                            })
+                            .transpose()
+                            .map_err(|e: String| invalid(at, format!("policy.{name}.{field}: {e}")))?;
+                        Action::Notify { command, url: t.url.clone() }
                     }
                     other => {
                         return Err(invalid(
@@ -470,6 +504,34 @@ mod tests {
         assert!(
             parse("[policy.p]\nconfirm = \"soon\"\ntiers = []\n").unwrap_err().to_string().contains("not a duration")
         );
+    }
+
+    /// A notify command runs as root: a bare name is resolved at load
+    /// through the trusted PATH (never the environment's), an absolute path
+    /// must be an executable file, and a relative path is refused; each
+    /// error names the file and line.
+    #[test]
+    fn notify_commands_are_absolute_or_found_in_the_trusted_path() {
+        let with = |prog: &str| {
+            parse(&format!("[policy.p]\ntiers = [{{action = \"notify\", command = [\"{prog}\", \"x\"]}}]\n"))
+        };
+        let first = |c: &Config| match &c.policies["p"].tiers[0] {
+            Action::Notify { command: Some(cmd), .. } => cmd.clone(),
+            other => panic!("{other:?}"),
+        };
+        let cmd = first(&with("sh").unwrap());
+        assert!(cmd[0] == "/usr/bin/sh" || cmd[0] == "/bin/sh", "{cmd:?}");
+        assert_eq!(cmd[1], "x");
+        assert_eq!(first(&with("/bin/true").unwrap())[0], "/bin/true");
+        for relative in ["./hook.sh", "bin/hook"] {
+            let err = with(relative).unwrap_err().to_string();
+            assert!(err.starts_with("sigwake.toml:1: policy.p.tiers[0]: "), "{err}");
+            assert!(err.contains("absolute path"), "{err}");
+        }
+        let err = with("sigwake-no-such-hook").unwrap_err().to_string();
+        assert!(err.contains(crate::sys::programs::TRUSTED_PATH) && err.contains("absolute path"), "{err}");
+        let err = with("/no/such/hook").unwrap_err().to_string();
+        assert!(err.contains("not an executable file"), "{err}");
     }
 
     #[test]

@@ -897,7 +897,13 @@ fn pid_reused_before_confirmation_is_never_confirmed_nor_signalled() {
 /// `sigwake run --serve-state` with a fixed state dir, socket and config;
 /// ready.
 fn start_agent_at(addr: &str, socket: &Path, state_dir: &Path, config: &Path) -> Proc {
+    start_agent_env(addr, socket, state_dir, config, &[])
+}
+
+/// [`start_agent_at`] with extra environment variables.
+fn start_agent_env(addr: &str, socket: &Path, state_dir: &Path, config: &Path, env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(sigwake_bin());
+    cmd.envs(env.iter().copied());
     cmd.args(["run", "--no-discovery", "--serve-state", "--listen", addr])
         .arg("--socket")
         .arg(socket)
@@ -1190,4 +1196,64 @@ fn notify_hooks_run_after_the_kill_with_the_incident_json() {
     let body: Value = serde_json::from_str(request.split_once("\r\n\r\n").unwrap().1).unwrap();
     assert_eq!(body["actor"], "notified");
     done(t0, "notify");
+}
+
+/// Programs the agent runs as root are found through a fixed, trusted
+/// PATH, never through its environment's: an agent whose PATH starts with
+/// a directory holding a planted `sh` and `py-spy` runs neither. The notify
+/// command `sh` is the system's, and py-spy (in no trusted directory here)
+/// is "not installed".
+#[test]
+fn notify_command_and_py_spy_are_never_found_through_the_agents_path() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t0 = Instant::now();
+    let dir = TempDir::new("planted-path");
+    let planted = dir.0.join("bin");
+    std::fs::create_dir(&planted).unwrap();
+    let marker = dir.0.join("planted-ran");
+    for name in ["sh", "py-spy"] {
+        let p = planted.join(name);
+        std::fs::write(&p, format!("#!/bin/dash\necho {name} >> {}\n", marker.display())).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let hooked = dir.0.join("hook.json");
+    let config_text = default_policy(
+        "1s",
+        &[
+            r#"{ action = "diagnostics", py_spy = true }"#,
+            r#"{ action = "sigkill", timeout = "2s" }"#,
+            &format!(r#"{{ action = "notify", command = ["sh", "-c", "cat > {}"] }}"#, hooked.display()),
+        ],
+    );
+    let config = dir.0.join("sigwake.toml");
+    std::fs::write(&config, config_text).unwrap();
+    let (socket, state_dir) = (dir.0.join("registry.sock"), dir.0.join("state"));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let path = format!("{}:{}", planted.display(), std::env::var("PATH").unwrap_or_default());
+    let mut agent = start_agent_env(&addr, &socket, &state_dir, &config, &[("PATH", &path)]);
+    let (mut actor, _) = spawn_actor(&socket, "escalation_actor.py", &["--register", "pathless", "--hog-seconds", "60"]);
+    let pid = actor.pid();
+    starve(&actor);
+    let status = actor.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let inc = loop {
+        let list = incidents_at(&addr, pid);
+        if let Some(i) = list.iter().find(|i| i["status"] == "exited" && has_step(i, "notify")) {
+            break i.clone();
+        }
+        assert!(Instant::now() < deadline, "no closed incident with a notify step: {list:#?}\n{}", agent.stderr_text());
+        thread::sleep(Duration::from_millis(50));
+    };
+    let ran = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert!(ran.is_empty(), "a program planted in the agent's PATH ran as root: {ran}");
+    assert_eq!(steps(&inc), ["diagnostics:ok", "sigkill:ok", "notify:ok"], "{inc:#}");
+    let notify = step(&inc, "notify")["detail"].as_str().unwrap();
+    assert!(notify == "ran /usr/bin/sh" || notify == "ran /bin/sh", "the system's sh: {notify}");
+    let hook: Value = serde_json::from_str(&std::fs::read_to_string(&hooked).expect("the real sh ran the hook")).unwrap();
+    assert_eq!(hook["actor"], "pathless");
+    let diag: Value = serde_json::from_str(step(&inc, "diagnostics")["detail"].as_str().unwrap()).unwrap();
+    assert_eq!(diag["py_spy"], "not installed", "{diag:#}");
+    stop_agent(&mut agent);
+    done(t0, "trusted PATH");
 }

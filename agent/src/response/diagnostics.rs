@@ -9,7 +9,7 @@
 //! | `fds.json` | fd → readlink target |
 //! | `wakeup.json` | the wakeup fd's fill ([`crate::sys::pidfd::wakeup_fill`]), if one was given |
 //! | `status.txt` | a copy of /proc/PID/status |
-//! | `py-spy.txt` | `py-spy dump --pid PID`, if asked for and py-spy is on PATH |
+//! | `py-spy.txt` | `py-spy dump --pid PID`, if asked for and py-spy is in the trusted PATH (`sys/programs.rs`) |
 //!
 //! The directory is created 0700 and every file 0600 (never through a
 //! symlink): they describe processes of other users.
@@ -34,7 +34,7 @@ use crate::{
     response::statedir,
     sys::{
         fdqueue::{self, WakeupFill},
-        procinfo,
+        procinfo, programs,
     },
 };
 
@@ -43,7 +43,7 @@ use crate::{
 pub struct CaptureOptions {
     /// The incident directory (created if missing).
     pub dir: PathBuf,
-    /// Run `py-spy dump` if py-spy is on PATH.
+    /// Run `py-spy dump` if py-spy is in the trusted PATH.
     pub py_spy: bool,
     /// Time limit for py-spy (the /proc reads are not bounded by it).
     pub timeout: Duration,
@@ -123,7 +123,8 @@ pub fn capture(
     wakeup_fd: Option<i32>,
     opts: &CaptureOptions,
 ) -> Result<DiagnosticsSummary, DiagnosticsError> {
-    let py_spy = if opts.py_spy { Some(find_in_path("py-spy")) } else { None };
+    // Never through the environment's PATH: the agent runs it as root.
+    let py_spy = if opts.py_spy { Some(programs::find("py-spy")) } else { None };
     capture_with(pid, wakeup_fd, opts, py_spy)
 }
 
@@ -285,6 +286,7 @@ fn run_py_spy(bin: &Path, pid: u32, out: &Path, timeout: Duration) -> Result<Str
     let file2 = file.try_clone().map_err(write_err)?;
     let mut child = match Command::new(bin)
         .args(["dump", "--pid", &pid.to_string()])
+        .env("PATH", programs::TRUSTED_PATH)
         .stdin(Stdio::null())
         .stdout(file)
         .stderr(file2)
@@ -330,15 +332,6 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// First executable `name` in $PATH.
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), DiagnosticsError> {
@@ -557,11 +550,5 @@ mod tests {
         let r = capture_with(std::process::id(), None, &opts(&again, false), None);
         assert!(matches!(r, Err(DiagnosticsError::Write { .. })), "{r:?}");
         assert_eq!(fs::read(&victim).unwrap(), b"precious\n");
-    }
-
-    #[test]
-    fn path_lookup() {
-        assert!(find_in_path("sh").is_some());
-        assert!(find_in_path("definitely-not-a-binary-sigwake").is_none());
     }
 }

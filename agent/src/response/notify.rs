@@ -1,9 +1,11 @@
 //! The notify tier: runs a command with the incident JSON on stdin, or
-//! POSTs it to an `http://` URL, each with a 10 s limit.
+//! POSTs it to an `http://` URL, each with a 10 s limit. The command is an
+//! absolute path (config.rs resolves bare names through the trusted PATH)
+//! and runs with that PATH, never the agent's.
 
 use std::time::Duration;
 
-use crate::response::incidents::Incident;
+use crate::{response::incidents::Incident, sys::programs};
 
 /// Runs the tier's command and/or POST for `inc`; (outcome, detail). A dry
 /// run does neither.
@@ -46,8 +48,11 @@ pub async fn notify(
 /// Runs a notify command with the incident JSON on stdin (10 s limit).
 async fn run_hook(cmd: &[String], body: &str) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt as _;
+    // cmd[0] is absolute (resolved at config load); what it runs in turn
+    // is found through the trusted PATH too.
     let mut child = tokio::process::Command::new(&cmd[0])
         .args(&cmd[1..])
+        .env("PATH", programs::TRUSTED_PATH)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -7,10 +7,12 @@
 //! - `sockdiag`: the NETLINK_SOCK_DIAG client `fdqueue` uses
 //! - `cgroup`: cgroup v2 kill
 //! - `bpfinfo`: counters of loaded BPF programs aya does not expose
+//! - `programs`: where the programs the agent runs are found (a fixed PATH)
 
 pub mod bpfinfo;
 pub mod cgroup;
 pub mod fdqueue;
 pub mod pidfd;
 pub mod procinfo;
+pub mod programs;
 pub mod sockdiag;
