@@ -88,7 +88,9 @@ pub struct RunArgs {
     /// anyone who can connect. For trusted networks only; `sigwake actors` and `sigwake incidents` need no HTTP.
     #[arg(long)]
     pub serve_state: bool,
-    /// Optional TOML configuration file (see examples/sigwake.toml); flags override it.
+    /// Optional TOML configuration file (see examples/sigwake.toml); flags override it. It names commands run
+    /// as root, so it must be owned by root (or the agent's uid) and not writable by group or others, nor may any
+    /// directory above it be (a sticky one like /tmp excepted).
     #[arg(long, env = "SIGWAKE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Registration socket [default: /run/sigwake/registry.sock]
