@@ -3,6 +3,7 @@
 //! pays a few file checks.
 
 mod bench;
+mod kernels;
 mod prometheus;
 
 use std::{
@@ -37,6 +38,8 @@ enum Task {
     },
     /// Set up, then benchmark the agent's overhead, detection latency and footprint (needs root).
     Bench(bench::BenchArgs),
+    /// Set up, then run `sigwake check` and an end-to-end subset on the host and on Debian's 5.10, 6.1, 6.12 kernels in QEMU (needs root).
+    Kernels(kernels::KernelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
         Task::Bench(args) => bench::run(args),
+        Task::Kernels(args) => kernels::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
