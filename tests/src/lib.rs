@@ -17,6 +17,22 @@ use std::{
 
 use serde_json::Value;
 
+/// `timeout` times SIGWAKE_TEST_TIME_SCALE (default 1), for every deadline
+/// the harness enforces: slow machines (the TCG guests of `cargo xtask
+/// kernels`) set it instead of the tests growing their own margins.
+pub fn scaled(timeout: Duration) -> Duration {
+    static SCALE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let scale = *SCALE.get_or_init(|| match std::env::var("SIGWAKE_TEST_TIME_SCALE") {
+        Err(_) => 1.0,
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or_else(|| panic!("SIGWAKE_TEST_TIME_SCALE={v:?}: expected a positive number")),
+    });
+    timeout.mul_f64(scale)
+}
+
 fn env_path(name: &str) -> PathBuf {
     std::env::var_os(name).map(PathBuf::from).unwrap_or_else(|| {
         panic!("{name} is not set: run the end-to-end tests with `cargo xtask test` (as root)")
@@ -91,6 +107,7 @@ impl Lines {
 
     /// The first line matching `pred`, waiting up to `timeout`.
     pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Line) -> bool) -> Line {
+        let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(l) = self.snapshot().into_iter().find(|l| pred(l)) {
@@ -121,6 +138,7 @@ impl Lines {
 
 /// Polls `cond` every 10 ms until it holds; panics after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let timeout = scaled(timeout);
     let deadline = Instant::now() + timeout;
     while !cond() {
         if Instant::now() > deadline {
@@ -175,6 +193,7 @@ impl Proc {
 
     /// Waits for exit; returns the exit status.
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
@@ -314,7 +333,7 @@ impl RunningAgent {
             .args(extra)
             .env("RUST_LOG", "info");
         let proc = Proc::spawn("sigwake run", &mut cmd);
-        let deadline = Instant::now() + AGENT_START;
+        let deadline = Instant::now() + scaled(AGENT_START);
         while !matches!(http_get(&addr, "/readyz", None), Ok((200, _, _))) {
             if Instant::now() > deadline || proc.stderr.closed() {
                 panic!("sigwake run did not become ready; stderr:\n{}", proc.stderr_text());
@@ -347,6 +366,7 @@ impl RunningAgent {
 
     /// Polls `path` until an entry for `pid` satisfies `pred`; returns it.
     pub fn wait_entry(&self, path: &str, what: &str, timeout: Duration, pid: u32, pred: impl Fn(&Value) -> bool) -> Value {
+        let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             let entries = self.entries_for(path, pid);
