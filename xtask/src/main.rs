@@ -207,13 +207,14 @@ fn test(args: &[String]) -> Result<()> {
     // The end-to-end tests must run, not skip: without root they cannot.
     require_root("the end-to-end tests")?;
     step("privileged end-to-end tests");
-    status(cargo().current_dir(&root).args(["build", "--package", "sigwake"]))?;
+    status(cargo().current_dir(&root).args(["build", "--package", "sigwake", "--package", "sigwake-tokio-actor"]))?;
     status(
         cargo()
             .current_dir(&root)
             .args(["test", "--package", "sigwake-tests", "--"])
             .args(args)
             .env("SIGWAKE_BIN", root.join("target/debug/sigwake"))
+            .env("SIGWAKE_TOKIO_ACTOR", root.join("target/debug/sigwake-tokio-actor"))
             .env("SIGWAKE_PYTHON", &env.python)
             .env("SIGWAKE_FIXTURES", root.join("tests/fixtures")),
     )
