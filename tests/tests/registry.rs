@@ -590,6 +590,81 @@ fn unprivileged_client_may_register_itself_but_not_root_processes_and_sees_only_
     elapsed(t0, "unprivileged");
 }
 
+/// A set-uid-root helper that makes every uid 0 (as `su` or `sudo` do)
+/// and execs its arguments, built in `dir` (root-owned, mode 4755).
+fn setuid_root_helper(dir: &TempDir) -> PathBuf {
+    let src = dir.0.join("become_root.c");
+    std::fs::write(
+        &src,
+        "#define _GNU_SOURCE\n#include <unistd.h>\n\
+         int main(int argc, char **argv) { (void)argc; if (setresuid(0, 0, 0)) return 111; \
+         execv(argv[1], argv + 1); return 112; }\n",
+    )
+    .unwrap();
+    let bin = dir.0.join("become_root");
+    let cc = Command::new("cc").arg("-o").arg(&bin).arg(&src).status().expect("running cc");
+    assert!(cc.success(), "compiling {}", src.display());
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    bin
+}
+
+const BECOMES_ROOT_SCRIPT: &str = r#"
+import json, os, sys
+import sigwake_client
+
+sock, helper = sys.argv[1], sys.argv[2]
+with sigwake_client.Client(sock) as c:
+    actor = c.register("turncoat", runtime="other")
+print(json.dumps({"registered": actor, "uid": os.getuid()}), flush=True)
+os.execv(helper, [helper, "/bin/sleep", "300"])
+"#;
+
+/// A user registers its own process, which then execs a set-uid-root
+/// program that makes every uid 0: the user could no longer signal it, so
+/// the agent must not finish stops on the user's word any more. The exec
+/// event re-checks the registrant's right (kill(2)'s rule on the new
+/// uids): the registration is dropped, the actor observed only, and the
+/// agent says why.
+#[test]
+fn a_registered_process_that_becomes_root_is_no_longer_its_registrants_actor() {
+    let t0 = Instant::now();
+    let agent = RunningAgent::start(&[]);
+    std::fs::set_permissions(agent.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = TempDir::new("becomes-root");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let lib = client_copy_for_nobody(&dir);
+    let helper = setuid_root_helper(&dir);
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(python())
+        .args(["-c", BECOMES_ROOT_SCRIPT])
+        .arg(&agent.socket)
+        .arg(&helper)
+        .env("PYTHONPATH", &lib)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .current_dir(&dir.0);
+    let p = Proc::spawn("python as nobody, then a set-uid-root sleep", &mut cmd);
+    let line = p.stdout.wait_for("the registration", Duration::from_secs(30), |l| l.json().is_some());
+    let out = line.json().unwrap();
+    assert_eq!(out["uid"], 65534, "{out}\n{}", p.stderr_text());
+    assert_eq!(out["registered"]["pid"], p.pid(), "{out}");
+    assert_eq!(out["registered"]["policy"], "default", "registered with the default policy: {out}");
+    let pid = p.pid();
+    wait_until("the process to be root's", EVENT, || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().skip(1).all(|u| u == "0")))
+    });
+    let a = wait_actor(&agent, "the registration to be dropped", EVENT, pid, |a| a["policy"].is_null());
+    assert_eq!(a["uid"], 0, "{a}");
+    assert_eq!(a["source"], "discovered", "no longer a registration: {a}");
+    assert_eq!(a["name"], "turncoat", "{a}");
+    let why = agent.proc.stderr.wait_for("the reason in the log", EVENT, |l| l.text.contains("may no longer signal it"));
+    assert!(why.text.contains("uid 65534") && why.text.contains("turncoat"), "{}", why.text);
+    drop(p);
+    agent.stop();
+    elapsed(t0, "becomes root");
+}
+
 // ---------------------------------------------------------------------------
 // 6. PID reuse
 // ---------------------------------------------------------------------------

@@ -59,6 +59,28 @@ fn validate(spec: &ActorSpec) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// A socket registration dropped because its registrant may no longer
+/// signal the process ([`Registry::recheck_registrant`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revoked {
+    pub pid: u32,
+    pub name: String,
+    pub registrant: u32,
+    /// The process's real, effective and saved uids now.
+    pub uids: [u32; 3],
+}
+
+impl std::fmt::Display for Revoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "actor `{}` (pid {}) was registered by uid {}, which may no longer signal it: its real, effective and \
+             saved uids are now {:?} (it exec'd a set-uid program?); registration dropped, observed only",
+            self.name, self.pid, self.registrant, self.uids
+        )
+    }
+}
+
 pub struct Registry {
     /// Live actors by pid.
     actors: HashMap<u32, Actor>,
@@ -318,6 +340,32 @@ impl Registry {
         if let Some(a) = self.actors.get_mut(&pid).filter(|a| a.wakeup_fd == Some(fd)) {
             a.wakeup_fd = None;
         }
+    }
+
+    /// Among `pids`, the live actors a non-root client registered through
+    /// the socket: those whose registrant's right to signal them must be
+    /// checked again after an exec (their uids may have changed).
+    pub fn registered_by_users(&self, pids: impl Iterator<Item = u32>) -> Vec<u32> {
+        pids.filter(|p| self.get(*p).is_some_and(|a| a.registered_by.is_some_and(|u| u != 0))).collect()
+    }
+
+    /// After an exec: whether the client that registered `pid` could still
+    /// signal it, by kill(2)'s rule on its uids now (`facts`, read without
+    /// the lock). If not, the registration is dropped: the actor stays,
+    /// observed only (no policy, source `discovered`), under its new uid.
+    /// Returns why, for the log and for any escalation under way.
+    pub fn recheck_registrant(&mut self, pid: u32, facts: &ProcFacts) -> Option<Revoked> {
+        let actor = self.actors.get_mut(&pid).filter(|a| a.state.is_live() && a.start_time == facts.start_time)?;
+        let registrant = actor.registered_by.filter(|u| *u != 0)?;
+        if may_signal(registrant, facts) {
+            actor.uid = facts.uids[0];
+            return None;
+        }
+        actor.policy = None;
+        actor.registered_by = None;
+        actor.source = Source::Discovered;
+        actor.uid = facts.uids[0];
+        Some(Revoked { pid, name: actor.name.clone(), registrant, uids: facts.uids })
     }
 
     /// Every live actor's identity, for the sweep to check against /proc
@@ -580,6 +628,41 @@ pub(crate) mod tests {
         up(&mut r, &p, &spec(101, "a"), Source::Socket, Some(ROOT)).unwrap();
         up(&mut r, &p, &spec(102, "b"), Source::Socket, Some(ROOT)).unwrap();
         assert_eq!(up(&mut r, &p, &spec(103, "c"), Source::Socket, Some(ROOT)).unwrap_err(), RegistryError::Full(2));
+    }
+
+    /// A process registered by a user that later becomes root (it exec'd
+    /// a set-uid program that made every uid 0) is no longer one its
+    /// registrant could signal: the registration is dropped, the actor kept
+    /// observe-only (no policy), and the reason returned. A set-uid exec
+    /// that leaves the real uid the registrant's keeps it (kill(2) allows
+    /// that signal), and so does anything registered by root or the agent.
+    #[test]
+    fn a_registrant_that_may_no_longer_signal_the_process_loses_the_registration() {
+        let (mut r, p, s) = registry();
+        p.add(100, 5, 1000, 1);
+        p.add(200, 6, 1000, 1);
+        p.add(300, 7, 1000, 1);
+        up(&mut r, &p, &spec(100, "becomes-root"), Source::Socket, Some(ALICE)).unwrap();
+        up(&mut r, &p, &spec(200, "setuid-exec"), Source::Socket, Some(ALICE)).unwrap();
+        up(&mut r, &p, &spec(300, "roots-own"), Source::Socket, Some(ROOT)).unwrap();
+        assert_eq!(r.registered_by_users([100, 200, 300, 999].into_iter()), vec![100, 200]);
+        let root = ProcFacts { start_time: 5, uids: [0, 0, 0], ppid: 1, comm: "sleep".into(), cmdline: vec![] };
+        let lost = r.recheck_registrant(100, &root).expect("alice may not signal a root process");
+        let why = lost.to_string();
+        assert!(why.contains("uid 1000") && why.contains("becomes-root") && why.contains("[0, 0, 0]"), "{why}");
+        let a = r.get(100).expect("still observed");
+        assert_eq!((a.policy.as_deref(), a.registered_by, a.uid, a.source), (None, None, 0, Source::Discovered));
+        assert!(s.0.lock().unwrap().contains(&100), "still watched");
+        assert!(r.visible_to(ALICE).iter().all(|a| a.pid != 100), "alice no longer sees it");
+        assert_eq!(r.registered_by_users([100].into_iter()), Vec::<u32>::new());
+        // Real uid still alice's (a plain set-uid exec): kill(2) allows it.
+        let suid = ProcFacts { start_time: 6, uids: [1000, 0, 0], ..root.clone() };
+        assert_eq!(r.recheck_registrant(200, &suid), None);
+        assert_eq!(r.get(200).unwrap().policy.as_deref(), Some("default"));
+        // Registered by root: nothing to re-check. Another process (start time): not this entry.
+        assert_eq!(r.recheck_registrant(300, &ProcFacts { start_time: 7, ..root.clone() }), None);
+        assert_eq!(r.recheck_registrant(200, &ProcFacts { start_time: 99, ..root }), None);
+        assert_eq!(r.get(200).unwrap().registered_by, Some(1000));
     }
 
     /// A daemon busy during a reload (SIGHUP into its handler) is not a

@@ -21,7 +21,7 @@ use crate::{
     actors::{
         discovery::{Discovery, Found},
         registration,
-        registry::{self, ActorState, RealProc, Registry, Runtime, WatchedSink},
+        registry::{self, ActorState, ProcReader as _, RealProc, Registry, Runtime, WatchedSink},
     },
     cli::RunArgs,
     config::{Config, Overrides, Policy},
@@ -208,13 +208,20 @@ impl Pipeline {
             }
         }
         let found = self.examine_new_processes(&events);
+        let exec_facts = self.read_exec_facts(&events);
         let mut reg = lock(&self.registry);
         let mut found = found.into_iter();
+        let mut revoked = Vec::new();
         for ev in &events {
             match &ev.body {
-                EventBody::ProcessExec(_) => {
+                EventBody::ProcessExec(e) => {
                     if let Some(Examined::Exec(f)) = found.next() {
                         Discovery::apply(f, &mut reg);
+                    }
+                    if let Some(facts) = exec_facts.get(&e.task.pid)
+                        && let Some(r) = reg.recheck_registrant(e.task.pid, facts)
+                    {
+                        revoked.push(r);
                     }
                     continue;
                 }
@@ -245,6 +252,10 @@ impl Pipeline {
         }
         let learned = reg.take_learned();
         drop(reg);
+        for r in revoked {
+            tracing::warn!(pid = r.pid, actor = r.name, registrant = r.registrant, "{r}");
+            self.engine.on_rights_lost(r.pid, &r.to_string());
+        }
         // What each newly learned wakeup fd is, to tell later whether the
         // same number still is that fd.
         if !learned.is_empty() {
@@ -256,6 +267,22 @@ impl Pipeline {
             }
         }
         self.apply_detector_outputs();
+    }
+
+    /// The /proc facts of the actors in `events` that exec'd and that a
+    /// user registered, read without the registry's lock: an exec may have
+    /// made one a process its registrant may not signal (a set-uid
+    /// program), which [`Registry::recheck_registrant`] then decides.
+    fn read_exec_facts(&self, events: &[Event]) -> HashMap<u32, registry::ProcFacts> {
+        let execs = events.iter().filter_map(|ev| match &ev.body {
+            EventBody::ProcessExec(e) => Some(e.task.pid),
+            _ => None,
+        });
+        let pids = lock(&self.registry).registered_by_users(execs);
+        if pids.is_empty() {
+            return HashMap::new();
+        }
+        blocking(|| pids.into_iter().filter_map(|p| Some((p, RealProc.facts(p)?))).collect())
     }
 
     /// The /proc and fd reads discovery needs for `events`, one entry per
@@ -525,6 +552,23 @@ mod tests {
         assert!(text.contains(r#"sigwake_decode_errors_total{reason="unknown_kind"} 1"#), "{text}");
         pipeline.on_batch(vec![Ok(exit)]);
         assert!(lock(&registry).get(me).is_none(), "the exit retires the actor");
+    }
+
+    /// An exec re-checks, outside the registry's lock, that the client
+    /// that registered the process could still signal it: this process
+    /// (root), as if a user (uid 1000) had registered it before it became
+    /// root, loses its registration on its exec event and is observed only.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_exec_drops_a_registration_the_registrant_may_no_longer_signal() {
+        let state = tempfile::tempdir().unwrap();
+        let mut pipeline = wired_pipeline(state.path());
+        let me = std::process::id();
+        lock(&pipeline.registry).get_mut(me).unwrap().registered_by = Some(1000);
+        let exec = Event::try_from(&raw(kind::PROCESS_EXEC, 0, me, me)).unwrap();
+        pipeline.on_batch(vec![Ok(exec)]);
+        let reg = lock(&pipeline.registry);
+        let a = reg.get(me).expect("still an actor, observed");
+        assert_eq!((a.policy.as_deref(), a.registered_by, a.uid), (None, None, 0), "{a:?}");
     }
 
     /// The event source ending on its own (the ring-buffer reader died) is

@@ -168,6 +168,13 @@ impl Engine {
         lock(&self.registry).set_state(pid, ActorState::Healthy);
     }
 
+    /// The client that registered the actor may no longer signal it (an
+    /// exec made it another user's process): any escalation stops, and its
+    /// incident is closed as failed, saying why.
+    pub fn on_rights_lost(&self, pid: u32, why: &str) {
+        self.finish(pid, Status::Failed, &format!("escalation stopped: {why}"));
+    }
+
     /// The process exited.
     pub fn on_exited(&self, pid: u32) {
         self.finish(pid, Status::Exited, "the actor exited");
