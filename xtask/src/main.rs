@@ -4,6 +4,7 @@
 
 mod bench;
 mod kernels;
+mod lint;
 mod prometheus;
 
 use std::{
@@ -40,6 +41,8 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Set up, then run `sigwake check` and an end-to-end subset on the host and on Debian's 5.10, 6.1, 6.12 kernels in QEMU (needs root).
     Kernels(kernels::KernelsArgs),
+    /// cargo fmt --check and cargo clippy -D warnings on every user-space crate and its tests.
+    Lint,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Bench(args) => bench::run(args),
         Task::Kernels(args) => kernels::run(args),
+        Task::Lint => lint::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
