@@ -394,7 +394,7 @@ fn unregistered_asyncio_loop_is_discovered_from_its_wakeup_write_and_only_observ
     assert!(a["policy"].is_null(), "discovered loops are observed only: {a}");
     assert_eq!(a["start_time"], start_time, "{a}");
     assert_eq!(a["uid"], 0, "{a}");
-    assert_eq!(a["name"], format!("{comm}-{pid}"), "default name comm-pid: {a}");
+    assert_eq!(a["name"], comm, "an unnamed actor is named by its comm, never its pid: {a}");
     assert_eq!(a["drops"], 0, "{a}");
     assert!(a["state"].as_str().is_some_and(|s| s != "exited" && s != "dead"), "{a}");
 

@@ -163,7 +163,8 @@ impl Discovery {
     /// A handler wrote one byte: the self-pipe trick, if the process is no
     /// actor yet (the caller checks that under the registry's lock).
     pub fn wants(&self, w: &HandlerWrite) -> bool {
-        self.self_pipe && w.count == 1
+        // A sigwake agent's start-up self-test child is no event loop to watch.
+        self.self_pipe && w.count == 1 && w.task.comm != crate::kernel::selftest::CHILD_COMM
     }
 
     /// Examines the process behind a self-pipe write: its runtime (through

@@ -229,7 +229,10 @@ impl Registry {
             return Err(RegistryError::Full(self.max_actors));
         }
         let actor = Actor {
-            name: spec.name.clone().unwrap_or_else(|| format!("{}-{pid}", facts.comm)),
+            // Unnamed: its comm. The name is the metric label too, so it
+            // never carries a pid (unbounded label values); /actors shows
+            // the pid beside it.
+            name: spec.name.clone().unwrap_or_else(|| facts.comm.clone()),
             pid,
             start_time: facts.start_time,
             uid: facts.uids[0],
@@ -548,6 +551,15 @@ pub(crate) mod tests {
         let old: Vec<_> = r.all().filter(|a| a.pid == 100 && a.start_time == 5).collect();
         assert_eq!(old.len(), 1);
         assert_eq!((old[0].name.as_str(), old[0].state), ("fetcher", ActorState::Exited));
+    }
+
+    #[test]
+    fn an_unnamed_actor_is_named_by_its_comm_never_its_pid() {
+        let (mut r, p, _) = registry();
+        p.add(4242, 5, 1000, 1);
+        let a = up(&mut r, &p, &ActorSpec { pid: Some(4242), ..Default::default() }, Source::Discovered, None).unwrap();
+        assert_eq!(a.name, "python");
+        assert!(!a.name.contains("4242"));
     }
 
     #[test]

@@ -29,6 +29,10 @@ use crate::kernel::events::{Event, EventBody};
 /// The hidden subcommand the agent runs itself as.
 pub const CHILD_ARG: &str = "__self-test-child";
 
+/// The child's comm, so that other agents' discovery does not record a
+/// self-test child as an event loop (it is one, for a few milliseconds).
+pub const CHILD_COMM: &str = "sigwake-selftst";
+
 /// How long the whole test may take. Generous: kernels under software
 /// emulation (the project's own kernel matrix) are ~20x slower.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -220,6 +224,8 @@ pub fn child_main(signal: &str) -> std::process::ExitCode {
 
 fn child(signal: &str) -> Result<(), String> {
     let signal: i32 = signal.parse().map_err(|_| format!("bad signal `{signal}`"))?;
+    let comm = std::ffi::CString::new(CHILD_COMM).expect("no NUL");
+    rustix::thread::set_name(&comm).map_err(|e| format!("naming the self-test child: {e}"))?;
     let mut fds = [0; 2];
     // SAFETY: valid out-pointer for two fds.
     if unsafe {
