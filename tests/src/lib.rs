@@ -426,3 +426,22 @@ pub fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A set-uid-root helper that makes every uid 0 (as `su` or `sudo` do)
+/// and execs its arguments, compiled into `dir` (root-owned, mode 4755;
+/// `dir` must be on a filesystem that honours set-uid bits).
+pub fn setuid_root_helper(dir: &TempDir) -> PathBuf {
+    let src = dir.0.join("become_root.c");
+    std::fs::write(
+        &src,
+        "#define _GNU_SOURCE\n#include <unistd.h>\n\
+         int main(int argc, char **argv) { (void)argc; if (setresuid(0, 0, 0)) return 111; \
+         execv(argv[1], argv + 1); return 112; }\n",
+    )
+    .unwrap();
+    let bin = dir.0.join("become_root");
+    let cc = Command::new("cc").arg("-o").arg(&bin).arg(&src).status().expect("running cc");
+    assert!(cc.success(), "compiling {}", src.display());
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+    bin
+}

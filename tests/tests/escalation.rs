@@ -722,6 +722,69 @@ fn actor_with_children_loses_its_whole_subtree() {
     done(t0, "subtree");
 }
 
+/// A user's actor takes down only what that user could kill: `nobody`
+/// registers its own starved loop, which has two children — a `sleep` of
+/// its own, and one a set-uid helper made root's. The kill tiers end the
+/// loop and its own child; the root child is never pinned nor signalled,
+/// and the step says so.
+#[test]
+fn a_users_actor_loses_only_the_descendants_that_user_could_signal() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let t0 = Instant::now();
+    let config = default_policy(
+        "1s",
+        &[r#"{ action = "sigkill", timeout = "2s" }"#, r#"{ action = "kill_subtree", timeout = "1s" }"#],
+    );
+    let agent = Agent::start(Some(&config), &[]);
+    std::fs::set_permissions(agent.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = TempDir::new("users-subtree");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let helper = setuid_root_helper(&dir);
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(python())
+        .arg(fixtures_dir().join("escalation_actor.py"))
+        .args(["--register", "users-own", "--children", "1", "--hog-seconds", "60", "--child"])
+        .arg(format!("{} /bin/sleep 300", helper.display()))
+        .current_dir(fixtures_dir())
+        .env("SIGWAKE_SOCKET", &agent.socket)
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let mut actor = Proc::spawn("escalation_actor.py as nobody", &mut cmd);
+    actor.stdout.wait_json("the actor (nobody) ready", Duration::from_secs(30), |v| v["ready"] == true);
+    let reg = actor.stdout.json().into_iter().find(|v| v.get("registered").is_some() || v.get("register_error").is_some());
+    let reg = reg.unwrap_or_else(|| panic!("no registration line: {:?}\n{}", actor.stdout.json(), actor.stderr_text()));
+    assert_eq!(reg["registered"]["uid"], 65534, "registered by nobody, its own process: {reg}");
+    let pid = actor.pid();
+    let tree = actor.stdout.json().into_iter().find(|v| v.get("children").is_some()).expect("the children line");
+    let kids: Vec<u32> = tree["children"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u32).collect();
+    let (own, rooted) = (kids[0], kids[1]);
+    wait_until("the helper's child to be root's", EVENT, || {
+        std::fs::read_to_string(format!("/proc/{rooted}/status")).is_ok_and(|s| {
+            s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().skip(1).all(|u| u == "0"))
+                && s.lines().any(|l| l == "Name:\tsleep")
+        })
+    });
+    let (own_start, rooted_start) = (start_time(own), start_time(rooted));
+    let _cleanup = KillOnDrop(vec![(own, own_start), (rooted, rooted_start)]);
+    starve(&actor);
+    let status = actor.wait_exit(Duration::from_secs(8));
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    let inc = wait_incident(&agent, "the incident to close with its subtree step", EVENT, pid, |i| {
+        i["status"] == "exited" && has_step(i, "kill_subtree")
+    });
+    wait_until("nobody's own child to be gone", EVENT, || is_gone(own, own_start));
+    thread::sleep(Duration::from_millis(300));
+    assert!(is_running(rooted, rooted_start), "the root child must be left alone: {:?}\n{inc:#}", proc_stat(rooted));
+    let pinned: Vec<(u64, u64)> =
+        inc["subtree"].as_array().unwrap().iter().map(|e| (e[0].as_u64().unwrap(), e[1].as_u64().unwrap())).collect();
+    assert_eq!(pinned, [(u64::from(own), own_start)], "only what nobody could signal is pinned: {inc:#}");
+    let detail = step(&inc, "kill_subtree")["detail"].as_str().unwrap();
+    assert!(detail.contains("SIGKILLed 1 pinned descendants"), "{detail}");
+    assert!(detail.contains("1 descendant uid 65534 may not signal"), "says what was left alone: {detail}");
+    agent.stop();
+    done(t0, "user's subtree");
+}
+
 // ---------------------------------------------------------------------------
 // 5. Dry run: the whole ladder, nothing sent
 // ---------------------------------------------------------------------------

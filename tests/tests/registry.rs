@@ -590,24 +590,6 @@ fn unprivileged_client_may_register_itself_but_not_root_processes_and_sees_only_
     elapsed(t0, "unprivileged");
 }
 
-/// A set-uid-root helper that makes every uid 0 (as `su` or `sudo` do)
-/// and execs its arguments, built in `dir` (root-owned, mode 4755).
-fn setuid_root_helper(dir: &TempDir) -> PathBuf {
-    let src = dir.0.join("become_root.c");
-    std::fs::write(
-        &src,
-        "#define _GNU_SOURCE\n#include <unistd.h>\n\
-         int main(int argc, char **argv) { (void)argc; if (setresuid(0, 0, 0)) return 111; \
-         execv(argv[1], argv + 1); return 112; }\n",
-    )
-    .unwrap();
-    let bin = dir.0.join("become_root");
-    let cc = Command::new("cc").arg("-o").arg(&bin).arg(&src).status().expect("running cc");
-    assert!(cc.success(), "compiling {}", src.display());
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o4755)).unwrap();
-    bin
-}
-
 const BECOMES_ROOT_SCRIPT: &str = r#"
 import json, os, sys
 import sigwake_client

@@ -59,7 +59,12 @@ impl ProcReader for RealProc {
 /// kill(2)'s permission rule: root, or the caller's uid is the target's
 /// real or saved uid.
 pub fn may_signal(caller_uid: u32, target: &ProcFacts) -> bool {
-    caller_uid == 0 || caller_uid == target.uids[0] || caller_uid == target.uids[2]
+    uid_may_signal(caller_uid, target.uids)
+}
+
+/// [`may_signal`] on the target's real, effective and saved uids.
+pub fn uid_may_signal(caller_uid: u32, uids: [u32; 3]) -> bool {
+    caller_uid == 0 || caller_uid == uids[0] || caller_uid == uids[2]
 }
 
 /// Why the kernel drops `sig` sent by the agent to a process with this

@@ -127,6 +127,8 @@ impl Engine {
                 steps: vec![],
                 next_tier: 0,
                 subtree: vec![],
+                subtree_not_permitted: vec![],
+                registered_by: a.registered_by,
                 first_evidence_mono: c.first_evidence_ns,
                 confirmed_mono: c.confirmed_ns,
             };
@@ -241,7 +243,14 @@ impl Engine {
                         tracing::warn!("incident {}: cannot restore actor {}: {e}", i.id, i.actor);
                         continue;
                     }
-                    lock(&self.registry).set_state(i.pid, ActorState::Starving);
+                    {
+                        let mut reg = lock(&self.registry);
+                        // Still bounded by what its registrant may signal.
+                        if let Some(a) = reg.get_mut(i.pid) {
+                            a.registered_by = i.registered_by;
+                        }
+                        reg.set_state(i.pid, ActorState::Starving);
+                    }
                     tracing::warn!(
                         incident = i.id,
                         actor = i.actor,
@@ -322,13 +331,23 @@ impl Engine {
         lock(&self.registry).set_state(inc.pid, ActorState::Escalating);
         // Pin the subtree now, while the actor is alive and its children
         // are still its children.
+        // Only what the registrant could signal (kill(2)'s rule).
         if inc.subtree.is_empty() {
-            let pinned: Vec<(u32, u64)> = procinfo::descendants(inc.pid)
-                .into_iter()
-                .filter_map(|d| procinfo::read_start_time(d).ok().map(|t| (d, t)))
-                .collect();
-            lock(&self.store).update(id, |i| i.subtree = pinned.clone());
-            inc.subtree = pinned;
+            let (pinned, refused) = subtree::pin(inc.pid, subtree::registrant(&inc));
+            if !refused.is_empty() {
+                tracing::warn!(
+                    incident = id,
+                    actor = inc.actor,
+                    "not pinning {} descendants uid {:?}, which registered the actor, may not signal: {refused:?}",
+                    refused.len(),
+                    inc.registered_by
+                );
+            }
+            lock(&self.store).update(id, |i| {
+                i.subtree = pinned.clone();
+                i.subtree_not_permitted = refused.clone();
+            });
+            (inc.subtree, inc.subtree_not_permitted) = (pinned, refused);
         }
         let has_subtree_tier = policy.tiers.iter().any(|t| matches!(t, Action::KillSubtree { .. }));
         // Resumed after a signal tier (agent restart): give the actor what
@@ -356,6 +375,23 @@ impl Engine {
             };
             let action = &policy.tiers[tier];
             let name = action.name();
+            // A user's actor is signalled only while that user could do it
+            // (a set-uid program may have made it another user's since).
+            if matches!(action, Action::Signal { .. } | Action::KillSubtree { .. })
+                && let Some(why) = subtree::not_permitted(subtree::registrant(&current), inc.pid)
+            {
+                self.step(
+                    &current,
+                    tier,
+                    name,
+                    "not_permitted",
+                    &format!("not sent: {why} (the uid that registered it)"),
+                );
+                self.close(id, Status::Failed, &format!("escalation stopped: {why} (the uid that registered it)"));
+                lock(&self.running).remove(&id);
+                self.refresh_active();
+                return;
+            }
             match action {
                 Action::Diagnostics { py_spy } => {
                     let opts = CaptureOptions {

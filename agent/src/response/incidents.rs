@@ -50,7 +50,8 @@ pub struct Step {
     pub tier: usize,
     pub action: String,
     /// ok, failed, skipped, dry_run, ignored (sent, but the kernel drops
-    /// it: SIG_IGN, or a namespace init without a handler)
+    /// it: SIG_IGN, or a namespace init without a handler), not_permitted
+    /// (not sent: the user who registered the actor may not signal it)
     pub outcome: String,
     pub detail: String,
     pub time: String,
@@ -90,6 +91,15 @@ pub struct Incident {
     /// Descendants pinned when escalation started, for the subtree tier.
     #[serde(default)]
     pub subtree: Vec<(u32, u64)>,
+    /// Descendants the registrant could not signal when escalation
+    /// started: never pinned, never killed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subtree_not_permitted: Vec<(u32, u64)>,
+    /// uid of the client that registered the actor; the ladder signals
+    /// only what that uid could (kill(2)'s rule). None: root or the agent's
+    /// own config.
+    #[serde(default)]
+    pub registered_by: Option<u32>,
     #[serde(default)]
     pub first_evidence_mono: u64,
     #[serde(default)]
@@ -342,6 +352,8 @@ mod tests {
             steps: vec![],
             next_tier: 0,
             subtree: vec![],
+            subtree_not_permitted: vec![],
+            registered_by: None,
             first_evidence_mono: 0,
             confirmed_mono: 0,
         }

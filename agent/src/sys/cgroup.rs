@@ -9,6 +9,12 @@ pub fn kill_cgroup(cgroup_path: &Path) -> io::Result<()> {
     fs::write(cgroup_path.join("cgroup.kill"), b"1")
 }
 
+/// The processes in a cgroup v2 (`<cgroup>/cgroup.procs`).
+pub fn procs(cgroup_path: &Path) -> io::Result<Vec<u32>> {
+    let text = fs::read_to_string(cgroup_path.join("cgroup.procs"))?;
+    Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

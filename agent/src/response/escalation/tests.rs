@@ -138,3 +138,20 @@ async fn a_dry_run_actor_that_exits_during_a_wait_exited_by_itself() {
         assert!(!detail.contains(&format!("after {tier}")), "{tier}: {close}");
     }
 }
+
+/// A user's actor is signalled only while that user could do it, checked
+/// before each signal tier (a process can become another user's without
+/// an exec: a set-uid program calling setuid(0)): here a root-owned child
+/// "registered by" uid 65534 gets no SIGTERM; the ladder stops, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_tier_is_skipped_when_the_registrant_may_no_longer_signal_the_actor() {
+    let toml = "[policy.default]\ntiers = [{ action = \"sigterm\", timeout = \"5s\" }]\n";
+    let rig = Rig::new(toml, false, &mut sleeper("30"));
+    lock(&rig.registry).get_mut(rig.pid).unwrap().registered_by = Some(65534);
+    rig.confirm();
+    let i = rig.wait("the incident to close", |i| !i.status.is_open()).await;
+    assert_eq!(i.status, Status::Failed, "{i:#?}");
+    assert_eq!(actions(&i), ["sigterm:not_permitted"], "{i:#?}");
+    assert!(i.steps[0].detail.contains("uid 65534"), "{}", i.steps[0].detail);
+    assert!(ProcessHandle::open(rig.pid, None).is_ok_and(|h| h.is_alive()), "nothing was sent");
+}
