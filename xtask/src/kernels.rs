@@ -187,6 +187,8 @@ struct TestResult {
     test: &'static str,
     /// `ok`, `FAILED`, `ignored` or `not run`.
     outcome: String,
+    /// Where and why a failed test panicked.
+    why: Option<String>,
 }
 
 struct Row {
@@ -904,13 +906,17 @@ fn run_row(
                 .lines()
                 .find_map(|l| l.strip_prefix(&format!("test {test} ... ")))
                 .map_or("not run".to_string(), |o| o.trim().to_string());
-            tests.push(TestResult { binary: b, test, outcome });
+            let why = if outcome == "FAILED" { panic_message(&log, test) } else { None };
+            tests.push(TestResult { binary: b, test, outcome, why });
         }
     }
     let bad: Vec<String> = tests
         .iter()
         .filter(|t| t.outcome != "ok")
-        .map(|t| format!("{}::{} ({})", t.binary, t.test, t.outcome))
+        .map(|t| match &t.why {
+            Some(why) => format!("{}::{} ({}: {why})", t.binary, t.test, t.outcome),
+            None => format!("{}::{} ({})", t.binary, t.test, t.outcome),
+        })
         .collect();
     if !bad.is_empty() && release.is_some() {
         failures.push(format!(
@@ -920,7 +926,10 @@ fn run_row(
             bad.join(", ")
         ));
     }
-    let console_tail = if failures.is_empty() { String::new() } else { tail(&console, 15) };
+    // The console says why a guest did not boot or the script did not end;
+    // a failed test says it in its own output (above).
+    let finished = outcome.is_some() && read("done").is_some();
+    let console_tail = if finished { String::new() } else { tail(&console, 15) };
     Ok(Row {
         kernel: k,
         image,
@@ -983,6 +992,17 @@ fn kill_tree(pid: u32) {
             libc::kill(*p as libc::pid_t, libc::SIGKILL);
         }
     }
+}
+
+/// `panicked at FILE:LINE:COL: first line of the message` for `test`, from
+/// libtest's report (`thread 'TEST' (TID) panicked at …`, then the message).
+fn panic_message(log: &str, test: &str) -> Option<String> {
+    let head = format!("thread '{test}'");
+    let mut lines = log.lines();
+    let line = lines.find(|l| l.starts_with(&head) && l.contains(" panicked at "))?;
+    let at = line.split_once(" panicked at ")?.1.trim_end_matches(':');
+    let msg = lines.next().unwrap_or("").trim();
+    Some(format!("panicked at {at}: {}", short(msg, 300)))
 }
 
 fn dir_of(p: &Path) -> String {
@@ -1070,7 +1090,7 @@ fn results_json(rows: &[Row], total: Duration) -> Value {
             "failures": r.failures,
             "check": match &r.check { Ok(v) => v.clone(), Err(e) => json!({ "error": e }) },
             "hooks": r.hooks(),
-            "tests": r.tests.iter().map(|t| json!({ "binary": t.binary, "test": t.test, "outcome": t.outcome })).collect::<Vec<_>>(),
+            "tests": r.tests.iter().map(|t| json!({ "binary": t.binary, "test": t.test, "outcome": t.outcome, "why": t.why })).collect::<Vec<_>>(),
             "passed": r.passed_tests(),
             "total": r.tests.len(),
             "binaries": r.binaries,
@@ -1105,16 +1125,47 @@ fn readme_section(rows: &[Row]) -> String {
 /// Replaces what is between the markers; true if that changed the file.
 fn update_readme(readme: &Path, section: &str) -> Result<bool> {
     let text = fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
-    let (Some(b), Some(e)) = (text.find(README_BEGIN), text.find(README_END)) else {
-        bail!("{} has no `{README_BEGIN}` … `{README_END}` markers for the kernel table", readme.display());
-    };
-    if e < b {
-        bail!("{}: `{README_END}` comes before `{README_BEGIN}`", readme.display());
-    }
-    let new = format!("{}{README_BEGIN}\n{section}{}", &text[..b], &text[e..]);
+    let new = replace_section(&text, section).with_context(|| readme.display().to_string())?;
     if new == text {
         return Ok(false);
     }
     fs::write(readme, new).with_context(|| format!("writing {}", readme.display()))?;
     Ok(true)
+}
+
+fn replace_section(text: &str, section: &str) -> Result<String> {
+    let (Some(b), Some(e)) = (text.find(README_BEGIN), text.find(README_END)) else {
+        bail!("no `{README_BEGIN}` … `{README_END}` markers for the kernel table");
+    };
+    if e < b {
+        bail!("`{README_END}` comes before `{README_BEGIN}`");
+    }
+    Ok(format!("{}{README_BEGIN}\n{section}{}", &text[..b], &text[e..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_section_between_the_markers_is_replaced_and_nothing_else() {
+        let text = format!("intro\n{README_BEGIN}\nold row\n{README_END}\noutro\n");
+        let new = replace_section(&text, "| a |\n").unwrap();
+        assert_eq!(new, format!("intro\n{README_BEGIN}\n| a |\n{README_END}\noutro\n"));
+        assert_eq!(replace_section(&new, "| a |\n").unwrap(), new, "a second run changes nothing");
+        assert!(replace_section("no markers", "x").is_err());
+        assert!(replace_section(&format!("{README_END}{README_BEGIN}"), "x").is_err());
+    }
+
+    #[test]
+    fn a_failed_test_is_explained_by_its_panic() {
+        let log = "test m::a ... FAILED\n\nfailures:\n\n---- a stdout ----\n\n\
+                   thread 'a' (212) panicked at tests/tests/metrics.rs:35:5:\n\
+                   the fixture should have dropped wakeups\nstack backtrace:\n";
+        assert_eq!(
+            panic_message(log, "a").as_deref(),
+            Some("panicked at tests/tests/metrics.rs:35:5: the fixture should have dropped wakeups")
+        );
+        assert_eq!(panic_message(log, "b"), None);
+    }
 }
