@@ -158,7 +158,7 @@ pub struct KernelsArgs {
     #[arg(long)]
     pub keep: bool,
     /// Wall-clock limit per kernel, in seconds; the VM (or the host run) is killed after it.
-    #[arg(long, value_name = "SECS", default_value_t = 900)]
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub timeout: u64,
 }
 
