@@ -34,9 +34,9 @@ pub fn scaled(timeout: Duration) -> Duration {
 }
 
 fn env_path(name: &str) -> PathBuf {
-    std::env::var_os(name).map(PathBuf::from).unwrap_or_else(|| {
-        panic!("{name} is not set: run the end-to-end tests with `cargo xtask test` (as root)")
-    })
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{name} is not set: run the end-to-end tests with `cargo xtask test` (as root)"))
 }
 
 pub fn sigwake_bin() -> PathBuf {
@@ -365,7 +365,14 @@ impl RunningAgent {
     }
 
     /// Polls `path` until an entry for `pid` satisfies `pred`; returns it.
-    pub fn wait_entry(&self, path: &str, what: &str, timeout: Duration, pid: u32, pred: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_entry(
+        &self,
+        path: &str,
+        what: &str,
+        timeout: Duration,
+        pid: u32,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
@@ -375,7 +382,9 @@ impl RunningAgent {
             }
             if Instant::now() > deadline {
                 let err = self.stderr_tail(40);
-                panic!("timed out after {timeout:?} waiting for {what} (pid {pid}); {path} entries for it: {entries:#?}\nagent stderr (tail):\n{err}");
+                panic!(
+                    "timed out after {timeout:?} waiting for {what} (pid {pid}); {path} entries for it: {entries:#?}\nagent stderr (tail):\n{err}"
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }

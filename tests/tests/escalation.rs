@@ -159,7 +159,9 @@ fn audit(state_dir: &Path) -> Vec<Value> {
     let path = state_dir.join("audit.jsonl");
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: a line is not JSON ({e}): {l}", path.display())))
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: a line is not JSON ({e}): {l}", path.display()))
+        })
         .collect()
 }
 
@@ -186,7 +188,8 @@ fn cli_incidents(state_dir: &Path) -> Vec<Value> {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("sigwake incidents --json is not JSON ({e}): {stdout}"));
+    let v: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("sigwake incidents --json is not JSON ({e}): {stdout}"));
     v.as_array().unwrap_or_else(|| panic!("sigwake incidents --json is not an array: {stdout}")).clone()
 }
 
@@ -265,7 +268,8 @@ fn field_u64(v: &Value, key: &str) -> u64 {
 fn spawn_with_pid(want: u32, make: impl Fn() -> Command, name: &str) -> Proc {
     let mut seen = Vec::new();
     for _ in 0..50 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (want - 1).to_string()).expect("writing /proc/sys/kernel/ns_last_pid");
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (want - 1).to_string())
+            .expect("writing /proc/sys/kernel/ns_last_pid");
         let mut cmd = make();
         let p = Proc::spawn(name, &mut cmd);
         if p.pid() == want {
@@ -315,7 +319,8 @@ fn seed_scenario_starved_trio_actor_is_stopped_by_sigterm_and_everything_is_reco
     let t0 = Instant::now();
     // The built-in policy: confirm 2 s (trio), diagnostics, SIGTERM (3 s)…
     let agent = Agent::start(None, &[]);
-    let (mut actor, ready) = spawn_actor(&agent.socket, "trio_actor.py", &["--register", "fetcher", "--hog-seconds", "60"]);
+    let (mut actor, ready) =
+        spawn_actor(&agent.socket, "trio_actor.py", &["--register", "fetcher", "--hog-seconds", "60"]);
     let pid = actor.pid();
     let start = start_time(pid);
     let main_tid = field_u64(&ready, "main_tid");
@@ -338,9 +343,8 @@ fn seed_scenario_starved_trio_actor_is_stopped_by_sigterm_and_everything_is_reco
     let m = agent.metrics();
 
     // Latencies, for the record (printed before any assertion can fail).
-    let audit_time = |action: &str| {
-        lines.iter().find(|l| l["action"] == action).and_then(|l| l["time"].as_str()).map(rfc3339_ns)
-    };
+    let audit_time =
+        |action: &str| lines.iter().find(|l| l["action"] == action).and_then(|l| l["time"].as_str()).map(rfc3339_ns);
     let first_evidence = field_u64(&inc, "first_evidence_mono");
     let confirmed = field_u64(&inc, "confirmed_mono");
     let opened_unix = rfc3339_ns(inc["opened"].as_str().expect("incident.opened"));
@@ -352,12 +356,30 @@ fn seed_scenario_starved_trio_actor_is_stopped_by_sigterm_and_everything_is_reco
     let (action_sum, action_n) = (lat("action", "sum"), lat("action", "count"));
     let since = |from: u64, to: Option<u64>| to.map_or("-".to_string(), |t| format!("{:.1} ms", ms_between(from, t)));
     eprintln!("[seed] latencies (built-in default policy, trio confirm window 2 s):");
-    eprintln!("[seed]   first SIGINT -> first evidence (stop signal in handler, kernel time): {:.1} ms", ms_between(sent.mono_ns, first_evidence));
-    eprintln!("[seed]   first SIGINT -> starvation confirmed (incident.confirmed_mono):     {:.1} ms", ms_between(sent.mono_ns, confirmed));
-    eprintln!("[seed]   first SIGINT -> incident opened (incident.opened, wall clock):      {:.1} ms", ms_between(sent.unix_ns, opened_unix));
-    eprintln!("[seed]   first SIGINT -> audit `opened` line:                                {}", since(sent.unix_ns, audit_time("opened")));
-    eprintln!("[seed]   incident opened -> audit `diagnostics` line:                        {}", since(opened_unix, audit_time("diagnostics")));
-    eprintln!("[seed]   incident opened -> audit `sigterm` line:                            {}", since(opened_unix, audit_time("sigterm")));
+    eprintln!(
+        "[seed]   first SIGINT -> first evidence (stop signal in handler, kernel time): {:.1} ms",
+        ms_between(sent.mono_ns, first_evidence)
+    );
+    eprintln!(
+        "[seed]   first SIGINT -> starvation confirmed (incident.confirmed_mono):     {:.1} ms",
+        ms_between(sent.mono_ns, confirmed)
+    );
+    eprintln!(
+        "[seed]   first SIGINT -> incident opened (incident.opened, wall clock):      {:.1} ms",
+        ms_between(sent.unix_ns, opened_unix)
+    );
+    eprintln!(
+        "[seed]   first SIGINT -> audit `opened` line:                                {}",
+        since(sent.unix_ns, audit_time("opened"))
+    );
+    eprintln!(
+        "[seed]   incident opened -> audit `diagnostics` line:                        {}",
+        since(opened_unix, audit_time("diagnostics"))
+    );
+    eprintln!(
+        "[seed]   incident opened -> audit `sigterm` line:                            {}",
+        since(opened_unix, audit_time("sigterm"))
+    );
     eprintln!("[seed]   first SIGINT -> process exit seen by the test:                      {exit_ms:.1} ms");
     eprintln!("[seed]   evidence.confirm_ms: {confirm_ms:.1} ms, drops: {}", inc["evidence"]["drops"]);
     eprintln!(
@@ -382,9 +404,15 @@ fn seed_scenario_starved_trio_actor_is_stopped_by_sigterm_and_everything_is_reco
     assert_eq!(inc["start_time"], start, "{inc:#}");
     assert!(inc["evidence"]["drops"].as_u64().is_some_and(|d| d >= 1), "evidence.drops should be ≥ 1: {inc:#}");
     assert!(inc["evidence"]["signals"].as_array().is_some_and(|s| s.iter().any(|x| x == "SIGINT")), "{inc:#}");
-    assert!((2000.0..3000.0).contains(&confirm_ms), "confirmed {confirm_ms} ms after the first evidence; the window is 2 s: {inc:#}");
+    assert!(
+        (2000.0..3000.0).contains(&confirm_ms),
+        "confirmed {confirm_ms} ms after the first evidence; the window is 2 s: {inc:#}"
+    );
     let opened_after = ms_between(sent.unix_ns, opened_unix);
-    assert!((1900.0..4000.0).contains(&opened_after), "incident opened {opened_after:.0} ms after the first SIGINT; window 2 s");
+    assert!(
+        (1900.0..4000.0).contains(&opened_after),
+        "incident opened {opened_after:.0} ms after the first SIGINT; window 2 s"
+    );
     assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok"], "{inc:#}");
     assert!(inc["closed"].is_string(), "{inc:#}");
     assert_eq!(incidents_of(&agent, pid).len(), 1, "one incident for the actor");
@@ -401,21 +429,34 @@ fn seed_scenario_starved_trio_actor_is_stopped_by_sigterm_and_everything_is_reco
     for f in ["threads.json", "fds.json", "wakeup.json", "status.txt"] {
         assert!(diag.join(f).is_file(), "{} is missing; the dir has: {:?}", diag.join(f).display(), list_dir(&diag));
     }
-    let threads: Value = serde_json::from_str(&std::fs::read_to_string(diag.join("threads.json")).unwrap()).expect("threads.json is JSON");
-    let tids: HashSet<u64> = threads.as_array().expect("threads.json is an array").iter().filter_map(|t| t["tid"].as_u64()).collect();
+    let threads: Value = serde_json::from_str(&std::fs::read_to_string(diag.join("threads.json")).unwrap())
+        .expect("threads.json is JSON");
+    let tids: HashSet<u64> =
+        threads.as_array().expect("threads.json is an array").iter().filter_map(|t| t["tid"].as_u64()).collect();
     assert!(tids.contains(&main_tid), "threads.json should list the main thread {main_tid}: {threads:#}");
     assert!(tids.contains(&hog_tid), "threads.json should list the hog thread {hog_tid}: {threads:#}");
 
     // Metrics.
     assert_eq!(confirm_n, 1.0, "one confirmation observed (this agent has one actor):\n{m}");
     assert_eq!(action_n, 1.0, "one first action observed:\n{m}");
-    assert!((confirm_sum - confirm_ms / 1e3).abs() < 0.01, "the confirm histogram holds evidence.confirm_ms: {confirm_sum} vs {confirm_ms}");
+    assert!(
+        (confirm_sum - confirm_ms / 1e3).abs() < 0.01,
+        "the confirm histogram holds evidence.confirm_ms: {confirm_sum} vs {confirm_ms}"
+    );
     assert_eq!(
-        metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="fetcher""#, r#"action="sigterm""#, r#"outcome="ok""#]),
+        metric_sum(
+            &m,
+            "sigwake_escalation_actions_total",
+            &[r#"actor="fetcher""#, r#"action="sigterm""#, r#"outcome="ok""#]
+        ),
         1.0,
         "{m}"
     );
-    assert_eq!(metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="fetcher""#, r#"action="sigkill""#]), 0.0, "{m}");
+    assert_eq!(
+        metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="fetcher""#, r#"action="sigkill""#]),
+        0.0,
+        "{m}"
+    );
     assert_eq!(metric_sum(&m, "sigwake_starvation_incidents_total", &[r#"actor="fetcher""#]), 1.0, "{m}");
 
     // The audit log: one line per action, in order, about this actor.
@@ -526,7 +567,10 @@ fn actor_that_survives_sigterm_is_killed_at_the_sigkill_tier() {
     let status = actor.wait_exit(Duration::from_secs(8));
     let exit_ms = sent.instant.elapsed().as_secs_f64() * 1e3;
     assert_eq!(status.signal(), Some(libc::SIGKILL), "the actor should have been killed by signal 9, got {status}");
-    assert!(exit_ms >= 2000.0, "killed {exit_ms:.0} ms after the first SIGINT: before confirm (1 s) + SIGTERM wait (1 s)?");
+    assert!(
+        exit_ms >= 2000.0,
+        "killed {exit_ms:.0} ms after the first SIGINT: before confirm (1 s) + SIGTERM wait (1 s)?"
+    );
 
     let inc = wait_incident(&agent, "the incident to close as exited", EVENT, pid, |i| i["status"] == "exited");
     let id = inc["id"].as_u64().unwrap();
@@ -541,7 +585,11 @@ fn actor_that_survives_sigterm_is_killed_at_the_sigkill_tier() {
     assert!(lines.iter().all(|l| l["pid"] == pid && l["actor"] == "stubborn"), "{lines:#?}");
     let m = agent.metrics();
     assert_eq!(
-        metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="stubborn""#, r#"action="sigkill""#, r#"outcome="ok""#]),
+        metric_sum(
+            &m,
+            "sigwake_escalation_actions_total",
+            &[r#"actor="stubborn""#, r#"action="sigkill""#, r#"outcome="ok""#]
+        ),
         1.0,
         "{m}"
     );
@@ -570,7 +618,11 @@ fn sigterm_the_actor_ignores_is_recorded_ignored_and_the_ladder_moves_straight_o
     let pid = actor.pid();
     starve(&actor);
     let status = actor.wait_exit(Duration::from_secs(8));
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "killed by the SIGKILL tier, well before the 10 s SIGTERM wait: {status}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "killed by the SIGKILL tier, well before the 10 s SIGTERM wait: {status}"
+    );
     let inc = wait_incident(&agent, "the incident to close as exited", EVENT, pid, |i| i["status"] == "exited");
     assert_eq!(steps(&inc), ["sigterm:ignored", "sigkill:ok"], "{inc:#}");
     let detail = step(&inc, "sigterm")["detail"].as_str().unwrap();
@@ -582,7 +634,11 @@ fn sigterm_the_actor_ignores_is_recorded_ignored_and_the_ladder_moves_straight_o
     assert!(waited < 1000.0, "SIGKILL came {waited:.0} ms after a SIGTERM the kernel drops: the 10 s wait was kept");
     let m = agent.metrics();
     assert_eq!(
-        metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="deaf""#, r#"action="sigterm""#, r#"outcome="ignored""#]),
+        metric_sum(
+            &m,
+            "sigwake_escalation_actions_total",
+            &[r#"actor="deaf""#, r#"action="sigterm""#, r#"outcome="ignored""#]
+        ),
         1.0,
         "{m}"
     );
@@ -611,9 +667,12 @@ fn sigterm_to_a_pid_namespace_init_without_a_handler_is_recorded_ignored() {
         .current_dir(fixtures_dir())
         .env("SIGWAKE_SOCKET", &agent.socket);
     let mut outer = Proc::spawn("unshare --pid --fork trio_actor.py", &mut cmd);
-    let ready = outer.stdout.wait_json("trio_actor.py (pid 1 of its namespace) ready", Duration::from_secs(30), |v| v["ready"] == true);
+    let ready = outer
+        .stdout
+        .wait_json("trio_actor.py (pid 1 of its namespace) ready", Duration::from_secs(30), |v| v["ready"] == true);
     assert_eq!(ready["pid"], 1, "the loop is its namespace's init: {ready}");
-    let reg = outer.stdout.json().into_iter().find(|v| v.get("registered").is_some() || v.get("register_error").is_some());
+    let reg =
+        outer.stdout.json().into_iter().find(|v| v.get("registered").is_some() || v.get("register_error").is_some());
     let reg = reg.unwrap_or_else(|| panic!("no registration line; stdout: {:?}", outer.stdout.json()));
     // The agent names it by its pid in the agent's (the initial) namespace.
     let pid = reg["registered"]["pid"].as_u64().unwrap_or_else(|| panic!("could not register: {reg}")) as u32;
@@ -628,7 +687,9 @@ fn sigterm_to_a_pid_namespace_init_without_a_handler_is_recorded_ignored() {
         unsafe { libc::kill(pid as i32, libc::SIGINT) };
         thread::sleep(Duration::from_millis(20));
     }
-    let inc = wait_incident(&agent, "the incident to close as exited", Duration::from_secs(20), pid, |i| i["status"] == "exited");
+    let inc = wait_incident(&agent, "the incident to close as exited", Duration::from_secs(20), pid, |i| {
+        i["status"] == "exited"
+    });
     assert_eq!(steps(&inc), ["sigterm:ignored", "sigkill:ok"], "{inc:#}");
     let detail = step(&inc, "sigterm")["detail"].as_str().unwrap();
     assert!(detail.contains("pid 1 of its pid namespace"), "the reason: {detail}");
@@ -751,7 +812,8 @@ fn a_users_actor_loses_only_the_descendants_that_user_could_signal() {
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let mut actor = Proc::spawn("escalation_actor.py as nobody", &mut cmd);
     actor.stdout.wait_json("the actor (nobody) ready", Duration::from_secs(30), |v| v["ready"] == true);
-    let reg = actor.stdout.json().into_iter().find(|v| v.get("registered").is_some() || v.get("register_error").is_some());
+    let reg =
+        actor.stdout.json().into_iter().find(|v| v.get("registered").is_some() || v.get("register_error").is_some());
     let reg = reg.unwrap_or_else(|| panic!("no registration line: {:?}\n{}", actor.stdout.json(), actor.stderr_text()));
     assert_eq!(reg["registered"]["uid"], 65534, "registered by nobody, its own process: {reg}");
     let pid = actor.pid();
@@ -806,16 +868,38 @@ fn dry_run_walks_the_ladder_and_signals_nothing() {
     let ladder_ms = sent.instant.elapsed().as_secs_f64() * 1e3;
     assert_eq!(inc["dry_run"], true, "{inc:#}");
     assert_eq!(inc["status"], "failed", "a dry run leaves the actor starving: {inc:#}");
-    assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:dry_run", "sigkill:dry_run", "kill_subtree:dry_run"], "{inc:#}");
-    assert!(ladder_ms >= 8500.0, "the dry-run ladder should still keep each tier's wait (≈9 s), took {ladder_ms:.0} ms");
+    assert_eq!(
+        steps(&inc),
+        ["diagnostics:ok", "sigterm:dry_run", "sigkill:dry_run", "kill_subtree:dry_run"],
+        "{inc:#}"
+    );
+    assert!(
+        ladder_ms >= 8500.0,
+        "the dry-run ladder should still keep each tier's wait (≈9 s), took {ladder_ms:.0} ms"
+    );
     assert!(actor.child.try_wait().unwrap().is_none(), "the actor must still be alive after a dry run");
     assert!(is_running(pid, start), "the actor must still be running: {:?}", proc_stat(pid));
     let lines = audit_of(&agent.state_dir, inc["id"].as_u64().unwrap());
     assert!(lines.iter().all(|l| l["dry_run"] == true), "{lines:#?}");
-    assert!(lines.iter().filter(|l| l["tier"].is_u64() && l["action"] != "diagnostics").all(|l| l["outcome"] == "dry_run"), "{lines:#?}");
+    assert!(
+        lines.iter().filter(|l| l["tier"].is_u64() && l["action"] != "diagnostics").all(|l| l["outcome"] == "dry_run"),
+        "{lines:#?}"
+    );
     let m = agent.metrics();
-    assert_eq!(metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="dry""#, r#"outcome="ok""#, r#"action="sigterm""#]), 0.0, "{m}");
-    assert_eq!(metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="dry""#, r#"outcome="dry_run""#]), 3.0, "{m}");
+    assert_eq!(
+        metric_sum(
+            &m,
+            "sigwake_escalation_actions_total",
+            &[r#"actor="dry""#, r#"outcome="ok""#, r#"action="sigterm""#]
+        ),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="dry""#, r#"outcome="dry_run""#]),
+        3.0,
+        "{m}"
+    );
 
     // Still alive a moment later; then we end it ourselves.
     thread::sleep(Duration::from_millis(500));
@@ -885,20 +969,33 @@ fn pid_reused_during_escalation_is_never_signalled() {
     let got = recorded_signals(&bystander);
     assert!(got.is_empty(), "the bystander on the reused pid {pid} received signals: {got:?}");
 
-    let inc = wait_incident(&agent, "the incident to close", EVENT, pid, |i| i["id"] == id && i["status"] != "escalating");
+    let inc =
+        wait_incident(&agent, "the incident to close", EVENT, pid, |i| i["id"] == id && i["status"] != "escalating");
     assert_eq!(inc["status"], "exited", "{inc:#}");
     assert_eq!(inc["start_time"], a_start, "{inc:#}");
     assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok"], "nothing after SIGTERM may be sent: {inc:#}");
     let everything = agent.get_json("/incidents");
-    let about_b: Vec<&Value> = everything.as_array().unwrap().iter().filter(|i| i["pid"] == pid && i["start_time"] == b_start).collect();
+    let about_b: Vec<&Value> =
+        everything.as_array().unwrap().iter().filter(|i| i["pid"] == pid && i["start_time"] == b_start).collect();
     assert!(about_b.is_empty(), "no incident may be about the bystander: {about_b:#?}");
     let lines = audit_of(&agent.state_dir, id);
     assert_eq!(actions(&lines), ["opened", "diagnostics", "sigterm", "closed_exited"], "{lines:#?}");
     assert!(audit(&agent.state_dir).iter().all(|l| l["start_time"] != b_start), "an audit line names the bystander");
     let m = agent.metrics();
-    assert_eq!(metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="victim""#, r#"action="sigkill""#]), 0.0, "{m}");
-    assert_eq!(metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="victim""#, r#"action="kill_subtree""#]), 0.0, "{m}");
-    eprintln!("[reuse during escalation] pid {pid} reused {:.0} ms after the SIGTERM step was seen", reused_after.as_secs_f64() * 1e3);
+    assert_eq!(
+        metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="victim""#, r#"action="sigkill""#]),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="victim""#, r#"action="kill_subtree""#]),
+        0.0,
+        "{m}"
+    );
+    eprintln!(
+        "[reuse during escalation] pid {pid} reused {:.0} ms after the SIGTERM step was seen",
+        reused_after.as_secs_f64() * 1e3
+    );
     bystander.close_stdin();
     bystander.wait_exit(Duration::from_secs(5));
     agent.stop();
@@ -927,7 +1024,10 @@ fn pid_reused_before_confirmation_is_never_confirmed_nor_signalled() {
     let mut bystander = spawn_with_pid(pid, recorder_cmd, "signal_recorder.py");
     let b_start = start_time(pid);
     let reused_ms = sent.instant.elapsed().as_secs_f64() * 1e3;
-    assert!(reused_ms < 2500.0, "the pid was reused {reused_ms:.0} ms after the first SIGINT: too late for this test (window 3 s)");
+    assert!(
+        reused_ms < 2500.0,
+        "the pid was reused {reused_ms:.0} ms after the first SIGINT: too late for this test (window 3 s)"
+    );
     bystander.stdout.wait_json("the bystander's ready line", Duration::from_secs(30), |v| v["ready"] == true);
 
     // Past the confirm deadline and what the ladder would take.
@@ -943,7 +1043,10 @@ fn pid_reused_before_confirmation_is_never_confirmed_nor_signalled() {
     let got = recorded_signals(&bystander);
     assert!(got.is_empty(), "the bystander on the reused pid {pid} received signals: {got:?}");
     let list = incidents_of(&agent, pid);
-    assert!(list.is_empty(), "an actor that exited before its confirm deadline has no incident, nor does the bystander: {list:#?}");
+    assert!(
+        list.is_empty(),
+        "an actor that exited before its confirm deadline has no incident, nor does the bystander: {list:#?}"
+    );
     let m = agent.metrics();
     assert_eq!(metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="early""#]), 0.0, "{m}");
     eprintln!("[reuse before confirmation] pid {pid} reused {reused_ms:.0} ms after the first SIGINT");
@@ -1002,7 +1105,10 @@ fn restarted_agent_resumes_the_incident_without_repeating_a_tier() {
     let config = dir.0.join("sigwake.toml");
     std::fs::write(
         &config,
-        default_policy("1s", &[DIAG, r#"{ action = "sigterm", timeout = "8s" }"#, r#"{ action = "sigkill", timeout = "2s" }"#]),
+        default_policy(
+            "1s",
+            &[DIAG, r#"{ action = "sigterm", timeout = "8s" }"#, r#"{ action = "sigkill", timeout = "2s" }"#],
+        ),
     )
     .unwrap();
 
@@ -1054,7 +1160,10 @@ fn restarted_agent_resumes_the_incident_without_repeating_a_tier() {
             break i.clone();
         }
         if Instant::now() > deadline {
-            panic!("the incident did not close as exited: {list:#?}\nagent stderr:\n{}", tail(&agent2.stderr_text(), 40));
+            panic!(
+                "the incident did not close as exited: {list:#?}\nagent stderr:\n{}",
+                tail(&agent2.stderr_text(), 40)
+            );
         }
         thread::sleep(Duration::from_millis(20));
     };
@@ -1062,15 +1171,26 @@ fn restarted_agent_resumes_the_incident_without_repeating_a_tier() {
     assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok", "sigkill:ok"], "no tier repeated: {inc:#}");
     // The new agent waited out what was left of the 8 s SIGTERM wait.
     let at = |action: &str| {
-        inc["steps"].as_array().unwrap().iter().find(|s| s["action"] == action).and_then(|s| s["unix_ms"].as_u64()).unwrap()
+        inc["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["action"] == action)
+            .and_then(|s| s["unix_ms"].as_u64())
+            .unwrap()
     };
     let waited = at("sigkill") - at("sigterm");
-    assert!(waited >= 7_800, "SIGKILL came {waited} ms after SIGTERM; the 8 s wait must be honoured across the restart");
+    assert!(
+        waited >= 7_800,
+        "SIGKILL came {waited} ms after SIGTERM; the 8 s wait must be honoured across the restart"
+    );
     let lines = audit_of(&state_dir, id);
     assert_eq!(actions(&lines), ["opened", "diagnostics", "sigterm", "sigkill", "closed_exited"], "{lines:#?}");
     assert_eq!(lines.iter().filter(|l| l["action"] == "sigterm").count(), 1, "one sigterm line in the audit log");
     assert!(is_gone(pid, start), "the actor must be dead: {:?}", proc_stat(pid));
-    eprintln!("[restart] agent stopped mid-SIGTERM-wait; actor killed {resumed_ms:.0} ms after the stop (includes the new agent's start-up)");
+    eprintln!(
+        "[restart] agent stopped mid-SIGTERM-wait; actor killed {resumed_ms:.0} ms after the stop (includes the new agent's start-up)"
+    );
     // The new agent restored the actor as it was registered.
     let (status, _, body) = http_get(&addr2, "/actors", None).expect("GET /actors");
     assert_eq!(status, 200, "{body}");
@@ -1095,7 +1215,10 @@ fn restarted_agent_resumes_the_incident_without_repeating_a_tier() {
 #[test]
 fn loop_that_recovers_mid_ladder_stops_the_escalation() {
     let t0 = Instant::now();
-    let config = default_policy("1s", &[DIAG, r#"{ action = "sigterm", timeout = "6s" }"#, r#"{ action = "sigkill", timeout = "1s" }"#]);
+    let config = default_policy(
+        "1s",
+        &[DIAG, r#"{ action = "sigterm", timeout = "6s" }"#, r#"{ action = "sigkill", timeout = "1s" }"#],
+    );
     let agent = Agent::start(Some(&config), &[]);
     let (mut actor, _) = spawn_actor(
         &agent.socket,
@@ -1108,7 +1231,9 @@ fn loop_that_recovers_mid_ladder_stops_the_escalation() {
     wait_incident(&agent, "the SIGTERM step", Duration::from_secs(5), pid, |i| has_step(i, "sigterm"));
     // The hog ends 3 s after it started: the loop runs and sees a SIGINT.
     actor.stdout.wait_json("the loop to see a SIGINT", EVENT, |v| v.get("sigint").is_some());
-    let inc = wait_incident(&agent, "the incident to close as recovered", Duration::from_secs(5), pid, |i| i["status"] != "escalating");
+    let inc = wait_incident(&agent, "the incident to close as recovered", Duration::from_secs(5), pid, |i| {
+        i["status"] != "escalating"
+    });
     let recovered_ms = sent.instant.elapsed().as_secs_f64() * 1e3;
     assert_eq!(inc["status"], "recovered", "{inc:#}");
     // Past where SIGKILL would have been sent: 1 s + 6 s after the first SIGINT.
@@ -1116,7 +1241,11 @@ fn loop_that_recovers_mid_ladder_stops_the_escalation() {
     if let Some(left) = settle.checked_sub(sent.instant.elapsed()) {
         thread::sleep(left);
     }
-    assert!(actor.child.try_wait().unwrap().is_none() && is_running(pid, start), "the recovered actor was killed: {:?}", proc_stat(pid));
+    assert!(
+        actor.child.try_wait().unwrap().is_none() && is_running(pid, start),
+        "the recovered actor was killed: {:?}",
+        proc_stat(pid)
+    );
     let inc = incidents_of(&agent, pid).into_iter().find(|i| i["id"] == inc["id"]).unwrap();
     assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok"], "nothing after the recovery: {inc:#}");
     assert_eq!(incidents_of(&agent, pid).len(), 1, "one incident");
@@ -1175,7 +1304,10 @@ fn resumed_incident_stops_when_the_loop_recovers_after_a_restart() {
     let addr2 = format!("127.0.0.1:{}", free_port());
     let mut agent2 = start_agent_at(&addr2, &socket, &state_dir, &config);
     let restarted_ms = sent.instant.elapsed().as_secs_f64() * 1e3;
-    assert!(restarted_ms < 4000.0, "the new agent was ready {restarted_ms:.0} ms after the first SIGINT: too late for this test");
+    assert!(
+        restarted_ms < 4000.0,
+        "the new agent was ready {restarted_ms:.0} ms after the first SIGINT: too late for this test"
+    );
 
     actor.stdout.wait_json("the loop to see a SIGINT (the hog ended)", EVENT, |v| v.get("sigint").is_some());
     // Past where the resumed ladder would SIGKILL: second SIGTERM + 8 s.
@@ -1229,7 +1361,9 @@ fn notify_hooks_run_after_the_kill_with_the_incident_json() {
             if let Some((head, body)) = text.split_once("\r\n\r\n") {
                 let len: usize = head
                     .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+                    })
                     .unwrap_or(0);
                 if body.len() >= len || n == 0 {
                     break;
@@ -1240,7 +1374,8 @@ fn notify_hooks_run_after_the_kill_with_the_incident_json() {
         String::from_utf8_lossy(&req).into_owned()
     });
     let agent = Agent::start(Some(&config), &[]);
-    let (mut actor, _) = spawn_actor(&agent.socket, "escalation_actor.py", &["--register", "notified", "--hog-seconds", "60"]);
+    let (mut actor, _) =
+        spawn_actor(&agent.socket, "escalation_actor.py", &["--register", "notified", "--hog-seconds", "60"]);
     let pid = actor.pid();
     starve(&actor);
     let status = actor.wait_exit(Duration::from_secs(10));
@@ -1249,7 +1384,8 @@ fn notify_hooks_run_after_the_kill_with_the_incident_json() {
         i["status"] == "exited" && has_step(i, "notify")
     });
     assert_eq!(steps(&inc), ["sigkill:ok", "notify:ok"], "{inc:#}");
-    let hooked: Value = serde_json::from_str(&std::fs::read_to_string(&file).expect("the command wrote its stdin")).unwrap();
+    let hooked: Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("the command wrote its stdin")).unwrap();
     assert_eq!(hooked["actor"], "notified");
     assert_eq!(hooked["pid"], pid);
     assert_eq!(hooked["id"], inc["id"]);
@@ -1294,7 +1430,8 @@ fn notify_command_and_py_spy_are_never_found_through_the_agents_path() {
     let addr = format!("127.0.0.1:{}", free_port());
     let path = format!("{}:{}", planted.display(), std::env::var("PATH").unwrap_or_default());
     let mut agent = start_agent_env(&addr, &socket, &state_dir, &config, &[("PATH", &path)]);
-    let (mut actor, _) = spawn_actor(&socket, "escalation_actor.py", &["--register", "pathless", "--hog-seconds", "60"]);
+    let (mut actor, _) =
+        spawn_actor(&socket, "escalation_actor.py", &["--register", "pathless", "--hog-seconds", "60"]);
     let pid = actor.pid();
     starve(&actor);
     let status = actor.wait_exit(Duration::from_secs(10));
@@ -1313,7 +1450,8 @@ fn notify_command_and_py_spy_are_never_found_through_the_agents_path() {
     assert_eq!(steps(&inc), ["diagnostics:ok", "sigkill:ok", "notify:ok"], "{inc:#}");
     let notify = step(&inc, "notify")["detail"].as_str().unwrap();
     assert!(notify == "ran /usr/bin/sh" || notify == "ran /bin/sh", "the system's sh: {notify}");
-    let hook: Value = serde_json::from_str(&std::fs::read_to_string(&hooked).expect("the real sh ran the hook")).unwrap();
+    let hook: Value =
+        serde_json::from_str(&std::fs::read_to_string(&hooked).expect("the real sh ran the hook")).unwrap();
     assert_eq!(hook["actor"], "pathless");
     let diag: Value = serde_json::from_str(step(&inc, "diagnostics")["detail"].as_str().unwrap()).unwrap();
     assert_eq!(diag["py_spy"], "not installed", "{diag:#}");

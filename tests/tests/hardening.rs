@@ -55,12 +55,15 @@ const KILL_POLICY: &str = "[policy.default]\nconfirm = \"1s\"\ntiers = [{ action
 /// names, so that file is trusted only if it is the agent's own and not
 /// writable by others. The control run (the same file, root's, 0600) shows
 /// the planted incident would otherwise kill the process.
+/// What a case does to the planted state file.
+type Tamper = dyn Fn(&Path);
+
 #[test]
 fn a_state_file_the_agent_does_not_own_is_not_resumed_and_signals_nothing() {
     let dir = TempDir::new("hardening-state");
     let config = dir.0.join("sigwake.toml");
     std::fs::write(&config, KILL_POLICY).unwrap();
-    let cases: [(&str, Box<dyn Fn(&Path)>); 3] = [
+    let cases: [(&str, Box<Tamper>); 3] = [
         ("root's own, 0600 (control: resumed)", Box::new(|_| {})),
         ("owned by nobody", Box::new(|p| std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap())),
         (

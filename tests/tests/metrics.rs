@@ -17,9 +17,12 @@ fn dropped_wakeup_counter_moves_by_the_drops_caused() {
     let before = agent.metrics();
     assert_eq!(metric_sum(&before, DROPPED, &[&label]), 0.0);
 
+    // The hog starts with the fixture and must outlast the trace's start
+    // (load, attach, self-test), which is slow in the matrix's TCG guests.
+    let hog = scaled(Duration::from_secs(3)).as_secs().to_string();
     let (mut actor, _) = fixture_with_env(
         "trio_actor.py",
-        &["--hog-seconds", "3", "--register", &name],
+        &["--hog-seconds", &hog, "--register", &name],
         &[("SIGWAKE_SOCKET", agent.socket.to_str().unwrap())],
     );
     let pid = actor.pid().to_string();

@@ -54,9 +54,9 @@ fn rss_kib(pid: u32) -> u64 {
 fn spawn_ready(name: &str, cmd: &mut Command) -> (Proc, Value) {
     cmd.current_dir(fixtures_dir());
     let p = Proc::spawn(name, cmd);
-    let ready = p.stdout.wait_for(&format!("{name} ready"), Duration::from_secs(30), |l| {
-        l.json().is_some_and(|v| v["ready"] == true)
-    });
+    let ready = p
+        .stdout
+        .wait_for(&format!("{name} ready"), Duration::from_secs(30), |l| l.json().is_some_and(|v| v["ready"] == true));
     let ready = ready.json().unwrap();
     (p, ready)
 }
@@ -103,10 +103,14 @@ impl SockClient {
         let mut reply = String::new();
         let n = self.reader.read_line(&mut reply)?;
         if n == 0 || !reply.ends_with('\n') {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("connection closed; got {reply:?}")));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("connection closed; got {reply:?}"),
+            ));
         }
-        serde_json::from_str(&reply)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("reply is not JSON ({e}): {reply:?}")))
+        serde_json::from_str(&reply).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("reply is not JSON ({e}): {reply:?}"))
+        })
     }
 }
 
@@ -163,7 +167,11 @@ fn trio_actor_registered_through_the_client_is_named_and_its_drops_attributed() 
     // anyway (--dry-run). The fixture then recovers and exits on its own.
     let dir = TempDir::new("registered");
     let config = dir.0.join("sigwake.toml");
-    std::fs::write(&config, "[policy.default]\nconfirm_trio = \"20s\"\ntiers = [{ action = \"diagnostics\", py_spy = false }]\n").unwrap();
+    std::fs::write(
+        &config,
+        "[policy.default]\nconfirm_trio = \"20s\"\ntiers = [{ action = \"diagnostics\", py_spy = false }]\n",
+    )
+    .unwrap();
     let agent = RunningAgent::start(&["--dry-run", "--config", config.to_str().unwrap()]);
 
     let mut cmd = fixture_cmd("trio_actor.py", &["--register", "fetcher", "--hog-seconds", "3"]);
@@ -199,7 +207,8 @@ fn trio_actor_registered_through_the_client_is_named_and_its_drops_attributed() 
     sigints(&actor, 10, Duration::from_millis(20));
 
     // `sigwake actors --json`, the real binary.
-    let listed: Value = serde_json::from_str(&sigwake_actors(&agent.socket, &["--json"])).expect("sigwake actors --json prints JSON");
+    let listed: Value =
+        serde_json::from_str(&sigwake_actors(&agent.socket, &["--json"])).expect("sigwake actors --json prints JSON");
     let mine: Vec<&Value> = listed.as_array().expect("a JSON array").iter().filter(|a| a["pid"] == pid).collect();
     assert_eq!(mine.len(), 1, "exactly one entry for pid {pid}: {listed:#}");
     check(mine[0], "sigwake actors --json");
@@ -234,7 +243,10 @@ fn trio_actor_registered_through_the_client_is_named_and_its_drops_attributed() 
         .lines()
         .find(|l| l.starts_with(DROPPED) && l.contains(r#"actor="fetcher""#))
         .unwrap_or_else(|| panic!("no {DROPPED} sample for fetcher:\n{metrics}"));
-    assert!(line.contains(r#"runtime="trio""#) && line.contains(r#"signal="SIGINT""#) && line.contains(r#"errno="EAGAIN""#), "{line}");
+    assert!(
+        line.contains(r#"runtime="trio""#) && line.contains(r#"signal="SIGINT""#) && line.contains(r#"errno="EAGAIN""#),
+        "{line}"
+    );
 
     // Once the hog lets go, trio raises KeyboardInterrupt and the process exits.
     actor.stdout.wait_json("KeyboardInterrupt after the hog", Duration::from_secs(20), |v| v["interrupted"] == true);
@@ -273,7 +285,8 @@ fn dry_run_escalation_never_marks_an_actor_dead() {
     // The actor dies of something else while the tier waits.
     actor.signal(libc::SIGKILL);
     actor.wait_exit(EVENT);
-    let a = wait_actor(&agent, "the actor's final state", EVENT, pid, |a| a["state"] == "exited" || a["state"] == "dead");
+    let a =
+        wait_actor(&agent, "the actor's final state", EVENT, pid, |a| a["state"] == "exited" || a["state"] == "dead");
     thread::sleep(Duration::from_millis(500)); // let the ladder notice the exit too
     let a = actors_at(&agent, pid).into_iter().find(|x| x["start_time"] == a["start_time"]).unwrap_or(a);
     assert_eq!(a["state"], "exited", "a dry run sent nothing: the actor exited, nobody killed it: {a}");
@@ -319,12 +332,18 @@ fn config_selector_names_processes_started_before_and_after_the_agent() {
     let early_start = stat_start_time(early.pid());
     let agent = RunningAgent::start(&["--config", config.to_str().unwrap()]);
     let at_start = actors_at(&agent, early.pid());
-    assert_eq!(at_start.len(), 1, "the start-up scan (before /readyz) must have matched pid {}: {at_start:#?}", early.pid());
+    assert_eq!(
+        at_start.len(),
+        1,
+        "the start-up scan (before /readyz) must have matched pid {}: {at_start:#?}",
+        early.pid()
+    );
     check_selected(&at_start[0], early.pid(), early_start);
 
     // Started after: matched by the periodic scan within a deadline.
     let (late, _) = spawn_ready("late signal_target.py", &mut fixture_cmd("signal_target.py", &["--tag", "selme"]));
-    let (other, _) = spawn_ready("unselected signal_target.py", &mut fixture_cmd("signal_target.py", &["--tag", "other"]));
+    let (other, _) =
+        spawn_ready("unselected signal_target.py", &mut fixture_cmd("signal_target.py", &["--tag", "other"]));
     let a = wait_actor(&agent, "the selector to match the late process", Duration::from_secs(5), late.pid(), |a| {
         a["source"] == "selector"
     });
@@ -332,7 +351,11 @@ fn config_selector_names_processes_started_before_and_after_the_agent() {
 
     // A non-matching command line is not an actor (two more scans later).
     thread::sleep(Duration::from_millis(2100));
-    assert!(actors_at(&agent, other.pid()).is_empty(), "`--tag other` must not match: {:#?}", actors_at(&agent, other.pid()));
+    assert!(
+        actors_at(&agent, other.pid()).is_empty(),
+        "`--tag other` must not match: {:#?}",
+        actors_at(&agent, other.pid())
+    );
 
     // Selected processes are watched: their exit is seen.
     let early_pid = early.pid();
@@ -361,9 +384,10 @@ fn config_selector_matches_a_process_that_execs_into_a_matching_command_line() {
     let mut cmd = Command::new(python());
     cmd.args(["-c", launcher]);
     let (p, _) = spawn_ready("exec'ing launcher", &mut cmd);
-    let a = wait_actor(&agent, "the selector to match the process after its exec", Duration::from_secs(5), p.pid(), |a| {
-        a["source"] == "selector"
-    });
+    let a =
+        wait_actor(&agent, "the selector to match the process after its exec", Duration::from_secs(5), p.pid(), |a| {
+            a["source"] == "selector"
+        });
     check_selected(&a, p.pid(), stat_start_time(p.pid()));
     drop(p);
     agent.stop();
@@ -378,7 +402,8 @@ fn config_selector_matches_a_process_that_execs_into_a_matching_command_line() {
 fn unregistered_asyncio_loop_is_discovered_from_its_wakeup_write_and_only_observed() {
     let t0 = Instant::now();
     let agent = RunningAgent::start(&[]);
-    let (mut aio, ready) = spawn_ready("asyncio_actor.py", &mut fixture_cmd("asyncio_actor.py", &["--exit-after", "2"]));
+    let (mut aio, ready) =
+        spawn_ready("asyncio_actor.py", &mut fixture_cmd("asyncio_actor.py", &["--exit-after", "2"]));
     let pid = aio.pid();
     let start_time = stat_start_time(pid);
     let comm = comm(pid);
@@ -550,7 +575,8 @@ fn unprivileged_client_may_register_itself_but_not_root_processes_and_sees_only_
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .current_dir(&dir.0);
     let nobody = Proc::spawn("python as nobody", &mut cmd);
-    let line = nobody.stdout.wait_for("the unprivileged client's results", Duration::from_secs(30), |l| l.json().is_some());
+    let line =
+        nobody.stdout.wait_for("the unprivileged client's results", Duration::from_secs(30), |l| l.json().is_some());
     let out = line.json().unwrap();
     eprintln!("unprivileged client: {out:#}");
     assert_eq!(out["uid"], 65534, "runs as nobody: {out}\n{}", nobody.stderr_text());
@@ -640,7 +666,8 @@ fn a_registered_process_that_becomes_root_is_no_longer_its_registrants_actor() {
     assert_eq!(a["uid"], 0, "{a}");
     assert_eq!(a["source"], "discovered", "no longer a registration: {a}");
     assert_eq!(a["name"], "turncoat", "{a}");
-    let why = agent.proc.stderr.wait_for("the reason in the log", EVENT, |l| l.text.contains("may no longer signal it"));
+    let why =
+        agent.proc.stderr.wait_for("the reason in the log", EVENT, |l| l.text.contains("may no longer signal it"));
     assert!(why.text.contains("uid 65534") && why.text.contains("turncoat"), "{}", why.text);
     drop(p);
     agent.stop();
@@ -663,7 +690,8 @@ fn a_registered_process_that_becomes_root_is_no_longer_its_registrants_actor() {
 fn spawn_with_pid(want: u32, make: impl Fn() -> Command, name: &str) -> Proc {
     let mut seen = Vec::new();
     for _ in 0..50 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (want - 1).to_string()).expect("writing /proc/sys/kernel/ns_last_pid");
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (want - 1).to_string())
+            .expect("writing /proc/sys/kernel/ns_last_pid");
         let mut cmd = make();
         cmd.current_dir(fixtures_dir());
         let p = Proc::spawn(name, &mut cmd);
@@ -685,7 +713,8 @@ fn a_reused_pid_never_inherits_the_old_actor() {
     let agent = RunningAgent::start(&[]);
     let (victim, _) = spawn_ready("victim signal_target.py", &mut fixture_cmd("signal_target.py", &[]));
     let pid = victim.pid();
-    let reply = sock_request(&agent.socket, &json!({"op": "register", "pid": pid, "name": "victim", "runtime": "trio"}));
+    let reply =
+        sock_request(&agent.socket, &json!({"op": "register", "pid": pid, "name": "victim", "runtime": "trio"}));
     assert_eq!(reply["ok"], true, "{reply}");
     let old_start = reply["actor"]["start_time"].as_u64().expect("start_time");
     assert_eq!(old_start, stat_start_time(pid));
@@ -699,7 +728,11 @@ fn a_reused_pid_never_inherits_the_old_actor() {
     let mut witness = trace(&["--pid", &pid.to_string()]);
 
     // An unrelated trio program, starved, takes the same pid.
-    let mut b = spawn_with_pid(pid, || fixture_cmd("trio_actor.py", &["--hog-seconds", "4"]), "trio_actor.py on the reused pid");
+    let mut b = spawn_with_pid(
+        pid,
+        || fixture_cmd("trio_actor.py", &["--hog-seconds", "4"]),
+        "trio_actor.py on the reused pid",
+    );
     let ready = b.stdout.wait_json("the new process ready", Duration::from_secs(30), |v| v["ready"] == true);
     assert_eq!(ready["pid"], pid);
     let new_start = stat_start_time(pid);
@@ -709,7 +742,9 @@ fn a_reused_pid_never_inherits_the_old_actor() {
     thread::sleep(Duration::from_millis(1500));
     let entries = actors_at(&agent, pid);
     assert!(
-        entries.iter().all(|a| !matches!(a["state"].as_str(), Some("healthy" | "dropped_wakeup" | "starving" | "escalating"))),
+        entries
+            .iter()
+            .all(|a| !matches!(a["state"].as_str(), Some("healthy" | "dropped_wakeup" | "starving" | "escalating"))),
         "no live actor at the reused pid before it did anything: {entries:#?}"
     );
     assert!(
@@ -721,7 +756,9 @@ fn a_reused_pid_never_inherits_the_old_actor() {
     b.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
     sigints(&b, 10, Duration::from_millis(20));
     b.wait_exit(Duration::from_secs(20));
-    witness.stdout.wait_json("the new process's exit in the trace", EVENT, |v| v["event"] == "process_exit" && v["pid"] == pid);
+    witness
+        .stdout
+        .wait_json("the new process's exit in the trace", EVENT, |v| v["event"] == "process_exit" && v["pid"] == pid);
     stop_agent(&mut witness);
     let dropped = drops_for(&witness.stdout, pid);
     assert!(!dropped.is_empty(), "the new process should have dropped wakeups (else this test proves nothing)");
@@ -730,7 +767,11 @@ fn a_reused_pid_never_inherits_the_old_actor() {
     // Let the agent process everything (the witness saw the exit already).
     thread::sleep(Duration::from_millis(1500));
     let metrics = agent.metrics();
-    assert_eq!(metric_sum(&metrics, DROPPED, &[r#"actor="victim""#]), 0.0, "drops must not be attributed to victim:\n{metrics}");
+    assert_eq!(
+        metric_sum(&metrics, DROPPED, &[r#"actor="victim""#]),
+        0.0,
+        "drops must not be attributed to victim:\n{metrics}"
+    );
     assert!(
         !metrics.lines().any(|l| !l.starts_with('#') && l.contains(r#"actor="victim""#) && l.starts_with(DROPPED)),
         "no victim drop series at all:\n{metrics}"
@@ -759,7 +800,10 @@ fn a_reused_pid_never_inherits_the_old_actor() {
     }
     // BUG (see the doc comment): the old record must still be there.
     assert!(
-        entries.iter().any(|a| a["name"] == "victim" && a["start_time"] == old_start && a["state"] == "exited" && a["drops"] == 0),
+        entries.iter().any(|a| a["name"] == "victim"
+            && a["start_time"] == old_start
+            && a["state"] == "exited"
+            && a["drops"] == 0),
         "the exited victim record (old start_time, drops 0) must be kept for the record after its pid is reused; /actors has for pid {pid}: {entries:#?}"
     );
     agent.stop();
@@ -845,8 +889,16 @@ const WRONG_TYPES: &[&str] = &[
     "{\"op\":\"ping\",\"parent\":\"me\"}",
 ];
 
-const ERROR_CODES: &[&str] =
-    &["bad_request", "too_large", "timeout", "not_permitted", "no_such_process", "already_registered", "not_registered", "busy"];
+const ERROR_CODES: &[&str] = &[
+    "bad_request",
+    "too_large",
+    "timeout",
+    "not_permitted",
+    "no_such_process",
+    "already_registered",
+    "not_registered",
+    "busy",
+];
 
 /// Counts of what the garbage threads sent and saw.
 #[derive(Default)]
@@ -883,124 +935,145 @@ fn garbage_round(socket: &Path, scale: u64, seed: u64, tally: &Arc<Tally>) {
     // Random bytes (newlines included), closing without reading the replies.
     for t in 0..2u64 {
         let (s, tally) = (socket.clone(), tally.clone());
-        spawn(&mut threads, "random", Box::new(move || {
-            let mut rng = Rng::new(seed ^ ((t + 1) * 7919));
-            let mut sent = 0;
-            while sent < 1500 * scale / 10 {
-                let mut c = connect(&s);
-                tally.connections.fetch_add(1, Ordering::Relaxed);
-                for _ in 0..(1 + rng.below(20)) {
-                    let n = 1 + rng.below(4096) as usize;
-                    let _ = c.write_all(&rng.bytes(n));
-                    sent += 1;
-                    tally.messages.fetch_add(1, Ordering::Relaxed);
+        spawn(
+            &mut threads,
+            "random",
+            Box::new(move || {
+                let mut rng = Rng::new(seed ^ ((t + 1) * 7919));
+                let mut sent = 0;
+                while sent < 1500 * scale / 10 {
+                    let mut c = connect(&s);
+                    tally.connections.fetch_add(1, Ordering::Relaxed);
+                    for _ in 0..(1 + rng.below(20)) {
+                        let n = 1 + rng.below(4096) as usize;
+                        let _ = c.write_all(&rng.bytes(n));
+                        sent += 1;
+                        tally.messages.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if rng.below(2) == 0 {
+                        // Read whatever came back, briefly.
+                        c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                        let _ = c.read(&mut [0u8; 65536]);
+                    }
                 }
-                if rng.below(2) == 0 {
-                    // Read whatever came back, briefly.
-                    c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-                    let _ = c.read(&mut [0u8; 65536]);
-                }
-            }
-        }));
+            }),
+        );
     }
 
     // Invalid JSON and valid JSON of the wrong shape, pipelined: every line
     // gets its own error reply, in order, on the same connection.
     for (t, (name, corpus)) in [("invalid-json", INVALID_JSON), ("wrong-types", WRONG_TYPES)].into_iter().enumerate() {
         let (s, tally) = (socket.clone(), tally.clone());
-        spawn(&mut threads, name, Box::new(move || {
-            let mut rng = Rng::new(seed ^ ((t as u64 + 11) * 104_729));
-            let mut c = SockClient::connect(&s, Duration::from_secs(10)).expect("connecting");
-            tally.connections.fetch_add(1, Ordering::Relaxed);
-            let total = 3000 * scale / 10;
-            let mut sent = 0;
-            while sent < total {
-                let batch: Vec<&str> = (0..50).map(|_| corpus[rng.below(corpus.len() as u64) as usize]).collect();
-                let mut text = batch.join("\n");
-                text.push('\n');
-                c.stream.write_all(text.as_bytes()).expect("sending a batch of garbage lines");
-                for line in &batch {
-                    let reply = c.read_reply().unwrap_or_else(|e| panic!("{name}: no reply to {line:?}: {e}"));
-                    assert_eq!(reply["ok"], false, "{name}: {line:?} must be refused: {reply}");
-                    let code = reply["code"].as_str().unwrap_or_default();
-                    assert!(ERROR_CODES.contains(&code), "{name}: {line:?}: unknown code: {reply}");
-                    assert!(reply["error"].as_str().is_some_and(|e| !e.is_empty()), "{name}: {line:?}: {reply}");
-                    if name == "invalid-json" {
-                        assert_eq!(code, "bad_request", "{line:?}: {reply}");
+        spawn(
+            &mut threads,
+            name,
+            Box::new(move || {
+                let mut rng = Rng::new(seed ^ ((t as u64 + 11) * 104_729));
+                let mut c = SockClient::connect(&s, Duration::from_secs(10)).expect("connecting");
+                tally.connections.fetch_add(1, Ordering::Relaxed);
+                let total = 3000 * scale / 10;
+                let mut sent = 0;
+                while sent < total {
+                    let batch: Vec<&str> = (0..50).map(|_| corpus[rng.below(corpus.len() as u64) as usize]).collect();
+                    let mut text = batch.join("\n");
+                    text.push('\n');
+                    c.stream.write_all(text.as_bytes()).expect("sending a batch of garbage lines");
+                    for line in &batch {
+                        let reply = c.read_reply().unwrap_or_else(|e| panic!("{name}: no reply to {line:?}: {e}"));
+                        assert_eq!(reply["ok"], false, "{name}: {line:?} must be refused: {reply}");
+                        let code = reply["code"].as_str().unwrap_or_default();
+                        assert!(ERROR_CODES.contains(&code), "{name}: {line:?}: unknown code: {reply}");
+                        assert!(reply["error"].as_str().is_some_and(|e| !e.is_empty()), "{name}: {line:?}: {reply}");
+                        if name == "invalid-json" {
+                            assert_eq!(code, "bad_request", "{line:?}: {reply}");
+                        }
+                        tally.checked_error_replies.fetch_add(1, Ordering::Relaxed);
                     }
-                    tally.checked_error_replies.fetch_add(1, Ordering::Relaxed);
+                    sent += batch.len() as u64;
+                    tally.messages.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 }
-                sent += batch.len() as u64;
-                tally.messages.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            }
-        }));
+            }),
+        );
     }
 
     // Huge lines (72 KiB to 300 KiB, with or without a newline): too_large, then closed.
     {
         let (s, tally) = (socket.clone(), tally.clone());
-        spawn(&mut threads, "huge", Box::new(move || {
-            let mut rng = Rng::new(seed ^ 31_337);
-            for _ in 0..(40 * scale / 10).max(4) {
-                let mut c = connect(&s);
-                tally.connections.fetch_add(1, Ordering::Relaxed);
-                let n = 72 * 1024 + rng.below(228 * 1024) as usize;
-                let mut line = if rng.below(2) == 0 {
-                    let mut v = b"{\"op\":\"ping\",\"name\":\"".to_vec();
-                    v.resize(n, b'a');
-                    v.extend_from_slice(b"\"}");
-                    v
-                } else {
-                    rng.bytes(n).into_iter().map(|b| if b == b'\n' { b' ' } else { b }).collect()
-                };
-                if rng.below(2) == 0 {
-                    line.push(b'\n');
-                }
-                let _ = c.write_all(&line); // the agent may close before taking it all
-                tally.messages.fetch_add(1, Ordering::Relaxed);
-                let mut reply = Vec::new();
-                let _ = c.read_to_end(&mut reply); // ends: the agent closes after too_large
-                let text = String::from_utf8_lossy(&reply);
-                if let Some(first) = text.lines().next() {
-                    let v: Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("huge: reply not JSON ({e}): {first}"));
-                    // `busy` (all 256 slots taken) is a documented answer too.
-                    assert!(v["code"] == "too_large" || v["code"] == "busy", "a {n}-byte request: {v}");
-                    if v["code"] == "too_large" {
-                        tally.too_large_replies.fetch_add(1, Ordering::Relaxed);
+        spawn(
+            &mut threads,
+            "huge",
+            Box::new(move || {
+                let mut rng = Rng::new(seed ^ 31_337);
+                for _ in 0..(40 * scale / 10).max(4) {
+                    let mut c = connect(&s);
+                    tally.connections.fetch_add(1, Ordering::Relaxed);
+                    let n = 72 * 1024 + rng.below(228 * 1024) as usize;
+                    let mut line = if rng.below(2) == 0 {
+                        let mut v = b"{\"op\":\"ping\",\"name\":\"".to_vec();
+                        v.resize(n, b'a');
+                        v.extend_from_slice(b"\"}");
+                        v
+                    } else {
+                        rng.bytes(n).into_iter().map(|b| if b == b'\n' { b' ' } else { b }).collect()
+                    };
+                    if rng.below(2) == 0 {
+                        line.push(b'\n');
+                    }
+                    let _ = c.write_all(&line); // the agent may close before taking it all
+                    tally.messages.fetch_add(1, Ordering::Relaxed);
+                    let mut reply = Vec::new();
+                    let _ = c.read_to_end(&mut reply); // ends: the agent closes after too_large
+                    let text = String::from_utf8_lossy(&reply);
+                    if let Some(first) = text.lines().next() {
+                        let v: Value = serde_json::from_str(first)
+                            .unwrap_or_else(|e| panic!("huge: reply not JSON ({e}): {first}"));
+                        // `busy` (all 256 slots taken) is a documented answer too.
+                        assert!(v["code"] == "too_large" || v["code"] == "busy", "a {n}-byte request: {v}");
+                        if v["code"] == "too_large" {
+                            tally.too_large_replies.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
-            }
-        }));
+            }),
+        );
     }
 
     // Half lines, then disconnect.
     {
         let (s, tally) = (socket.clone(), tally.clone());
-        spawn(&mut threads, "half-lines", Box::new(move || {
-            let mut rng = Rng::new(seed ^ 4242);
-            for _ in 0..(1000 * scale / 10) {
-                let mut c = connect(&s);
-                tally.connections.fetch_add(1, Ordering::Relaxed);
-                let full = br#"{"op":"register","name":"half","runtime":"trio"}"#;
-                let cut = 1 + rng.below(full.len() as u64 - 1) as usize;
-                let _ = c.write_all(&full[..cut]);
-                tally.messages.fetch_add(1, Ordering::Relaxed);
-                drop(c);
-                thread::sleep(PACE);
-            }
-        }));
+        spawn(
+            &mut threads,
+            "half-lines",
+            Box::new(move || {
+                let mut rng = Rng::new(seed ^ 4242);
+                for _ in 0..(1000 * scale / 10) {
+                    let mut c = connect(&s);
+                    tally.connections.fetch_add(1, Ordering::Relaxed);
+                    let full = br#"{"op":"register","name":"half","runtime":"trio"}"#;
+                    let cut = 1 + rng.below(full.len() as u64 - 1) as usize;
+                    let _ = c.write_all(&full[..cut]);
+                    tally.messages.fetch_add(1, Ordering::Relaxed);
+                    drop(c);
+                    thread::sleep(PACE);
+                }
+            }),
+        );
     }
 
     // Many connections opened and dropped at once.
     {
         let (s, tally) = (socket.clone(), tally.clone());
-        spawn(&mut threads, "churn", Box::new(move || {
-            for _ in 0..(2000 * scale / 10) {
-                drop(connect(&s));
-                tally.connections.fetch_add(1, Ordering::Relaxed);
-                thread::sleep(PACE);
-            }
-        }));
+        spawn(
+            &mut threads,
+            "churn",
+            Box::new(move || {
+                for _ in 0..(2000 * scale / 10) {
+                    drop(connect(&s));
+                    tally.connections.fetch_add(1, Ordering::Relaxed);
+                    thread::sleep(PACE);
+                }
+            }),
+        );
     }
 
     for t in threads {
@@ -1089,7 +1162,11 @@ fn garbage_on_the_socket_neither_blocks_other_clients_nor_grows_memory() {
             rss_kib(agent_pid)
         );
         round += 1;
-        assert!(t0.elapsed() < Duration::from_secs(GARBAGE_SECS + 40), "garbage rounds are too slow: {round} rounds in {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(GARBAGE_SECS + 40),
+            "garbage rounds are too slow: {round} rounds in {:?}",
+            t0.elapsed()
+        );
     }
     drop(slowloris);
     stop.store(true, Ordering::Relaxed);

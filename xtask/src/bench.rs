@@ -239,7 +239,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut report = Report::default();
     let mut results = serde_json::Map::new();
     results.insert("quick".into(), json!(args.quick));
-    results.insert("started_unix".into(), json!(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())));
+    results
+        .insert("started_unix".into(), json!(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())));
     results.insert("host".into(), host_info());
     results.insert("plan".into(), ctx.plan.json());
     results.insert(
@@ -275,7 +276,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         ncpu,
         ctx.cpu,
-        fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
     ));
     results.insert("duration_s".into(), json!(secs));
     results.insert("table".into(), report.json());
@@ -300,10 +306,7 @@ fn build_tools(root: &Path) -> Result<Tools> {
     let build = |name: &str| -> Result<PathBuf> {
         let exe = out.join(name);
         super::status(
-            Command::new("cc")
-                .args(["-O2", "-Wall", "-o"])
-                .arg(&exe)
-                .arg(root.join(format!("bench/{name}.c"))),
+            Command::new("cc").args(["-O2", "-Wall", "-o"]).arg(&exe).arg(root.join(format!("bench/{name}.c"))),
         )
         .with_context(|| format!("compiling bench/{name}.c (needs a C compiler: apt-get install gcc)"))?;
         Ok(exe)
@@ -547,8 +550,12 @@ fn start_redis(ctx: &Ctx) -> Result<Option<Redis>> {
     }
     let port = free_port()?;
     let mut cmd = Command::new("redis-server");
-    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--daemonize", "no", "--protected-mode", "no"]);
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).args([
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "no",
+    ]);
     let mut opts = Spawn::new("redis-server");
     opts.stdout = Out::Lines;
     opts.stderr = Out::File(ctx.logs.join("redis.log"));
@@ -663,12 +670,26 @@ struct Profile {
 
 fn classify(sym: &str) -> u8 {
     const BPF: [&str; 9] = [
-        "bpf_prog_", "htab_", "__htab_", "lookup_nulls_elem_raw", "bpf_get_current", "bpf_map_lookup", "bpf_ktime",
-        "bpf_probe_read", "__bpf_",
+        "bpf_prog_",
+        "htab_",
+        "__htab_",
+        "lookup_nulls_elem_raw",
+        "bpf_get_current",
+        "bpf_map_lookup",
+        "bpf_ktime",
+        "bpf_probe_read",
+        "__bpf_",
     ];
     const MACHINERY: [&str; 9] = [
-        "perf_", "trace_call_bpf", "syscall_trace_enter", "syscall_exit_work", "__pi_memcpy", "memcpy",
-        "bpf_prog_run", "migrate_", "__rcu_read",
+        "perf_",
+        "trace_call_bpf",
+        "syscall_trace_enter",
+        "syscall_exit_work",
+        "__pi_memcpy",
+        "memcpy",
+        "bpf_prog_run",
+        "migrate_",
+        "__rcu_read",
     ];
     if BPF.iter().any(|p| sym.starts_with(p)) {
         2
@@ -1029,7 +1050,10 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                 let rmed = Summary::of(&r).median;
                 row.baseline(format!("{:.1} ns", b.median)).ratio(ratio_text(&r, &diff, "ns"));
                 if is_write && state == IDLE {
-                    row.target("≤ 1.10× no agent", if r.is_empty() { Verdict::Untested } else { Verdict::from(rmed <= 1.10) });
+                    row.target(
+                        "≤ 1.10× no agent",
+                        if r.is_empty() { Verdict::Untested } else { Verdict::from(rmed <= 1.10) },
+                    );
                 }
                 if is_write && state == PEER && idle_w.n > 0 {
                     let (ri, _) = paired(&segs, IDLE, |g| g.write);
@@ -1054,7 +1078,9 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                     format!("write(): {IDLE}, against an estimated clean baseline"),
                     format!("{:.1} ns", idle_w.median),
                 )
-                .baseline(format!("≈{clean:.0} ns (no-agent loop × its syscall+write share; other tracers were loaded)"))
+                .baseline(format!(
+                    "≈{clean:.0} ns (no-agent loop × its syscall+write share; other tracers were loaded)"
+                ))
                 .ratio(format!("≈{r:.2}× ({:+.0} ns)", idle_w.median - clean))
                 .target("≤ 1.10× no agent", Verdict::from(r <= 1.10));
         }
@@ -1071,7 +1097,11 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
             let body: f64 = hot_progs.iter().map(|(_, runs, t)| *t as f64 / *runs as f64).sum();
             let son = Summary::of(&d.write_stats_on);
             report
-                .row(hot, format!("BPF run time per write() (bpf_stats): {state}"), format!("{body:.1} ns ({})", parts.join(" + ")))
+                .row(
+                    hot,
+                    format!("BPF run time per write() (bpf_stats): {state}"),
+                    format!("{body:.1} ns ({})", parts.join(" + ")),
+                )
                 .baseline(format!("loop with stats on: {:.1} ns", son.median));
         }
         for state in STATES {
@@ -1111,15 +1141,22 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
             if s.n == 0 {
                 continue;
             }
-            let row = report.row(sec, format!("SET / GET: {state}"), format!("{:.0} / {:.0} (n={})", s.median, g.median, s.n));
+            let row = report.row(
+                sec,
+                format!("SET / GET: {state}"),
+                format!("{:.0} / {:.0} (n={})", s.median, g.median, s.n),
+            );
             if state == NONE {
                 row.ratio("1");
                 continue;
             }
             let (rs, ds) = paired(&segs, state, |x| x.redis_set);
             let (rg, dg) = paired(&segs, state, |x| x.redis_get);
-            row.baseline(format!("{:.0} / {:.0}", bs.median, bgt.median))
-                .ratio(format!("{} / {}", ratio_text(&rs, &ds, ""), ratio_text(&rg, &dg, "")));
+            row.baseline(format!("{:.0} / {:.0}", bs.median, bgt.median)).ratio(format!(
+                "{} / {}",
+                ratio_text(&rs, &ds, ""),
+                ratio_text(&rg, &dg, "")
+            ));
         }
     }
     if ctx.wants(Section::Footprint) {
@@ -1296,8 +1333,7 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
     let plan = &ctx.plan;
     let n = plan.drops;
     let mut out = serde_json::Map::new();
-    let spaced_args =
-        vec!["spaced".to_string(), n.to_string(), plan.drop_gap_us.to_string()];
+    let spaced_args = vec!["spaced".to_string(), n.to_string(), plan.drop_gap_us.to_string()];
 
     // 1. failed write -> `sigwake trace --only-drops` line.
     step(&format!("latency: {n} dropped wakeups under sigwake trace --only-drops"));
@@ -1321,7 +1357,11 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
         let lat = lat_summary(&seen, &user);
         let ok = lat.kernel_to_line.n > 0 && lat.kernel_to_line.p99 < 5e6;
         report
-            .row(sec, format!("failed write → `sigwake trace` line ({} of {n} drops seen)", lat.seen), pcts(&lat.kernel_to_line))
+            .row(
+                sec,
+                format!("failed write → `sigwake trace` line ({} of {n} drops seen)", lat.seen),
+                pcts(&lat.kernel_to_line),
+            )
             .baseline("from the event's mono_ns")
             .target("p99 < 5 ms", if lat.kernel_to_line.n > 0 { Verdict::from(ok) } else { Verdict::Untested });
         if let Some(w) = &lat.write_to_line {
@@ -1352,7 +1392,11 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
         drop(peer);
         let lat = lat_summary(&seen, &user);
         report
-            .row(sec, format!("failed write → bpftrace peer line ({} of {n} drops seen)", lat.seen), pcts(&lat.kernel_to_line))
+            .row(
+                sec,
+                format!("failed write → bpftrace peer line ({} of {n} drops seen)", lat.seen),
+                pcts(&lat.kernel_to_line),
+            )
             .baseline("from the printed nsecs");
         out.insert(
             "bpftrace_peer".into(),
@@ -1362,7 +1406,10 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
     }
 
     // 2. failed write -> /metrics counter, one drop at a time, then a burst.
-    step(&format!("latency: failed write → /metrics, {} single drops then a burst of {}", plan.metric_steps, plan.burst));
+    step(&format!(
+        "latency: failed write → /metrics, {} single drops then a burst of {}",
+        plan.metric_steps, plan.burst
+    ));
     let agent = Agent::start(ctx, "latency")?;
     let dropped = |m: &Metrics| m.sum("sigwake_wakeup_writes_dropped_total", &[]);
     {
@@ -1439,7 +1486,11 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                         format!("burst of {} drops → /metrics shows all", plan.burst),
                         format!("{} whole batch, {:.1} µs per drop", ms(whole), whole / plan.burst as f64 / 1e3),
                     )
-                    .baseline(format!("burst itself took {}; last drop → metric {}", ms((last - first) as f64), ms(done.saturating_sub(last) as f64)));
+                    .baseline(format!(
+                        "burst itself took {}; last drop → metric {}",
+                        ms((last - first) as f64),
+                        ms(done.saturating_sub(last) as f64)
+                    ));
                 out.insert(
                     "metric_burst".into(),
                     json!({"drops": plan.burst, "first_to_metric_ns": whole, "burst_ns": last - first, "last_to_metric_ns": done.saturating_sub(last)}),
@@ -1459,15 +1510,24 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
         let b = m.buckets(hist, &[&format!("stage=\"{stage}\"")]);
         let count = b.last().map_or(0.0, |x| x.1);
         if count > 0.0 {
-            let (p50, p99) = (bucket_quantile(&b, 0.5).unwrap_or(f64::NAN), bucket_quantile(&b, 0.99).unwrap_or(f64::NAN));
+            let (p50, p99) =
+                (bucket_quantile(&b, 0.5).unwrap_or(f64::NAN), bucket_quantile(&b, 0.99).unwrap_or(f64::NAN));
             own.insert(stage.into(), json!({"count": count, "p50_s": p50, "p99_s": p99, "buckets": b.iter().map(|(l, c)| json!([if l.is_finite() { json!(l) } else { json!("+Inf") }, c])).collect::<Vec<_>>()}));
             if stage != "action" {
                 report
-                    .row(sec, format!("agent's own {hist}{{stage=\"{stage}\"}} ({count:.0} samples)"), format!("p50 ≈ {} / p99 ≈ {}", ms(p50 * 1e9), ms(p99 * 1e9)))
+                    .row(
+                        sec,
+                        format!("agent's own {hist}{{stage=\"{stage}\"}} ({count:.0} samples)"),
+                        format!("p50 ≈ {} / p99 ≈ {}", ms(p50 * 1e9), ms(p99 * 1e9)),
+                    )
                     .baseline("histogram buckets");
             } else {
                 report
-                    .row(sec, format!("confirmed starvation → escalation action ({count:.0} samples)"), format!("p50 ≈ {} / p99 ≈ {}", ms(p50 * 1e9), ms(p99 * 1e9)))
+                    .row(
+                        sec,
+                        format!("confirmed starvation → escalation action ({count:.0} samples)"),
+                        format!("p50 ≈ {} / p99 ≈ {}", ms(p50 * 1e9), ms(p99 * 1e9)),
+                    )
                     .baseline("agent histogram, stage=\"action\"");
             }
         }
@@ -1476,7 +1536,11 @@ fn latency(ctx: &Ctx, report: &mut Report) -> Result<Value> {
         // The dropper's handler is SIGUSR1 (not a stop signal) and it is an
         // observe-only discovered actor, so nothing is escalated here; the
         // escalation suite (tests/tests/escalation.rs) measures this stage.
-        report.row(sec, "confirmed starvation → escalation action", "not exercised here (SIGUSR1 dropper, observe-only); see tests/tests/escalation.rs");
+        report.row(
+            sec,
+            "confirmed starvation → escalation action",
+            "not exercised here (SIGUSR1 dropper, observe-only); see tests/tests/escalation.rs",
+        );
     }
     out.insert("agent_histogram".into(), Value::Object(own));
     drop(agent);
@@ -1495,9 +1559,7 @@ fn run_storm(ctx: &Ctx, cpu: Option<usize>, secs: f64) -> Result<StormRun> {
     let mut cmd = Command::new(&ctx.tools.storm);
     cmd.args([ctx.storm_receivers.to_string(), ctx.storm_senders.to_string(), secs.to_string()]);
     let (out, _) = procs::run_bounded(cmd, "storm", Duration::from_secs_f64(secs + 60.0), cpu)?;
-    let field = |k: &str| {
-        out.split_whitespace().find_map(|f| f.strip_prefix(k)).and_then(|v| v.parse::<f64>().ok())
-    };
+    let field = |k: &str| out.split_whitespace().find_map(|f| f.strip_prefix(k)).and_then(|v| v.parse::<f64>().ok());
     match (field("sent="), field("handled="), field("seconds=")) {
         (Some(sent), Some(handled), Some(secs)) if secs > 0.0 => Ok(StormRun { sent, handled, secs }),
         _ => bail!("cannot read the storm's output: {out}"),
@@ -1521,7 +1583,8 @@ fn storm_variant(ctx: &Ctx, report: &mut Report, cpu: Option<usize>) -> Result<V
         Some(c) => format!("signal storm confined to CPU {c} (agent free to use the other CPUs)"),
     };
     let sec = sec.as_str();
-    let shape = format!("{} senders → {} receivers, {:.0} s", ctx.storm_senders, ctx.storm_receivers, ctx.plan.storm_secs);
+    let shape =
+        format!("{} senders → {} receivers, {:.0} s", ctx.storm_senders, ctx.storm_receivers, ctx.plan.storm_secs);
     wait_quiet(ctx)?;
     step(&format!("{sec}: without the agent ({shape})"));
     let base1 = run_storm(ctx, cpu, ctx.plan.storm_secs)?;
@@ -1612,7 +1675,11 @@ fn storm_variant(ctx: &Ctx, report: &mut Report, cpu: Option<usize>) -> Result<V
     let base_sent = (base1.sent / base1.secs + base2.sent / base2.secs) / 2.0;
 
     report
-        .row(sec, format!("handled by receivers: no agent ({shape})"), format!("{base_rate:.0}/s ({base_sent:.0} kill()s/s)"))
+        .row(
+            sec,
+            format!("handled by receivers: no agent ({shape})"),
+            format!("{base_rate:.0}/s ({base_sent:.0} kill()s/s)"),
+        )
         .baseline(format!("before {b1:.0}/s, after {b2:.0}/s"))
         .ratio("1");
     report

@@ -105,8 +105,9 @@ fn setup() -> Result<Env> {
     let sysroot = PathBuf::from(sysroot.trim());
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
         step("installing rust-src (needed to build core for the BPF target)");
-        status(Command::new("rustup").args(["component", "add", "rust-src"]))
-            .context("`rustup component add rust-src` failed; it needs network access to the Rust distribution server")?;
+        status(Command::new("rustup").args(["component", "add", "rust-src"])).context(
+            "`rustup component add rust-src` failed; it needs network access to the Rust distribution server",
+        )?;
     }
 
     // 2. bpf-linker built against rustc's own LLVM (DESIGN §3).
@@ -161,7 +162,9 @@ fn setup() -> Result<Env> {
     // 4. Kernel features the agent needs: checked here so that a machine
     // that cannot run it says so before anything is built.
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        step("warning: /sys/kernel/btf/vmlinux is missing: this kernel has no BTF; the agent's tracepoint programs still load, BTF-typed hooks will not");
+        step(
+            "warning: /sys/kernel/btf/vmlinux is missing: this kernel has no BTF; the agent's tracepoint programs still load, BTF-typed hooks will not",
+        );
     }
     prometheus::ensure_prometheus()?;
     Ok(Env { python })
@@ -205,7 +208,14 @@ fn test(args: &[String]) -> Result<()> {
     let env = setup()?;
     let root = workspace_root();
     step("unit tests");
-    status(cargo().current_dir(&root).args(["test", "--workspace", "--exclude", "sigwake-ebpf", "--exclude", "sigwake-tests"]))?;
+    status(cargo().current_dir(&root).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "sigwake-ebpf",
+        "--exclude",
+        "sigwake-tests",
+    ]))?;
     step("Python client unit tests (clients/python)");
     python_client_tests(&env.python, &root)?;
     // The end-to-end tests must run, not skip: without root they cannot.

@@ -298,8 +298,11 @@ impl Proc {
 
     /// Collected stdout and stderr (for `Out::Collect`), after exit.
     pub fn take_output(&mut self) -> (String, String) {
-        let mut v: Vec<String> =
-            self.collected.drain(..).map(|h| String::from_utf8_lossy(&h.join().unwrap_or_default()).into_owned()).collect();
+        let mut v: Vec<String> = self
+            .collected
+            .drain(..)
+            .map(|h| String::from_utf8_lossy(&h.join().unwrap_or_default()).into_owned())
+            .collect();
         let err = if v.len() > 1 { v.pop().unwrap_or_default() } else { String::new() };
         (v.pop().unwrap_or_default(), err)
     }
@@ -501,7 +504,8 @@ pub fn bpf_progs(pids: Option<&[u32]>) -> HashMap<u32, Prog> {
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
         let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
         for fd in fds.flatten() {
-            if fs::read_link(fd.path()).ok().and_then(|l| l.to_str().map(|s| s == "anon_inode:bpf-prog")) != Some(true) {
+            if fs::read_link(fd.path()).ok().and_then(|l| l.to_str().map(|s| s == "anon_inode:bpf-prog")) != Some(true)
+            {
                 continue;
             }
             let Ok(info) = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
