@@ -2,7 +2,6 @@
 //! idempotent, so `run` and `test` call `setup` first and a warm machine
 //! pays a few file checks.
 
-mod bench;
 mod kernels;
 mod lint;
 mod prometheus;
@@ -37,8 +36,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then benchmark the agent's overhead, detection latency and footprint (needs root).
-    Bench(bench::BenchArgs),
+    /// Set up, build the agent (release), then run the bench crate (bench/): overhead, detection latency, footprint (needs root); args go to it (--help).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, then run `sigwake check` and an end-to-end subset on the host and on Debian's 5.10, 6.1, 6.12 kernels in QEMU (needs root).
     Kernels(kernels::KernelsArgs),
     /// cargo fmt --check and cargo clippy -D warnings on every user-space crate and its tests.
@@ -51,7 +53,7 @@ fn main() -> ExitCode {
         Task::Setup => setup().map(|_| ()),
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
-        Task::Bench(args) => bench::run(args),
+        Task::Bench { args } => bench(&args),
         Task::Kernels(args) => kernels::run(args),
         Task::Lint => lint::run(),
     };
@@ -179,6 +181,16 @@ fn require_root(what: &str) -> Result<()> {
         bail!("{what} loads eBPF programs and needs root: run it with sudo (or as root)");
     }
     Ok(())
+}
+
+/// `cargo xtask bench`: set-up and the release agent, then the bench crate.
+fn bench(args: &[String]) -> Result<()> {
+    setup()?;
+    require_root("`cargo xtask bench`")?;
+    let root = workspace_root();
+    step("building the agent (release)");
+    status(cargo().current_dir(&root).args(["build", "--release", "--package", "sigwake"]))?;
+    status(cargo().current_dir(&root).args(["run", "--release", "--package", "sigwake-bench", "--"]).args(args))
 }
 
 fn run(args: &[String]) -> Result<()> {

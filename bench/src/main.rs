@@ -1,4 +1,6 @@
-//! `cargo xtask bench`: what sigwake costs and how fast it sees a lost wakeup.
+//! `sigwake-bench`, run by `cargo xtask bench` (which does the set-up and
+//! builds the release agent first): what sigwake costs and how fast it sees
+//! a lost wakeup.
 //!
 //! A benchmark, not a test: it prints a table (Markdown) and writes every raw
 //! sample to `bench-results/latest.json`. Each figure is measured in the same
@@ -45,7 +47,11 @@ use self::{
     stats::Summary,
 };
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "sigwake-bench",
+    about = "What sigwake costs and how fast it detects (run it with `cargo xtask bench`, as root)"
+)]
 pub struct BenchArgs {
     /// Short repetitions: a smoke run in under two minutes.
     #[arg(long)]
@@ -189,21 +195,51 @@ static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 /// Progress on stderr, with the time since the bench started.
 fn step(msg: &str) {
     let t = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
-    super::step(&format!("[{t:6.1}s] {msg}"));
+    eprintln!("bench: [{t:6.1}s] {msg}");
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+/// Runs a command to completion; an error says which and how it ended.
+fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+/// The workspace this crate is in (bench/ is one of its members).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench is in the workspace").to_path_buf()
+}
+
+fn main() -> std::process::ExitCode {
+    let args = <BenchArgs as clap::Parser>::parse();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: BenchArgs) -> Result<()> {
     STARTED.get_or_init(Instant::now);
     procs::install_interrupt_handler();
-    super::setup()?;
-    super::require_root("`cargo xtask bench`")?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the bench loads eBPF programs and needs root: run `cargo xtask bench` with sudo (or as root)");
+    }
     let started = Instant::now();
-    let root = super::workspace_root();
+    let root = workspace_root();
     let plan = Plan::new(args.quick);
 
-    step("building the agent (release)");
-    super::status(super::cargo().current_dir(&root).args(["build", "--release", "--package", "sigwake"]))?;
+    // `cargo xtask bench` built it (release) before starting this.
     let bin = root.join("target/release/sigwake");
+    if !bin.exists() {
+        bail!("{} is missing: run the bench with `cargo xtask bench`, which builds it", bin.display());
+    }
     let tools = build_tools(&root)?;
     let bpftrace = ensure_tool("bpftrace", "bpftrace");
     let bpftool = ensure_tool("bpftool", "bpftool");
@@ -305,10 +341,8 @@ fn build_tools(root: &Path) -> Result<Tools> {
     fs::create_dir_all(&out)?;
     let build = |name: &str| -> Result<PathBuf> {
         let exe = out.join(name);
-        super::status(
-            Command::new("cc").args(["-O2", "-Wall", "-o"]).arg(&exe).arg(root.join(format!("bench/{name}.c"))),
-        )
-        .with_context(|| format!("compiling bench/{name}.c (needs a C compiler: apt-get install gcc)"))?;
+        status(Command::new("cc").args(["-O2", "-Wall", "-o"]).arg(&exe).arg(root.join(format!("bench/{name}.c"))))
+            .with_context(|| format!("compiling bench/{name}.c (needs a C compiler: apt-get install gcc)"))?;
         Ok(exe)
     };
     Ok(Tools { writeloop: build("writeloop")?, dropper: build("dropper")?, storm: build("storm")? })
