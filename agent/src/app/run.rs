@@ -618,15 +618,15 @@ mod tests {
         assert_eq!(lock(&pipeline.registry).get(me).unwrap().wakeup_fd, Some(fd), "learned");
         pipeline.on_detect_tick();
         assert_eq!(lock(&pipeline.registry).get(me).unwrap().wakeup_fd, Some(fd), "still the same socket");
-        // The loop closes its socket; a pipe holding data gets the number.
+        // The socket is closed and a pipe holding data gets its number.
+        // dup2 does both at once, so the number is never free for another
+        // test thread to take; `wakeup` still owns (and finally closes) it.
         let (r, w) = rustix::pipe::pipe().unwrap();
         rustix::io::write(&w, b"not a wakeup byte").unwrap();
-        drop(wakeup);
-        // SAFETY: fd is free (just closed); dup2 makes it a copy of r.
+        // SAFETY: fd stays owned by `wakeup`; only what it refers to changes.
         assert_eq!(unsafe { libc::dup2(r.as_raw_fd(), fd) }, fd);
         pipeline.on_detect_tick();
         assert_eq!(lock(&pipeline.registry).get(me).unwrap().wakeup_fd, None, "forgotten, not measured");
-        // SAFETY: closing the duplicate this test made.
-        unsafe { libc::close(fd) };
+        drop(wakeup);
     }
 }
