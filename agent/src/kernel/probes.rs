@@ -295,37 +295,31 @@ impl Probes {
         };
         let plans = tiers.iter().flat_map(|&tier| exits.iter().map(move |&exit| Plan { tier, exit }));
         let mut last_failure = None;
+        // Tiers the kernel refused at load or attach: no second try with
+        // another exit source.
+        let mut refused: Vec<Tier> = Vec::new();
         for plan in plans {
-            // A tier already refused at attach needs no second try with
-            // another exit source.
-            if fallbacks.iter().any(|f: &String| f.starts_with(plan.tier.refused_prefix())) {
+            if refused.contains(&plan.tier) {
                 continue;
             }
             let mut cfg = config;
             cfg.exit_source = plan.exit.raw();
             let mut probes = match Self::attach(cfg, formats.offsets, plan.tier) {
                 Ok(p) => p,
-                Err(LoadError::Permission { what, .. }) if plan.tier == Tier::Fentry => {
-                    fallbacks.push(format!(
-                        "{}{what}: permission denied (this kernel forbids BPF trampolines to root: lockdown or a security policy)",
-                        plan.tier.refused_prefix()
-                    ));
-                    continue;
-                }
                 Err(e) if plan.tier == Tier::Fentry => {
-                    // A verifier log can run to pages: its start names the
-                    // program, its end the reason.
-                    let chain = error_chain(&e);
-                    let short = if chain.chars().count() > 600 {
-                        let head: String = chain.chars().take(200).collect();
-                        let tail: String =
-                            chain.chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
-                        format!("{head} … {tail}")
-                    } else {
-                        chain
+                    let why = match &e {
+                        LoadError::Permission { what, .. } => format!(
+                            "{what}: permission denied (this kernel forbids BPF trampolines to root: lockdown or a security policy)"
+                        ),
+                        // A verifier log can run to pages: its start names
+                        // the program, its end the reason.
+                        _ => {
+                            tracing::debug!("fentry/fexit refused: {}", error_chain(&e));
+                            shorten(&error_chain(&e))
+                        }
                     };
-                    tracing::debug!("fentry/fexit refused: {}", error_chain(&e));
-                    fallbacks.push(format!("{}{short}", plan.tier.refused_prefix()));
+                    fallbacks.push(format!("{}{why}", plan.tier.refused_prefix()));
+                    refused.push(plan.tier);
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -530,6 +524,16 @@ impl Tier {
             Tier::SyscallTracepoint => "syscall tracepoints refused: ",
         }
     }
+}
+
+/// At most ~600 characters: the first 200 and the last 400.
+fn shorten(text: &str) -> String {
+    if text.chars().count() <= 600 {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(200).collect();
+    let tail: String = text.chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
+    format!("{head} … {tail}")
 }
 
 /// An error and its causes on one line.
