@@ -454,3 +454,33 @@ pub fn setuid_root_helper(dir: &TempDir) -> PathBuf {
     std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
     bin
 }
+
+/// `/proc/PID/stat` field 22: the start time the agent pins a process by.
+/// Panics if the process is gone.
+pub fn start_time(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
+    let after = &stat[stat.rfind(')').expect("comm in /proc/PID/stat") + 1..];
+    after.split_whitespace().nth(19).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no field 22 in {stat}"))
+}
+
+/// "action:outcome" of each step of an incident (`/incidents` JSON).
+pub fn incident_steps(incident: &Value) -> Vec<String> {
+    incident["steps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("incident without steps: {incident}"))
+        .iter()
+        .map(|s| format!("{}:{}", s["action"].as_str().unwrap_or("?"), s["outcome"].as_str().unwrap_or("?")))
+        .collect()
+}
+
+/// `<state_dir>/audit.jsonl`, every line parsed.
+pub fn audit_lines(state_dir: &std::path::Path) -> Vec<Value> {
+    let path = state_dir.join("audit.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: a line is not JSON ({e}): {l}", path.display()))
+        })
+        .collect()
+}

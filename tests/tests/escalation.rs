@@ -132,16 +132,6 @@ fn wait_incident(agent: &Agent, what: &str, timeout: Duration, pid: u32, pred: i
     agent.wait_entry("/incidents", what, timeout, pid, pred)
 }
 
-/// "action:outcome" of each step.
-fn steps(incident: &Value) -> Vec<String> {
-    incident["steps"]
-        .as_array()
-        .unwrap_or_else(|| panic!("incident without steps: {incident}"))
-        .iter()
-        .map(|s| format!("{}:{}", s["action"].as_str().unwrap_or("?"), s["outcome"].as_str().unwrap_or("?")))
-        .collect()
-}
-
 fn has_step(incident: &Value, action: &str) -> bool {
     incident["steps"].as_array().is_some_and(|s| s.iter().any(|s| s["action"] == action))
 }
@@ -154,20 +144,9 @@ fn step<'a>(incident: &'a Value, action: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {action} step in {incident:#}"))
 }
 
-/// `<state_dir>/audit.jsonl`, every line parsed.
-fn audit(state_dir: &Path) -> Vec<Value> {
-    let path = state_dir.join("audit.jsonl");
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
-    text.lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: a line is not JSON ({e}): {l}", path.display()))
-        })
-        .collect()
-}
-
 /// Audit lines of one incident.
 fn audit_of(state_dir: &Path, incident: u64) -> Vec<Value> {
-    audit(state_dir).into_iter().filter(|l| l["incident"] == incident).collect()
+    audit_lines(state_dir).into_iter().filter(|l| l["incident"] == incident).collect()
 }
 
 fn actions(lines: &[Value]) -> Vec<String> {
@@ -201,10 +180,6 @@ fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let state = f.next()?.chars().next()?;
     let start = f.nth(18)?.parse().ok()?;
     Some((state, start))
-}
-
-fn start_time(pid: u32) -> u64 {
-    proc_stat(pid).unwrap_or_else(|| panic!("pid {pid} is gone")).1
 }
 
 /// The process (pid, start time) is gone: no such pid, a zombie, or the
@@ -413,7 +388,7 @@ fn seed_scenario_starved_trio_actor_is_stopped_by_sigterm_and_everything_is_reco
         (1900.0..4000.0).contains(&opened_after),
         "incident opened {opened_after:.0} ms after the first SIGINT; window 2 s"
     );
-    assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok"], "{inc:#}");
+    assert_eq!(incident_steps(&inc), ["diagnostics:ok", "sigterm:ok"], "{inc:#}");
     assert!(inc["closed"].is_string(), "{inc:#}");
     assert_eq!(incidents_of(&agent, pid).len(), 1, "one incident for the actor");
 
@@ -422,7 +397,7 @@ fn seed_scenario_starved_trio_actor_is_stopped_by_sigterm_and_everything_is_reco
     assert_eq!(from_cli.len(), 1, "sigwake incidents --json should list incident {id}");
     assert_eq!(from_cli[0]["status"], "exited", "{:#}", from_cli[0]);
     assert_eq!(from_cli[0]["pid"], pid);
-    assert_eq!(steps(&from_cli[0]), ["diagnostics:ok", "sigterm:ok"]);
+    assert_eq!(incident_steps(&from_cli[0]), ["diagnostics:ok", "sigterm:ok"]);
 
     // Diagnostics, captured while the actor was starving.
     let diag = agent.state_dir.join("incidents").join(id.to_string());
@@ -527,7 +502,7 @@ fn briefly_busy_loop_that_drains_within_the_window_gets_no_incident_and_exits_by
     }
     let list = incidents_of(&agent, pid);
     assert!(list.is_empty(), "no incident for a loop that drained within the window: {list:#?}");
-    let audit_lines: Vec<Value> = audit(&agent.state_dir).into_iter().filter(|l| l["pid"] == pid).collect();
+    let audit_lines: Vec<Value> = audit_lines(&agent.state_dir).into_iter().filter(|l| l["pid"] == pid).collect();
     assert!(audit_lines.is_empty(), "no audit line for pid {pid}: {audit_lines:#?}");
     let m = agent.metrics();
     assert_eq!(metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="briefly""#]), 0.0, "{m}");
@@ -574,7 +549,7 @@ fn actor_that_survives_sigterm_is_killed_at_the_sigkill_tier() {
 
     let inc = wait_incident(&agent, "the incident to close as exited", EVENT, pid, |i| i["status"] == "exited");
     let id = inc["id"].as_u64().unwrap();
-    assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok", "sigkill:ok"], "{inc:#}");
+    assert_eq!(incident_steps(&inc), ["diagnostics:ok", "sigterm:ok", "sigkill:ok"], "{inc:#}");
     let term = rfc3339_ns(step(&inc, "sigterm")["time"].as_str().unwrap());
     let kill = rfc3339_ns(step(&inc, "sigkill")["time"].as_str().unwrap());
     let waited = ms_between(term, kill);
@@ -624,7 +599,7 @@ fn sigterm_the_actor_ignores_is_recorded_ignored_and_the_ladder_moves_straight_o
         "killed by the SIGKILL tier, well before the 10 s SIGTERM wait: {status}"
     );
     let inc = wait_incident(&agent, "the incident to close as exited", EVENT, pid, |i| i["status"] == "exited");
-    assert_eq!(steps(&inc), ["sigterm:ignored", "sigkill:ok"], "{inc:#}");
+    assert_eq!(incident_steps(&inc), ["sigterm:ignored", "sigkill:ok"], "{inc:#}");
     let detail = step(&inc, "sigterm")["detail"].as_str().unwrap();
     assert!(detail.contains("SIG_IGN"), "the reason, from SigIgn: {detail}");
     let waited = ms_between(
@@ -690,7 +665,7 @@ fn sigterm_to_a_pid_namespace_init_without_a_handler_is_recorded_ignored() {
     let inc = wait_incident(&agent, "the incident to close as exited", Duration::from_secs(20), pid, |i| {
         i["status"] == "exited"
     });
-    assert_eq!(steps(&inc), ["sigterm:ignored", "sigkill:ok"], "{inc:#}");
+    assert_eq!(incident_steps(&inc), ["sigterm:ignored", "sigkill:ok"], "{inc:#}");
     let detail = step(&inc, "sigterm")["detail"].as_str().unwrap();
     assert!(detail.contains("pid 1 of its pid namespace"), "the reason: {detail}");
     let waited = ms_between(
@@ -869,7 +844,7 @@ fn dry_run_walks_the_ladder_and_signals_nothing() {
     assert_eq!(inc["dry_run"], true, "{inc:#}");
     assert_eq!(inc["status"], "failed", "a dry run leaves the actor starving: {inc:#}");
     assert_eq!(
-        steps(&inc),
+        incident_steps(&inc),
         ["diagnostics:ok", "sigterm:dry_run", "sigkill:dry_run", "kill_subtree:dry_run"],
         "{inc:#}"
     );
@@ -973,14 +948,17 @@ fn pid_reused_during_escalation_is_never_signalled() {
         wait_incident(&agent, "the incident to close", EVENT, pid, |i| i["id"] == id && i["status"] != "escalating");
     assert_eq!(inc["status"], "exited", "{inc:#}");
     assert_eq!(inc["start_time"], a_start, "{inc:#}");
-    assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok"], "nothing after SIGTERM may be sent: {inc:#}");
+    assert_eq!(incident_steps(&inc), ["diagnostics:ok", "sigterm:ok"], "nothing after SIGTERM may be sent: {inc:#}");
     let everything = agent.get_json("/incidents");
     let about_b: Vec<&Value> =
         everything.as_array().unwrap().iter().filter(|i| i["pid"] == pid && i["start_time"] == b_start).collect();
     assert!(about_b.is_empty(), "no incident may be about the bystander: {about_b:#?}");
     let lines = audit_of(&agent.state_dir, id);
     assert_eq!(actions(&lines), ["opened", "diagnostics", "sigterm", "closed_exited"], "{lines:#?}");
-    assert!(audit(&agent.state_dir).iter().all(|l| l["start_time"] != b_start), "an audit line names the bystander");
+    assert!(
+        audit_lines(&agent.state_dir).iter().all(|l| l["start_time"] != b_start),
+        "an audit line names the bystander"
+    );
     let m = agent.metrics();
     assert_eq!(
         metric_sum(&m, "sigwake_escalation_actions_total", &[r#"actor="victim""#, r#"action="sigkill""#]),
@@ -1135,7 +1113,7 @@ fn restarted_agent_resumes_the_incident_without_repeating_a_tier() {
         thread::sleep(Duration::from_millis(20));
     };
     let id = inc["id"].as_u64().unwrap();
-    assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok"], "{inc:#}");
+    assert_eq!(incident_steps(&inc), ["diagnostics:ok", "sigterm:ok"], "{inc:#}");
     stop_agent(&mut agent1);
     let stopped_at = Instant::now();
     assert!(is_running(pid, start), "the actor survives SIGTERM: it must still be running when the agent stops");
@@ -1168,7 +1146,7 @@ fn restarted_agent_resumes_the_incident_without_repeating_a_tier() {
         thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(inc["id"], id, "same incident: {inc:#}");
-    assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok", "sigkill:ok"], "no tier repeated: {inc:#}");
+    assert_eq!(incident_steps(&inc), ["diagnostics:ok", "sigterm:ok", "sigkill:ok"], "no tier repeated: {inc:#}");
     // The new agent waited out what was left of the 8 s SIGTERM wait.
     let at = |action: &str| {
         inc["steps"]
@@ -1247,7 +1225,7 @@ fn loop_that_recovers_mid_ladder_stops_the_escalation() {
         proc_stat(pid)
     );
     let inc = incidents_of(&agent, pid).into_iter().find(|i| i["id"] == inc["id"]).unwrap();
-    assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok"], "nothing after the recovery: {inc:#}");
+    assert_eq!(incident_steps(&inc), ["diagnostics:ok", "sigterm:ok"], "nothing after the recovery: {inc:#}");
     assert_eq!(incidents_of(&agent, pid).len(), 1, "one incident");
     let lines = audit_of(&agent.state_dir, inc["id"].as_u64().unwrap());
     assert_eq!(actions(&lines), ["opened", "diagnostics", "sigterm", "closed_recovered"], "{lines:#?}");
@@ -1383,7 +1361,7 @@ fn notify_hooks_run_after_the_kill_with_the_incident_json() {
     let inc = wait_incident(&agent, "the incident to close with its notify step", EVENT, pid, |i| {
         i["status"] == "exited" && has_step(i, "notify")
     });
-    assert_eq!(steps(&inc), ["sigkill:ok", "notify:ok"], "{inc:#}");
+    assert_eq!(incident_steps(&inc), ["sigkill:ok", "notify:ok"], "{inc:#}");
     let hooked: Value =
         serde_json::from_str(&std::fs::read_to_string(&file).expect("the command wrote its stdin")).unwrap();
     assert_eq!(hooked["actor"], "notified");
@@ -1447,7 +1425,7 @@ fn notify_command_and_py_spy_are_never_found_through_the_agents_path() {
     };
     let ran = std::fs::read_to_string(&marker).unwrap_or_default();
     assert!(ran.is_empty(), "a program planted in the agent's PATH ran as root: {ran}");
-    assert_eq!(steps(&inc), ["diagnostics:ok", "sigkill:ok", "notify:ok"], "{inc:#}");
+    assert_eq!(incident_steps(&inc), ["diagnostics:ok", "sigkill:ok", "notify:ok"], "{inc:#}");
     let notify = step(&inc, "notify")["detail"].as_str().unwrap();
     assert!(notify == "ran /usr/bin/sh" || notify == "ran /bin/sh", "the system's sh: {notify}");
     let hook: Value =

@@ -6,12 +6,6 @@ use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Command, threa
 use serde_json::json;
 use sigwake_tests::*;
 
-/// `/proc/PID/stat` field 22: the start time the agent pins a process by.
-fn start_time(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process is alive");
-    stat[stat.rfind(')').unwrap() + 1..].split_whitespace().nth(19).unwrap().parse().unwrap()
-}
-
 /// `sigwake run` with its own port and socket and the given state dir and
 /// config; not waited for.
 fn spawn_agent(dir: &TempDir, state_dir: &Path, config: &Path, extra: &[&str]) -> (Proc, String) {

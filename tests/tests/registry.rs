@@ -28,14 +28,6 @@ const DROPPED: &str = "sigwake_wakeup_writes_dropped_total";
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// /proc/PID/stat field 22 (start time in clock ticks since boot).
-fn stat_start_time(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
-    let after = &stat[stat.rfind(')').expect("comm in /proc/PID/stat") + 1..];
-    after.split_whitespace().nth(19).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no field 22 in {stat}"))
-}
-
 fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("reading comm").trim_end().to_string()
 }
@@ -183,7 +175,7 @@ fn trio_actor_registered_through_the_client_is_named_and_its_drops_attributed() 
     });
     assert!(registered.get("registered").is_some(), "the fixture could not register: {registered}");
     let wakeup_fd = ready["wakeup_fd"].as_i64().expect("the fixture reports its wakeup fd");
-    let start_time = stat_start_time(pid);
+    let start_time = start_time(pid);
     actor.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
 
     // /actors, right away (the hog lasts 3 s: the signals come next).
@@ -329,7 +321,7 @@ fn config_selector_names_processes_started_before_and_after_the_agent() {
 
     // Started before the agent: matched by the start-up scan.
     let (early, _) = spawn_ready("early signal_target.py", &mut fixture_cmd("signal_target.py", &["--tag", "selme"]));
-    let early_start = stat_start_time(early.pid());
+    let early_start = start_time(early.pid());
     let agent = RunningAgent::start(&["--config", config.to_str().unwrap()]);
     let at_start = actors_at(&agent, early.pid());
     assert_eq!(
@@ -347,7 +339,7 @@ fn config_selector_names_processes_started_before_and_after_the_agent() {
     let a = wait_actor(&agent, "the selector to match the late process", Duration::from_secs(5), late.pid(), |a| {
         a["source"] == "selector"
     });
-    check_selected(&a, late.pid(), stat_start_time(late.pid()));
+    check_selected(&a, late.pid(), start_time(late.pid()));
 
     // A non-matching command line is not an actor (two more scans later).
     thread::sleep(Duration::from_millis(2100));
@@ -388,7 +380,7 @@ fn config_selector_matches_a_process_that_execs_into_a_matching_command_line() {
         wait_actor(&agent, "the selector to match the process after its exec", Duration::from_secs(5), p.pid(), |a| {
             a["source"] == "selector"
         });
-    check_selected(&a, p.pid(), stat_start_time(p.pid()));
+    check_selected(&a, p.pid(), start_time(p.pid()));
     drop(p);
     agent.stop();
     elapsed(t0, "selector-exec");
@@ -405,7 +397,7 @@ fn unregistered_asyncio_loop_is_discovered_from_its_wakeup_write_and_only_observ
     let (mut aio, ready) =
         spawn_ready("asyncio_actor.py", &mut fixture_cmd("asyncio_actor.py", &["--exit-after", "2"]));
     let pid = aio.pid();
-    let start_time = stat_start_time(pid);
+    let start_time = start_time(pid);
     let comm = comm(pid);
     // Not registered, no handler run yet: unknown to the agent.
     thread::sleep(Duration::from_millis(1200));
@@ -449,7 +441,7 @@ fn tractor_subactor_is_named_from_its_command_line() {
     assert_eq!(a["name"], "fetcher-sub", "{a}");
     assert_eq!(a["labels"]["tractor_uuid"], "abc123", "{a}");
     assert_eq!(a["runtime"], "trio", "{a}");
-    assert_eq!(a["start_time"], stat_start_time(pid), "{a}");
+    assert_eq!(a["start_time"], start_time(pid), "{a}");
     assert!(a["policy"].is_null(), "{a}");
     assert!(a["wakeup_fd"].is_null(), "not registered: nothing told the agent its wakeup fd yet: {a}");
     assert!(a["state"].as_str().is_some_and(|s| s != "exited" && s != "dead"), "{a}");
@@ -717,7 +709,7 @@ fn a_reused_pid_never_inherits_the_old_actor() {
         sock_request(&agent.socket, &json!({"op": "register", "pid": pid, "name": "victim", "runtime": "trio"}));
     assert_eq!(reply["ok"], true, "{reply}");
     let old_start = reply["actor"]["start_time"].as_u64().expect("start_time");
-    assert_eq!(old_start, stat_start_time(pid));
+    assert_eq!(old_start, start_time(pid));
 
     drop(victim); // SIGKILL, reaped: pid is free
     let old = wait_actor(&agent, "victim to be exited", EVENT, pid, |a| a["state"] == "exited");
@@ -735,7 +727,7 @@ fn a_reused_pid_never_inherits_the_old_actor() {
     );
     let ready = b.stdout.wait_json("the new process ready", Duration::from_secs(30), |v| v["ready"] == true);
     assert_eq!(ready["pid"], pid);
-    let new_start = stat_start_time(pid);
+    let new_start = start_time(pid);
     assert_ne!(new_start, old_start, "a new process");
 
     // Let the agent's sweep and scan see the new process alive (1 s ticks).

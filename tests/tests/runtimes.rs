@@ -142,31 +142,10 @@ fn healthy_tokio_loop_reports_no_drop() {
 // sigwake run: a selector makes the fixture an actor; the ladder stops it
 // ---------------------------------------------------------------------------
 
-/// /proc/PID/stat field 22.
-fn start_time(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
-    let after = &stat[stat.rfind(')').expect("comm in /proc/PID/stat") + 1..];
-    after.split_whitespace().nth(19).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no field 22 in {stat}"))
-}
-
-/// "action:outcome" of each step of an incident.
-fn steps(incident: &Value) -> Vec<String> {
-    incident["steps"]
-        .as_array()
-        .unwrap_or_else(|| panic!("incident without steps: {incident}"))
-        .iter()
-        .map(|s| format!("{}:{}", s["action"].as_str().unwrap_or("?"), s["outcome"].as_str().unwrap_or("?")))
-        .collect()
-}
-
 /// The actions of `<state_dir>/audit.jsonl` for one incident, in order.
 fn audit_actions(state_dir: &Path, incident: u64) -> Vec<String> {
-    let text = std::fs::read_to_string(state_dir.join("audit.jsonl")).unwrap_or_default();
-    text.lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("audit.jsonl: a line is not JSON ({e}): {l}"))
-        })
+    audit_lines(state_dir)
+        .iter()
         .filter(|l| l["incident"] == incident)
         .map(|l| l["action"].as_str().unwrap_or("?").to_string())
         .collect()
@@ -257,7 +236,7 @@ fn starved_tokio_actor_selected_by_config_is_escalated() {
         (2000.0..3500.0).contains(&confirm_ms),
         "confirmed {confirm_ms} ms after the first evidence; the window is 2 s: {inc:#}"
     );
-    assert_eq!(steps(&inc), ["diagnostics:ok", "sigterm:ok"], "{inc:#}");
+    assert_eq!(incident_steps(&inc), ["diagnostics:ok", "sigterm:ok"], "{inc:#}");
     assert_eq!(agent.entries_for("/incidents", pid).len(), 1, "one incident for the actor");
     assert_eq!(audit_actions(&agent.state_dir, id), ["opened", "diagnostics", "sigterm", "closed_exited"]);
 
