@@ -172,6 +172,28 @@ fn setup() -> Result<Env> {
     Ok(Env { python })
 }
 
+/// Some end-to-end tests run fixtures as `nobody` (rights are what they
+/// test), from this checkout: its directories must be searchable by others.
+/// A checkout under `mktemp -d` (0700) is not, so add the search bit (o+x:
+/// reach a known path, not list) to the checkout and each directory above it
+/// that lacks it, and say so.
+fn let_others_traverse(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    for dir in root.ancestors() {
+        let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o001 == 0 {
+            step(&format!(
+                "{}: adding o+x (search only) so that tests running as nobody reach the fixtures",
+                dir.display()
+            ));
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001))
+                .with_context(|| format!("chmod o+x {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
@@ -232,6 +254,7 @@ fn test(args: &[String]) -> Result<()> {
     python_client_tests(&env.python, &root)?;
     // The end-to-end tests must run, not skip: without root they cannot.
     require_root("the end-to-end tests")?;
+    let_others_traverse(&root)?;
     step("privileged end-to-end tests");
     status(cargo().current_dir(&root).args(["build", "--package", "sigwake", "--package", "sigwake-tokio-actor"]))?;
     status(
