@@ -169,6 +169,59 @@ pub struct Config {
     /// the kernel's BTF (for [`exit_source::LIVE_COUNT`]).
     pub task_signal_offset: u32,
     pub signal_live_offset: u32,
+    /// How pids are reported: see [`PidNamespace`].
+    pub pidns: PidNamespace,
+}
+
+/// The agent's pid namespace, so that every pid the programs report is the
+/// pid the agent itself sees in /proc, kill(2) and pidfd_open(2).
+///
+/// BPF helpers report pids of the initial namespace. An agent in a pod's
+/// shared pid namespace sees other numbers, and a bystander's namespace pid
+/// can equal a target's host pid: reporting host pids there blames (and
+/// signals) the wrong process. With `inum` set, the programs walk
+/// `task->thread_pid->numbers[]` for the level whose namespace is the
+/// agent's, report that number, and report nothing about a task the agent
+/// cannot see. Offsets come from the kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PidNamespace {
+    /// Inode number of the agent's pid namespace; 0 when it is the initial
+    /// one (the kernel's pids are the agent's: nothing to translate).
+    pub inum: u32,
+    /// `task_struct.thread_pid`, `task_struct.group_leader`, `task_struct.comm`.
+    pub task_thread_pid: u32,
+    pub task_group_leader: u32,
+    pub task_comm: u32,
+    /// `pid.level`, `pid.numbers` (an array of `struct upid`).
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    /// `sizeof(struct upid)` and `upid.ns` (`upid.nr` is at 0).
+    pub upid_size: u32,
+    pub upid_ns: u32,
+    /// `pid_namespace.ns.inum`: offset of `ns` plus `ns_common.inum`.
+    pub pidns_inum: u32,
+    pub _pad0: u32,
+}
+
+impl PidNamespace {
+    /// The initial namespace: no translation.
+    pub const INITIAL: PidNamespace = PidNamespace {
+        inum: 0,
+        task_thread_pid: 0,
+        task_group_leader: 0,
+        task_comm: 0,
+        pid_level: 0,
+        pid_numbers: 0,
+        upid_size: 0,
+        upid_ns: 0,
+        pidns_inum: 0,
+        _pad0: 0,
+    };
+
+    /// Pid namespaces nest at most this deep below the initial one for the
+    /// programs (the kernel allows 32; the loop must be bounded).
+    pub const MAX_LEVEL: u32 = 8;
 }
 
 impl Config {
@@ -181,6 +234,7 @@ impl Config {
         exit_source: exit_source::LEADER,
         task_signal_offset: 0,
         signal_live_offset: 0,
+        pidns: PidNamespace::INITIAL,
     };
 }
 
@@ -254,4 +308,5 @@ mod user {
     unsafe impl aya::Pod for super::TracepointOffsets {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::HandlerWindow {}
+    unsafe impl aya::Pod for super::PidNamespace {}
 }

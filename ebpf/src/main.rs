@@ -26,13 +26,14 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
     },
-    macros::{fentry, fexit, map, tracepoint},
+    macros::{fentry, fexit, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{FEntryContext, FExitContext, TracePointContext},
+    programs::{FEntryContext, FExitContext, RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use sigwake_common::{
-    Config, HandlerWindow, MAX_HANDLER_DEPTH, RawEvent, TracepointOffsets, counter, exit_source, kind, write_call,
+    Config, HandlerWindow, MAX_HANDLER_DEPTH, PidNamespace, RawEvent, TracepointOffsets, counter, exit_source, kind,
+    write_call,
 };
 
 #[unsafe(no_mangle)]
@@ -121,10 +122,64 @@ fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
     unsafe { ctx.read_at::<T>(offset as usize) }.map_err(|e| e as i64)
 }
 
+/// (tgid, tid) of the current task in the initial pid namespace: the keys
+/// of the programs' own per-thread maps, never reported.
 #[inline(always)]
 fn current() -> (u32, u32) {
     let id = bpf_get_current_pid_tgid();
     ((id >> 32) as u32, id as u32)
+}
+
+/// (tgid, tid) of the current task as the agent sees them, or None when the
+/// task is outside the agent's pid namespace (nothing is reported about it).
+#[inline(always)]
+fn visible_current(cfg: &Config) -> Option<(u32, u32)> {
+    if cfg.pidns.inum == 0 {
+        return Some(current());
+    }
+    // SAFETY: returns the current task's address; only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    task_ids(task, &cfg.pidns)
+}
+
+/// (tgid, tid) of `task` in the agent's pid namespace.
+#[inline(always)]
+fn task_ids(task: *const u8, ns: &PidNamespace) -> Option<(u32, u32)> {
+    let tid = pid_in_agent_ns(read_kernel::<*const u8>(task, ns.task_thread_pid)?, ns)?;
+    let leader = read_kernel::<*const u8>(task, ns.task_group_leader)?;
+    let tgid = pid_in_agent_ns(read_kernel::<*const u8>(leader, ns.task_thread_pid)?, ns)?;
+    Some((tgid, tid))
+}
+
+/// The number of a `struct pid` at the level whose namespace is the
+/// agent's: `pid->numbers[l].nr` where `numbers[l].ns` has the agent's
+/// inode number. A pid that does not reach that namespace (a sibling pod,
+/// the host above) has no number there: None.
+#[inline(always)]
+fn pid_in_agent_ns(pid: *const u8, ns: &PidNamespace) -> Option<u32> {
+    let level = read_kernel::<u32>(pid, ns.pid_level)?;
+    // Level 0 is the initial namespace, never the agent's when translating.
+    let mut l = 1u32;
+    while l <= PidNamespace::MAX_LEVEL {
+        if l > level {
+            return None;
+        }
+        let upid = pid.wrapping_add((ns.pid_numbers + l * ns.upid_size) as usize);
+        let pidns = read_kernel::<*const u8>(upid, ns.upid_ns)?;
+        if read_kernel::<u32>(pidns, ns.pidns_inum)? == ns.inum {
+            return read_kernel::<i32>(upid, 0).map(|nr| nr as u32);
+        }
+        l += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn read_kernel<T>(base: *const u8, offset: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel checks the address; offsets come from
+    // the kernel's BTF.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T) }.ok()
 }
 
 #[inline(always)]
@@ -150,9 +205,9 @@ fn emit(ev: RawEvent) {
     }
 }
 
+/// An event about the current task, `ids` as the agent sees them.
 #[inline(always)]
-fn base_event(kind: u32, sig: i32) -> RawEvent {
-    let (pid, tid) = current();
+fn base_event(kind: u32, sig: i32, (pid, tid): (u32, u32)) -> RawEvent {
     RawEvent {
         kind,
         sig,
@@ -181,11 +236,11 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // `pid` is the target *thread*; for kill(2) it is the thread-group id.
     let target: i32 = read(ctx, off.gen_pid)?;
-    let (pid, _) = current();
-    if cfg.watched_only != 0 && !is_watched(target as u32) && !is_watched(pid) {
+    let sender = current();
+    if cfg.watched_only != 0 && !is_watched(target as u32) && !is_watched(sender.0) {
         return Ok(());
     }
-    let mut ev = base_event(kind::SIGNAL_GENERATE, sig);
+    let mut ev = base_event(kind::SIGNAL_GENERATE, sig, sender);
     ev.target = target;
     ev.arg0 = read::<i32>(ctx, off.gen_code)? as i64;
     ev.arg1 = read::<i32>(ctx, off.gen_result)? as i64;
@@ -193,6 +248,50 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i64> {
     ev.comm2 = read(ctx, off.gen_comm)?;
     emit(ev);
     Ok(())
+}
+
+/// signal_generate for an agent in a pid namespace: the raw tracepoint
+/// passes the target task itself (`TP_PROTO(int sig, struct kernel_siginfo
+/// *info, struct task_struct *task, int group, int result)`, unchanged
+/// since 3.8), whose pid in the agent's namespace the plain tracepoint's
+/// record does not carry. Attached instead of `signal_generate`.
+#[raw_tracepoint(tracepoint = "signal_generate")]
+pub fn signal_generate_ns(ctx: RawTracePointContext) -> u32 {
+    let _ = try_signal_generate_ns(&ctx);
+    0
+}
+
+fn try_signal_generate_ns(ctx: &RawTracePointContext) -> Option<()> {
+    let cfg = CONFIG.load();
+    let sig: i32 = ctx.arg::<u64>(0) as i32;
+    if !signal_enabled(&cfg, sig) {
+        return None;
+    }
+    let task: *const u8 = ctx.arg(2);
+    // A target outside the agent's namespace is none of its business.
+    let (target_pid, target_tid) = task_ids(task, &cfg.pidns)?;
+    // A sender outside it (the node's kubelet, the host's init) is
+    // reported as pid 0: the signal still reached a process the agent sees.
+    let sender = visible_current(&cfg).unwrap_or((0, 0));
+    if cfg.watched_only != 0 && !is_watched(target_pid) && (sender.0 == 0 || !is_watched(sender.0)) {
+        return None;
+    }
+    // TP_STORE_SIGINFO: SEND_SIG_NOINFO (0) is SI_USER, SEND_SIG_PRIV (1)
+    // SI_KERNEL; otherwise si_code, at byte 8 of the ABI's siginfo.
+    let info: u64 = ctx.arg(1);
+    let code = match info {
+        0 => 0,
+        1 => 0x80,
+        _ => read_kernel::<i32>(info as *const u8, 8).unwrap_or(0),
+    };
+    let mut ev = base_event(kind::SIGNAL_GENERATE, sig, sender);
+    ev.target = target_tid as i32;
+    ev.arg0 = code as i64;
+    ev.arg1 = ctx.arg::<u64>(4) as i32 as i64;
+    ev.arg2 = ctx.arg::<u64>(3) as i32 as i64;
+    ev.comm2 = read_kernel(task, cfg.pidns.task_comm).unwrap_or_default();
+    emit(ev);
+    Some(())
 }
 
 /// Fires in get_signal() when the current thread dequeues a signal, for a
@@ -212,11 +311,12 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let (pid, tid) = current();
-    if cfg.watched_only != 0 && !is_watched(pid) {
+    let Some(ids) = visible_current(&cfg) else { return Ok(()) };
+    if cfg.watched_only != 0 && !is_watched(ids.0) {
         return Ok(());
     }
     let handler: u64 = read(ctx, off.deliver_sa_handler)?;
-    let mut ev = base_event(kind::SIGNAL_DELIVER, sig);
+    let mut ev = base_event(kind::SIGNAL_DELIVER, sig, ids);
     ev.arg0 = read::<i32>(ctx, off.deliver_code)? as i64;
     ev.arg1 = read::<u64>(ctx, off.deliver_sa_flags)? as i64;
     ev.arg2 = handler as i64;
@@ -282,7 +382,8 @@ fn try_sys_enter_rt_sigreturn() -> Result<(), i64> {
     } else {
         (0, window.entered_ns)
     };
-    let mut ev = base_event(kind::HANDLER_RETURN, sig);
+    let ids = visible_current(&CONFIG.load());
+    let mut ev = base_event(kind::HANDLER_RETURN, sig, ids.unwrap_or_default());
     ev.arg0 = depth as i64;
     // This level's own time, from its own entry (not the innermost's).
     ev.arg1 = ev.ts_ns.wrapping_sub(entered) as i64;
@@ -296,7 +397,11 @@ fn try_sys_enter_rt_sigreturn() -> Result<(), i64> {
             window.entered_ns = window.entered[depth.wrapping_sub(2) & LEVEL_MASK];
         }
     }
-    emit(ev);
+    // A window is opened only for a task the agent sees; its namespace
+    // cannot change while it runs a handler.
+    if ids.is_some() {
+        emit(ev);
+    }
     Ok(())
 }
 
@@ -448,7 +553,8 @@ fn finish_write(tid: u32, window: *mut HandlerWindow, ret: i64) {
     let depth = window.depth as usize;
     let sig =
         if (1..=MAX_HANDLER_DEPTH).contains(&depth) { window.sigs[depth.wrapping_sub(1) & LEVEL_MASK] } else { 0 };
-    let mut ev = base_event(kind::HANDLER_WRITE, sig);
+    let Some(ids) = visible_current(&cfg) else { return };
+    let mut ev = base_event(kind::HANDLER_WRITE, sig, ids);
     ev.ts_ns = now;
     ev.arg0 = fd as i64;
     ev.arg1 = count as i64;
@@ -561,13 +667,14 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if !group_dead {
         return Ok(());
     }
+    let Some(ids) = visible_current(&cfg) else { return Ok(()) };
     // SAFETY: presence test only.
     let seen = unsafe { SEEN_PIDS.get(&pid) }.is_some();
-    if !seen && !is_watched(pid) {
+    if !seen && !is_watched(ids.0) {
         return Ok(());
     }
     let _ = SEEN_PIDS.remove(&pid);
-    emit(base_event(kind::PROCESS_EXIT, 0));
+    emit(base_event(kind::PROCESS_EXIT, 0, ids));
     Ok(())
 }
 
@@ -589,8 +696,11 @@ fn live_threads(cfg: &Config) -> Result<i32, i64> {
 /// Tells discovery a process exec'd (its command line changed).
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
-    if CONFIG.load().report_exec != 0 {
-        emit(base_event(kind::PROCESS_EXEC, 0));
+    let cfg = CONFIG.load();
+    if cfg.report_exec != 0
+        && let Some(ids) = visible_current(&cfg)
+    {
+        emit(base_event(kind::PROCESS_EXEC, 0, ids));
     }
     0
 }

@@ -4,6 +4,7 @@
 
 pub mod btf;
 pub mod events;
+pub mod pidns;
 pub mod probes;
 pub mod selftest;
 pub mod source;

@@ -8,12 +8,13 @@ use std::{collections::HashMap as StdHashMap, io};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, TracePoint},
+    programs::{ProgramError, RawTracePoint, TracePoint},
 };
 use sigwake_common::{Config, TracepointOffsets, counter};
 
 use crate::{
     kernel::events::Event,
+    kernel::pidns::{self, PidnsError},
     kernel::selftest::{self, SelfTestReport},
     kernel::tiers::{ExitSource, HookReport, Job, JobReport, Tier},
     kernel::tracefs::{self, TracefsError},
@@ -117,6 +118,9 @@ pub enum LoadError {
     /// Tracepoint formats could not be read.
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
+    /// The agent's pid namespace cannot be translated into.
+    #[error(transparent)]
+    Pidns(#[from] PidnsError),
     /// The kernel is older than sigwake supports.
     #[error(
         "sigwake needs Linux {major}.{minor} or newer and this is {0}: upgrade the kernel (every LTS kernel from 5.10 up works)",
@@ -269,13 +273,14 @@ impl Probes {
         }
         let kernel = kernel_release();
         check_kernel_version(&kernel)?;
+        let mut config = config;
+        config.pidns = pidns::own_namespace()?;
         raise_memlock_limit();
         let root = tracefs::tracefs_root()?;
         let formats = tracefs::read_offsets(&root)?;
         let mut fallbacks = Vec::new();
         // Ways to tell a process exit from a thread exit, best first.
         let mut exits = Vec::new();
-        let mut config = config;
         if formats.has_exit_group_dead {
             exits.push(ExitSource::GroupDeadField);
         } else {
@@ -372,6 +377,13 @@ impl Probes {
             }
             Tier::SyscallTracepoint => TRACEPOINTS.iter().chain(SYSCALL_TRACEPOINTS).copied().collect(),
         };
+        // In a pid namespace of its own, signal_generate comes from the raw
+        // tracepoint, which passes the target task to translate.
+        let translate = config.pidns.inum != 0;
+        let tracepoints = tracepoints.into_iter().filter(|&(program, ..)| !(translate && program == "signal_generate"));
+        if translate {
+            hooks.push(attach_raw_tracepoint(&mut ebpf, "signal_generate_ns", "signal_generate", Job::SignalPath)?);
+        }
         for (program, group, event, job) in tracepoints {
             let prog: &mut TracePoint = ebpf
                 .program_mut(program)
@@ -553,6 +565,25 @@ fn exit_offsets() -> Result<(u32, u32), String> {
     let signal = btf.member_offset("task_struct", "signal").map_err(|e| e.to_string())?;
     let live = btf.member_offset("signal_struct", "live").map_err(|e| e.to_string())?;
     Ok((signal, live))
+}
+
+fn attach_raw_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    event: &str,
+    job: Job,
+) -> Result<Hook, LoadError> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| LoadError::Other {
+            what: format!("finding program `{program}` in the object"),
+            source: "missing from the embedded object".into(),
+        })?
+        .try_into()
+        .map_err(|e| classify(format!("program `{program}`"), e))?;
+    prog.load().map_err(|e| classify_load(program, format!("load program `{program}`"), e))?;
+    prog.attach(event).map_err(|e| classify(format!("attach `{program}` to raw tracepoint {event}"), e))?;
+    Ok(Hook { program, job, tier: "raw_tracepoint", attach_point: format!("raw:{event}") })
 }
 
 /// Loads and attaches the fentry/fexit programs. On error the caller drops
