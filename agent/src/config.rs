@@ -15,7 +15,7 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::actors::registry::Runtime;
+use crate::actors::registry::{DropMeaning, Runtime};
 
 mod trust;
 use trust::{read_trusted, resolve_command};
@@ -121,9 +121,12 @@ pub struct Policy {
 
 impl Policy {
     pub fn confirm_window(&self, runtime: Runtime) -> Duration {
-        match runtime {
-            Runtime::Trio => self.confirm_trio,
-            Runtime::Asyncio => self.confirm_asyncio,
+        // By what a dropped wakeup means: `confirm_asyncio` is the window of
+        // every runtime whose lost byte is a lost callback (asyncio, uvloop,
+        // tornado, libuv), `confirm_trio` trio's.
+        match (runtime, runtime.drop_meaning()) {
+            (Runtime::Trio, _) => self.confirm_trio,
+            (_, DropMeaning::Lost) => self.confirm_asyncio,
             _ => self.confirm_other,
         }
     }

@@ -160,28 +160,54 @@ impl Discovery {
         }
     }
 
-    /// A handler wrote one byte: the self-pipe trick, if the process is no
-    /// actor yet (the caller checks that under the registry's lock).
+    /// A handler wrote what a wakeup write may be (see [`WAKEUP_WRITE_SIZES`]):
+    /// worth examining if the process is no actor yet, or one whose runtime
+    /// nobody gave (the caller checks that under the registry's lock).
     pub fn wants(&self, w: &HandlerWrite) -> bool {
         // A sigwake agent's start-up self-test child is no event loop to watch.
-        self.self_pipe && w.count == 1 && w.task.comm != crate::kernel::selftest::CHILD_COMM
+        WAKEUP_WRITE_SIZES.contains(&w.count) && w.task.comm != crate::kernel::selftest::CHILD_COMM
     }
 
-    /// Examines the process behind a self-pipe write: its runtime (through
-    /// its wakeup fd) and its /proc facts. I/O: call it without holding the
-    /// registry.
-    pub fn examine_loop(&self, w: &HandlerWrite) -> Found {
-        let runtime = guess_runtime(w.task.pid, w.fd);
+    /// Whether loops nobody registered or selected become actors (off with
+    /// `--no-discovery`); the runtime of a selected actor is recognised
+    /// either way.
+    pub fn discovers_loops(&self) -> bool {
+        self.self_pipe
+    }
+
+    /// Examines the process behind a handler write: whether the fd is a
+    /// wakeup fd at all, the runtime, and the process's /proc facts. `None`:
+    /// the write was no wakeup (a blocking fd, a size that fits no runtime
+    /// seen there). I/O: call it without holding the registry.
+    pub fn examine_loop(&self, w: &HandlerWrite) -> Option<Found> {
+        let runtime = guess_runtime(w.task.pid, w)?;
         let spec =
             ActorSpec { pid: Some(w.task.pid), runtime: Some(runtime), wakeup_fd: Some(w.fd), ..Default::default() };
-        Found::new(spec, Source::Discovered)
+        Some(Found::new(spec, Source::Discovered))
     }
 
     /// Records a loop [`Discovery::examine_loop`] found, unless something
-    /// registered it meanwhile.
-    pub fn apply_loop(found: Found, registry: &mut Registry) {
+    /// registered it meanwhile; an actor a selector made without saying
+    /// its runtime gets the runtime and wakeup fd found.
+    pub fn apply_loop(&self, found: Found, registry: &mut Registry) {
         let Some(pid) = found.spec.pid else { return };
-        if registry.get(pid).is_some() {
+        if let Some(a) = registry.get(pid) {
+            if a.runtime != Runtime::Unknown {
+                return;
+            }
+            let spec = ActorSpec {
+                pid: Some(pid),
+                runtime: found.spec.runtime,
+                wakeup_fd: found.spec.wakeup_fd,
+                ..Default::default()
+            };
+            if let Ok(a) = registry.upsert(&spec, Source::Discovered, None, found.facts) {
+                let runtime = a.runtime.as_str();
+                tracing::info!(pid, runtime, fd = spec.wakeup_fd, "recognised the event loop of `{}`", a.name);
+            }
+            return;
+        }
+        if !self.self_pipe {
             return;
         }
         match registry.upsert(&found.spec, Source::Discovered, None, found.facts) {
@@ -197,24 +223,234 @@ impl Discovery {
     }
 }
 
-/// What the process's memory map and wakeup fd say about its runtime:
-/// asyncio loads its C accelerator `_asyncio`; trio shrinks its wakeup
-/// socket's send buffer to the minimum (SO_SNDBUF=1). Reading a socket
-/// option through a pidfd_getfd duplicate never touches the queue.
-pub fn guess_runtime(pid: u32, wakeup_fd: i32) -> Runtime {
-    let exe = procinfo::exe(pid).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+/// Byte counts a signal handler's wakeup write has: 1 (the self-pipe
+/// byte: CPython's `trip_signal`, tokio's signal driver), 8 (an eventfd
+/// increment: GLib's `g_wakeup_signal`), 16 (libuv's `uv__signal_msg_t`, a
+/// handle pointer and the signal number, on 64-bit: Node.js). Anything else
+/// a handler writes (a log line to stderr) is not a wakeup.
+pub const WAKEUP_WRITE_SIZES: [u64; 3] = [1, 8, LIBUV_SIGNAL_MSG];
+
+/// sizeof(uv__signal_msg_t) on 64-bit (libuv src/unix/signal.c), measured:
+/// Node 20's handler does `write(fd, msg, 16)` to the loop's signal pipe.
+const LIBUV_SIGNAL_MSG: u64 = 16;
+
+/// What kind of file a wakeup fd is, from its /proc/PID/fd link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FdKind {
+    Socket,
+    Pipe,
+    Eventfd,
+    Other,
+}
+
+impl FdKind {
+    pub fn of_target(target: &str) -> FdKind {
+        if target.starts_with("socket:[") {
+            FdKind::Socket
+        } else if target.starts_with("pipe:[") {
+            FdKind::Pipe
+        } else if target == "anon_inode:[eventfd]" {
+            FdKind::Eventfd
+        } else {
+            FdKind::Other
+        }
+    }
+}
+
+/// The facts [`classify`] decides on, read from /proc and the wakeup fd.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoopEvidence {
+    /// The handler write's byte count and call (`sigwake_common::write_call`).
+    pub count: u64,
+    pub call: u32,
+    pub fd_kind: Option<FdKind>,
+    /// O_NONBLOCK on the fd (/proc/PID/fdinfo `flags`).
+    pub nonblocking: bool,
+    /// A CPython interpreter (its exe, or libpython in the maps).
+    pub python: bool,
+    /// The executable's file name.
+    pub exe_name: String,
+    /// /proc/PID/maps.
+    pub maps: String,
+    /// SO_SNDBUF of the wakeup socket, when it is one.
+    pub sndbuf: Option<usize>,
+    /// The executable carries tokio's signal driver.
+    pub tokio_in_exe: bool,
+}
+
+/// The runtime behind a handler's wakeup write, from evidence that tells
+/// them apart (each measured on the real runtime, CPython 3.11, Node 20):
+///
+/// | runtime | wakeup fd | handler write | evidence |
+/// |---|---|---|---|
+/// | trio | socketpair, SO_SNDBUF shrunk (reads back 4608) | `write` 1 B | the send buffer |
+/// | uvloop | socketpair | `write` 1 B | `uvloop/loop.cpython*.so` in the maps |
+/// | tornado | asyncio's socketpair | `write` 1 B | `tornado/speedups*.so` in the maps |
+/// | asyncio | socketpair | `write` 1 B | `_asyncio` in the maps |
+/// | Twisted | the reactor's waker, an `os.pipe()` | `write` 1 B | a pipe, and zope.interface's C module in the maps (Twisted needs it; Twisted also loads `_asyncio`) |
+/// | Python self-pipe loop | `os.pipe()` | `write` 1 B | a pipe, nothing above |
+/// | tokio | socketpair (mio UnixStream) | `sendto` 1 B, MSG_NOSIGNAL | tokio's signal driver in the executable |
+/// | libuv (Node) | the loop's signal pipe | `write` 16 B | the message size, and `node` or libuv |
+/// | eventfd (GLib) | eventfd | `write` 8 B | the fd kind |
+///
+/// A wakeup fd is non-blocking (CPython refuses a blocking one; a handler
+/// must not block): Node's handler also writes one byte to libuv's global
+/// signal *lock* pipe, a blocking one, which is no wakeup fd. `None`: not a
+/// wakeup write.
+pub fn classify(e: &LoopEvidence) -> Option<Runtime> {
+    use sigwake_common::write_call;
+    let kind = e.fd_kind?;
+    if !e.nonblocking && kind != FdKind::Eventfd {
+        return None;
+    }
+    let has = |needle: &str| e.maps.contains(needle);
+    match (e.count, kind) {
+        (8, FdKind::Eventfd) => Some(Runtime::Eventfd),
+        (LIBUV_SIGNAL_MSG, FdKind::Pipe) if e.exe_name == "node" || e.exe_name == "nodejs" || has("/libuv.so") => {
+            Some(Runtime::Libuv)
+        }
+        (1, FdKind::Socket) if e.python => Some(if e.sndbuf.is_some_and(|b| b < 16 * 1024) {
+            Runtime::Trio
+        } else if has("/uvloop/loop.") {
+            Runtime::Uvloop
+        } else if has("/tornado/speedups.") {
+            Runtime::Tornado
+        } else if has("/_asyncio.") {
+            Runtime::Asyncio
+        } else {
+            Runtime::Other
+        }),
+        (1, FdKind::Pipe) if e.python => Some(if has("/zope/interface/_zope_interface_coptimizations.") {
+            Runtime::Twisted
+        } else {
+            Runtime::SelfPipe
+        }),
+        (1, FdKind::Socket) if e.call == write_call::SENDTO && e.tokio_in_exe => Some(Runtime::Tokio),
+        (1, FdKind::Socket | FdKind::Pipe) => Some(Runtime::SelfPipe),
+        _ => None,
+    }
+}
+
+/// Reads the evidence [`classify`] needs for `w` and decides. Reading a
+/// socket option through a pidfd_getfd duplicate never touches the queue.
+pub fn guess_runtime(pid: u32, w: &HandlerWrite) -> Option<Runtime> {
+    let target = fdqueue::fd_target(pid, w.fd)?;
+    let fd_kind = FdKind::of_target(&target);
+    let exe = procinfo::exe(pid).unwrap_or_default();
+    let exe_name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let maps = procinfo::maps(pid).unwrap_or_default();
-    let python = exe.contains("python") || maps.contains("libpython");
-    if !python {
-        return Runtime::Unknown;
+    let python = exe_name.starts_with("python") || maps.contains("libpython");
+    let sndbuf = if fd_kind == FdKind::Socket && w.count == 1 {
+        ProcessHandle::open(pid, None)
+            .and_then(|h| h.get_fd(w.fd))
+            .ok()
+            .and_then(|fd| fdqueue::send_buffer_size(fd.as_fd()).ok())
+    } else {
+        None
+    };
+    let sendto = w.call == sigwake_common::write_call::SENDTO;
+    let tokio_in_exe = !python && w.count == 1 && sendto && exe_has_tokio_signal(pid);
+    let evidence = LoopEvidence {
+        count: w.count,
+        call: w.call,
+        fd_kind: Some(fd_kind),
+        nonblocking: fdqueue::fd_nonblocking(pid, w.fd).unwrap_or(false),
+        python,
+        exe_name,
+        maps,
+        sndbuf,
+        tokio_in_exe,
+    };
+    classify(&evidence)
+}
+
+/// Whether the process's executable has tokio's signal driver compiled
+/// in: its panic locations (`…/tokio-1.54.1/src/signal/unix.rs`) stay in
+/// stripped binaries too (measured on the tokio fixture). Read once per
+/// discovered loop, through /proc/PID/exe: the very file running.
+fn exe_has_tokio_signal(pid: u32) -> bool {
+    static NEEDLE: std::sync::LazyLock<regex::bytes::Regex> = std::sync::LazyLock::new(|| {
+        regex::bytes::Regex::new(r"tokio-1\.[0-9]+\.[0-9]+/src/signal/").expect("a valid pattern")
+    });
+    // Bounded: a huge executable is read at most once per loop, but not without limit.
+    const MAX_EXE: u64 = 1 << 30;
+    let path = format!("/proc/{pid}/exe");
+    std::fs::metadata(&path).is_ok_and(|m| m.len() <= MAX_EXE)
+        && std::fs::read(&path).is_ok_and(|bytes| NEEDLE.is_match(&bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use sigwake_common::write_call;
+
+    use super::*;
+
+    fn python(maps: &str, kind: FdKind, sndbuf: Option<usize>) -> LoopEvidence {
+        LoopEvidence {
+            count: 1,
+            call: write_call::WRITE,
+            fd_kind: Some(kind),
+            nonblocking: true,
+            python: true,
+            exe_name: "python3.11".into(),
+            maps: maps.into(),
+            sndbuf,
+            tokio_in_exe: false,
+        }
     }
-    if maps.contains("/_asyncio.") {
-        return Runtime::Asyncio;
+
+    const SITE: &str = "/venv/lib/python3.11/site-packages";
+
+    #[test]
+    fn each_runtime_from_its_evidence() {
+        let asyncio = "/usr/lib/python3.11/lib-dynload/_asyncio.cpython-311-x86_64-linux-gnu.so\n".to_string();
+        // trio: the shrunk send buffer decides, even with asyncio imported.
+        assert_eq!(classify(&python(&asyncio, FdKind::Socket, Some(4608))), Some(Runtime::Trio));
+        assert_eq!(classify(&python(&asyncio, FdKind::Socket, Some(212_992))), Some(Runtime::Asyncio));
+        let uvloop = format!("{asyncio}{SITE}/uvloop/loop.cpython-311-x86_64-linux-gnu.so\n");
+        assert_eq!(classify(&python(&uvloop, FdKind::Socket, Some(212_992))), Some(Runtime::Uvloop));
+        let tornado = format!("{asyncio}{SITE}/tornado/speedups.abi3.so\n");
+        assert_eq!(classify(&python(&tornado, FdKind::Socket, Some(212_992))), Some(Runtime::Tornado));
+        // Twisted imports asyncio too: its pipe and zope.interface decide.
+        let twisted =
+            format!("{asyncio}{SITE}/zope/interface/_zope_interface_coptimizations.cpython-311-x86_64-linux-gnu.so\n");
+        assert_eq!(classify(&python(&twisted, FdKind::Pipe, None)), Some(Runtime::Twisted));
+        assert_eq!(classify(&python(&asyncio, FdKind::Pipe, None)), Some(Runtime::SelfPipe));
+        assert_eq!(classify(&python("", FdKind::Socket, Some(212_992))), Some(Runtime::Other));
+
+        let native = |count, call, kind, exe: &str, tokio| LoopEvidence {
+            count,
+            call,
+            fd_kind: Some(kind),
+            nonblocking: true,
+            exe_name: exe.into(),
+            tokio_in_exe: tokio,
+            ..Default::default()
+        };
+        let tokio = native(1, write_call::SENDTO, FdKind::Socket, "server", true);
+        assert_eq!(classify(&tokio), Some(Runtime::Tokio));
+        assert_eq!(classify(&LoopEvidence { tokio_in_exe: false, ..tokio }), Some(Runtime::SelfPipe));
+        assert_eq!(classify(&native(16, write_call::WRITE, FdKind::Pipe, "node", false)), Some(Runtime::Libuv));
+        // 16 bytes from something that is not libuv: no wakeup known.
+        assert_eq!(classify(&native(16, write_call::WRITE, FdKind::Pipe, "server", false)), None);
+        let glib =
+            LoopEvidence { nonblocking: false, ..native(8, write_call::WRITE, FdKind::Eventfd, "gnome-shell", false) };
+        assert_eq!(classify(&glib), Some(Runtime::Eventfd));
     }
-    let small_sndbuf = ProcessHandle::open(pid, None)
-        .and_then(|h| h.get_fd(wakeup_fd))
-        .ok()
-        .and_then(|fd| fdqueue::send_buffer_size(fd.as_fd()).ok())
-        .is_some_and(|v| v < 16 * 1024);
-    if small_sndbuf { Runtime::Trio } else { Runtime::Other }
+
+    #[test]
+    fn a_blocking_fd_is_no_wakeup_fd() {
+        // Node's handler ends with write(lock pipe, "*", 1): libuv's global
+        // signal lock, a blocking pipe.
+        let lock = LoopEvidence {
+            count: 1,
+            call: write_call::WRITE,
+            fd_kind: Some(FdKind::Pipe),
+            nonblocking: false,
+            exe_name: "node".into(),
+            ..Default::default()
+        };
+        assert_eq!(classify(&lock), None);
+        assert_eq!(classify(&LoopEvidence { nonblocking: true, ..lock }), Some(Runtime::SelfPipe));
+    }
 }

@@ -5,22 +5,95 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+/// The event loop behind an actor's wakeup fd: recognised by discovery
+/// (`actors/discovery.rs` `guess_runtime`, from evidence measured on each
+/// real runtime), given at registration or by a selector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Runtime {
     Trio,
     Asyncio,
+    /// uvloop: asyncio's API on libuv; its wakeup socketpair is read like
+    /// asyncio's, one callback per byte.
+    Uvloop,
+    /// tornado ≥ 5 on asyncio: asyncio's self-pipe and semantics.
+    Tornado,
+    /// A Twisted reactor: its waker pipe only wakes the reactor; the
+    /// Python-level handler runs once the main thread runs.
+    Twisted,
+    /// tokio's signal driver: one byte `sendto` on a socketpair; a full
+    /// socket coalesces (every pending signal is flagged apart from it).
+    Tokio,
+    /// libuv (Node.js): its handler writes a 16-byte message per signal to
+    /// the loop's signal pipe; the loop runs one callback per message.
+    Libuv,
+    /// A self-pipe loop nothing else identifies (a hand-rolled `select`
+    /// loop on a pipe, an unknown program).
+    SelfPipe,
+    /// The handler adds to an eventfd (GLib and the like): a counter that
+    /// does not overflow, so its wakeup cannot be lost.
+    Eventfd,
     Other,
     Unknown,
 }
 
+/// What a failed wakeup write (its fd full) means for a runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropMeaning {
+    /// The signal still reaches the program once its main thread runs
+    /// (CPython's `tripped` flag is set before the byte is written): trio,
+    /// Twisted, a plain Python self-pipe loop.
+    Delayed,
+    /// The byte (or message) was the callback: it never runs (asyncio,
+    /// uvloop, tornado, libuv).
+    Lost,
+    /// Nothing is lost: the runtime flags each signal apart from the byte,
+    /// which only wakes the loop (tokio).
+    Coalesced,
+    /// The wakeup fd cannot fill (an eventfd counter).
+    CannotOverflow,
+    /// Not known.
+    Unknown,
+}
+
 impl Runtime {
+    pub const ALL: [Runtime; 11] = [
+        Self::Trio,
+        Self::Asyncio,
+        Self::Uvloop,
+        Self::Tornado,
+        Self::Twisted,
+        Self::Tokio,
+        Self::Libuv,
+        Self::SelfPipe,
+        Self::Eventfd,
+        Self::Other,
+        Self::Unknown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Trio => "trio",
             Self::Asyncio => "asyncio",
+            Self::Uvloop => "uvloop",
+            Self::Tornado => "tornado",
+            Self::Twisted => "twisted",
+            Self::Tokio => "tokio",
+            Self::Libuv => "libuv",
+            Self::SelfPipe => "self_pipe",
+            Self::Eventfd => "eventfd",
             Self::Other => "other",
             Self::Unknown => "unknown",
+        }
+    }
+
+    pub fn drop_meaning(self) -> DropMeaning {
+        match self {
+            Self::Trio | Self::Twisted => DropMeaning::Delayed,
+            Self::Asyncio | Self::Uvloop | Self::Tornado | Self::Libuv => DropMeaning::Lost,
+            Self::Tokio => DropMeaning::Coalesced,
+            Self::Eventfd => DropMeaning::CannotOverflow,
+            Self::SelfPipe | Self::Other | Self::Unknown => DropMeaning::Unknown,
         }
     }
 }

@@ -303,8 +303,11 @@ impl Registry {
                 let actor = self.actors.get_mut(&w.task.pid).filter(|a| a.state.is_live())?;
                 actor.last_seen = clock.rfc3339(ev.mono_ns);
                 actor.last_seen_mono = ev.mono_ns;
-                // A one-byte write from a handler is the wakeup write: learn the fd.
-                if w.count == 1 && w.task.tid == w.task.pid && actor.wakeup_fd.is_none() {
+                // A one-byte write from a handler is the wakeup write (libuv's
+                // is its 16-byte message; its one-byte write is to its signal
+                // lock pipe): learn the fd.
+                let wakeup_size = if actor.runtime == Runtime::Libuv { 16 } else { 1 };
+                if w.count == wakeup_size && w.task.tid == w.task.pid && actor.wakeup_fd.is_none() {
                     actor.wakeup_fd = Some(w.fd);
                     learned.push((w.task.pid, w.fd));
                 }

@@ -227,7 +227,7 @@ impl Pipeline {
                 }
                 EventBody::HandlerWrite(w) if self.discovery.wants(w) => {
                     if let Some(Examined::Loop(Some(f))) = found.next() {
-                        Discovery::apply_loop(f, &mut reg);
+                        self.discovery.apply_loop(f, &mut reg);
                     }
                 }
                 _ => {}
@@ -299,9 +299,16 @@ impl Pipeline {
         if candidates.is_empty() && !events.iter().any(|e| matches!(e.body, EventBody::ProcessExec(_))) {
             return Vec::new();
         }
+        // Actors whose runtime is known need no look (nor, with
+        // --no-discovery, processes that are no actor); one a selector made
+        // without a runtime gets it from its first wakeup write.
         let known: HashSet<u32> = {
             let reg = lock(&self.registry);
-            candidates.into_iter().filter(|p| reg.get(*p).is_some()).collect()
+            let discovers = self.discovery.discovers_loops();
+            candidates
+                .into_iter()
+                .filter(|p| reg.get(*p).map_or(!discovers, |a| a.runtime != Runtime::Unknown))
+                .collect()
         };
         let discovery = &mut self.discovery;
         blocking(|| {
@@ -314,7 +321,7 @@ impl Pipeline {
                         // Once per process and batch: a burst of handler
                         // writes needs one look.
                         let new = !known.contains(&w.task.pid) && examined_loops.insert(w.task.pid);
-                        Some(Examined::Loop(new.then(|| discovery.examine_loop(w))))
+                        Some(Examined::Loop(new.then(|| discovery.examine_loop(w)).flatten()))
                     }
                     _ => None,
                 })

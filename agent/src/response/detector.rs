@@ -11,12 +11,13 @@
 //! recovery only for an actor whose fill cannot be measured.
 //!
 //! Runtime matters: for trio a full wakeup socket is normal and SIGINT is
-//! only delayed, so only the confirm window decides; for asyncio every
-//! failed byte is a lost callback, reported at once ([`Output::Lost`]).
+//! only delayed, so only the confirm window decides; for asyncio (and
+//! uvloop, tornado, libuv: [`DropMeaning::Lost`]) every failed byte is a
+//! lost callback, reported at once ([`Output::Lost`]).
 
 use std::collections::HashMap;
 
-use crate::actors::registry::Runtime;
+use crate::actors::registry::{DropMeaning, Runtime};
 
 /// Per-actor inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,7 +39,8 @@ pub enum Output {
     Dropped {
         pid: u32,
     },
-    /// asyncio: the byte was a signal callback, and it is gone.
+    /// asyncio and the like ([`DropMeaning::Lost`]): the byte was a signal
+    /// callback, and it is gone.
     Lost {
         pid: u32,
         sig: i32,
@@ -140,7 +142,7 @@ impl Detector {
             (Input::WakeupDropped { sig }, Phase::Idle) => {
                 t.phase = Phase::Watching { since: now, deadline: now + window_ns, drops: 1, last_sig: sig };
                 out.push(Output::Dropped { pid });
-                if runtime == Runtime::Asyncio {
+                if runtime.drop_meaning() == DropMeaning::Lost {
                     out.push(Output::Lost { pid, sig });
                 }
             }
@@ -149,11 +151,11 @@ impl Detector {
                     out.push(Output::Dropped { pid });
                 }
                 t.phase = Phase::Watching { since, deadline, drops: drops + 1, last_sig: sig };
-                if runtime == Runtime::Asyncio {
+                if runtime.drop_meaning() == DropMeaning::Lost {
                     out.push(Output::Lost { pid, sig });
                 }
             }
-            (Input::WakeupDropped { sig }, Phase::Starving { .. }) if runtime == Runtime::Asyncio => {
+            (Input::WakeupDropped { sig }, Phase::Starving { .. }) if runtime.drop_meaning() == DropMeaning::Lost => {
                 out.push(Output::Lost { pid, sig });
             }
             // Room for a byte again after drops: the next tick decides,

@@ -469,7 +469,7 @@ impl Metrics {
     ) {
         use crate::actors::registry::{ActorState, Runtime};
         for state in ActorState::ALL {
-            for runtime in [Runtime::Trio, Runtime::Asyncio, Runtime::Other, Runtime::Unknown] {
+            for runtime in Runtime::ALL {
                 let n = counts.get(&(state, runtime)).copied().unwrap_or(0);
                 let labels = StateLabels { state: state.as_str().into(), runtime: runtime.as_str().into() };
                 if n > 0 || self.actors.get(&labels).is_some() {

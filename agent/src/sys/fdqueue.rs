@@ -54,6 +54,15 @@ pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
     fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok().map(|t| t.to_string_lossy().into_owned())
 }
 
+/// Whether `pid`'s fd `fd` has O_NONBLOCK, from the octal `flags:` line of
+/// /proc/PID/fdinfo/FD (proc(5)).
+pub fn fd_nonblocking(pid: u32, fd: i32) -> Option<bool> {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    let flags = u32::from_str_radix(flags.trim(), 8).ok()?;
+    Some(flags & libc::O_NONBLOCK as u32 != 0)
+}
+
 /// Measures the undrained bytes of `pid`'s wakeup fd `wakeup_fd` (the fd
 /// given to `signal.set_wakeup_fd`: the *write* end). Never reads from it.
 /// `None` if the process or fd is gone, or the fd is a socket we cannot find
