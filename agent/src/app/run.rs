@@ -414,11 +414,14 @@ impl Pipeline {
             match o {
                 Output::Dropped { pid } => lock(registry).set_state(pid, ActorState::DroppedWakeup),
                 Output::Lost { pid, sig } => {
-                    let name = lock(registry).name_of(pid).unwrap_or("-").to_string();
+                    let (name, runtime) = lock(registry)
+                        .get(pid)
+                        .map_or(("-".to_string(), "unknown"), |a| (a.name.clone(), a.runtime.as_str()));
                     tracing::warn!(
                         actor = name,
                         pid,
-                        "asyncio lost a {} callback: its wakeup byte was dropped",
+                        runtime,
+                        "{runtime} lost a {} callback: its wakeup write was dropped",
                         crate::kernel::events::Signal(sig)
                     );
                 }

@@ -128,6 +128,13 @@ impl Detector {
         }
         t.runtime = runtime;
         t.window_ns = window_ns;
+        // The runtime may be recognised only after the first evidence (the
+        // stop signal enters the handler before the wakeup write that
+        // identifies the loop): the window is the runtime's, from the first
+        // evidence.
+        if let Phase::Watching { since, ref mut deadline, .. } = t.phase {
+            *deadline = since + window_ns;
+        }
         match (input, t.phase) {
             (Input::Exited, _) => {
                 self.tracks.remove(&pid);
@@ -298,6 +305,22 @@ mod tests {
         tick(&mut d, W, None);
         assert!(run(&mut d, 9, Runtime::Other, W + 1, Input::WakeupWritten).is_empty());
         assert_eq!(tick(&mut d, W + 2, None), vec![Output::Recovered { pid: 9, at_ns: W + 2 }]);
+    }
+
+    #[test]
+    fn a_runtime_recognised_after_the_first_evidence_gets_its_own_window() {
+        // The stop signal enters the handler while the runtime is unknown
+        // (2 s); its wakeup write then identifies a 1 s runtime.
+        let mut d = Detector::default();
+        let mut out = vec![];
+        d.input(7, Runtime::Unknown, W, 0, Input::StopSignal { sig: 2 }, &mut out);
+        d.input(7, Runtime::Uvloop, W / 2, MS, Input::WakeupWritten, &mut out);
+        assert!(tick(&mut d, W / 2 - MS, Some(1)).is_empty(), "not before the runtime's window");
+        let out = tick(&mut d, W / 2, Some(1));
+        assert!(
+            matches!(out[..], [Output::Confirmed { first_evidence_ns: 0, confirmed_ns, .. }] if confirmed_ns == W / 2),
+            "{out:?}"
+        );
     }
 
     #[test]
