@@ -320,11 +320,24 @@ impl RunningAgent {
 
     /// Starts `sigwake run` with only `extra` args (no `--serve-state`).
     pub fn start_default(extra: &[&str]) -> RunningAgent {
+        Self::start_via(&[], extra)
+    }
+
+    /// Starts `sigwake run` through a launcher (`prefix`, e.g. `nsenter
+    /// --target PID --pid --mount`), with `extra` args.
+    pub fn start_via(prefix: &[&str], extra: &[&str]) -> RunningAgent {
         let dir = TempDir::new("agent");
         let addr = format!("127.0.0.1:{}", free_port());
         let socket = dir.0.join("registry.sock");
         let state_dir = dir.0.join("state");
-        let mut cmd = Command::new(sigwake_bin());
+        let mut cmd = match prefix.split_first() {
+            Some((launcher, args)) => {
+                let mut cmd = Command::new(launcher);
+                cmd.args(args).arg(sigwake_bin());
+                cmd
+            }
+            None => Command::new(sigwake_bin()),
+        };
         cmd.args(["run", "--listen", &addr])
             .arg("--socket")
             .arg(&socket)
