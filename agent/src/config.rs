@@ -385,7 +385,14 @@ impl Config {
                 ));
             }
             if let Some(cg) = &s.cgroup {
-                let dir = Path::new("/sys/fs/cgroup").join(cg.trim_start_matches('/'));
+                let Some(dir) = crate::sys::cgroup::v2_dir(cg) else {
+                    return Err(invalid(
+                        at,
+                        format!(
+                            "selector cgroup `{cg}`: no cgroup v2 hierarchy is mounted here (no cgroup2 line in /proc/self/mountinfo); mount one or drop the cgroup key"
+                        ),
+                    ));
+                };
                 if let Err(e) = std::fs::metadata(&dir) {
                     return Err(invalid(at, format!("selector cgroup `{cg}`: cannot read {}: {e}", dir.display())));
                 }

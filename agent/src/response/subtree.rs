@@ -114,7 +114,7 @@ enum Cgroup {
 /// them is a process the registrant may signal.
 fn own_cgroup(inc: &Incident, registrant: Option<u32>) -> Cgroup {
     let Some(rel) = procinfo::cgroup(inc.pid).filter(|r| r != "/" && !r.is_empty()) else { return Cgroup::NotOwn };
-    let dir = PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    let Some(dir) = cgroup::v2_dir(&rel) else { return Cgroup::NotOwn };
     let Ok(procs) = cgroup::procs(&dir) else { return Cgroup::NotOwn };
     let ours: HashSet<u32> =
         std::iter::once(inc.pid).chain(inc.subtree.iter().chain(&inc.subtree_not_permitted).map(|(p, _)| *p)).collect();
