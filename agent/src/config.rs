@@ -282,7 +282,13 @@ impl Config {
         };
         let file: FileConfig = toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
-            invalid(offset, e.message().to_string())
+            // Some syntax errors (a bare carriage return) come with an
+            // empty message: say what the parser saw instead of nothing.
+            let reason = match e.message().trim() {
+                "" => format!("not valid TOML here: {}", e.to_string().lines().next().unwrap_or("syntax error")),
+                m => m.to_string(),
+            };
+            invalid(offset, reason)
         })?;
         let listen = match (over.listen, &file.listen) {
             (Some(l), _) => l,
@@ -576,6 +582,15 @@ mod tests {
         assert!(!s.matches(&c));
     }
 
+    /// Found by the config fuzz target: a bare carriage return gave an
+    /// error with an empty reason ("fuzz.toml:1: ").
+    #[test]
+    fn a_bare_carriage_return_is_an_error_that_says_something() {
+        let Err(ConfigError::Invalid { line, reason, .. }) = parse("\ra") else { panic!("\\ra must not load") };
+        assert_eq!(line, 1);
+        assert!(!reason.trim().is_empty() && reason.contains("TOML"), "{reason:?}");
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
@@ -583,5 +598,163 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("2h").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+}
+
+/// Fuzz target of the config loader (property tests, stable toolchain):
+/// any text, and TOML built from the real keys with values of any type,
+/// either loads into a config that keeps the documented bounds or is an
+/// error naming the file and a line of it — never a panic. `cargo xtask
+/// test` runs these with many more cases (PROPTEST_CASES).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const PATH: &str = "/etc/sigwake/fuzz.toml";
+
+    /// A TOML value: durations (good and bad), numbers, strings, arrays.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (any::<f64>(), prop_oneof![Just("ms"), Just("s"), Just("m"), Just("h"), Just("")])
+                .prop_map(|(n, u)| format!("\"{n}{u}\"")),
+            (0u32..5000, prop_oneof![Just("ms"), Just("s"), Just("m")]).prop_map(|(n, u)| format!("\"{n}{u}\"")),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            "[ -~]{0,16}".prop_map(|s| format!("{:?}", s)),
+            Just("\"127.0.0.1:0\"".to_string()),
+            Just("[\"/bin/true\", \"x\"]".to_string()),
+            Just("[]".to_string()),
+            Just("\"(\"".to_string()),
+        ]
+    }
+
+    fn tier() -> impl Strategy<Value = String> {
+        let action = prop_oneof![
+            Just("diagnostics"),
+            Just("sigterm"),
+            Just("sigkill"),
+            Just("sigabrt"),
+            Just("sigint"),
+            Just("kill_subtree"),
+            Just("notify"),
+            Just("explode"),
+        ];
+        let key = prop_oneof![Just("timeout"), Just("py_spy"), Just("command"), Just("url"), Just("bogus")];
+        (action, proptest::collection::vec((key, value()), 0..3)).prop_map(|(a, kv)| {
+            let mut t = format!("{{ action = \"{a}\"");
+            for (k, v) in kv {
+                t.push_str(&format!(", {k} = {v}"));
+            }
+            t + " }"
+        })
+    }
+
+    fn document() -> impl Strategy<Value = String> {
+        let top = prop_oneof![
+            Just("listen"),
+            Just("serve_state"),
+            Just("socket"),
+            Just("state_dir"),
+            Just("discovery"),
+            Just("dry_run"),
+            Just("max_actors"),
+            Just("max_actor_labels"),
+            Just("unknown_key"),
+        ];
+        let policy_key = prop_oneof![Just("confirm"), Just("confirm_trio"), Just("confirm_asyncio")];
+        let sel_key = prop_oneof![
+            Just("name"),
+            Just("exe"),
+            Just("cmdline"),
+            Just("uid"),
+            Just("descendant_of"),
+            Just("runtime"),
+            Just("policy"),
+        ];
+        (
+            proptest::collection::vec((top, value()), 0..4),
+            proptest::collection::vec((value(), value()), 0..3),
+            proptest::collection::vec(
+                (
+                    prop_oneof![Just("default"), Just("p1")],
+                    proptest::collection::vec((policy_key, value()), 0..3),
+                    proptest::collection::vec(tier(), 0..4),
+                ),
+                0..3,
+            ),
+            proptest::collection::vec(proptest::collection::vec((sel_key, value()), 0..3), 0..2),
+        )
+            .prop_map(|(top, esc, policies, selectors)| {
+                let mut doc = String::new();
+                for (k, v) in top {
+                    doc.push_str(&format!("{k} = {v}\n"));
+                }
+                doc.push_str("[escalation]\n");
+                for (i, (a, b)) in esc.into_iter().enumerate() {
+                    let k = if i % 2 == 0 { "max_concurrent" } else { "max_actions_per_minute" };
+                    doc.push_str(&format!("{k} = {}\n", if i < 2 { a } else { b }));
+                }
+                for (name, kv, tiers) in policies {
+                    doc.push_str(&format!("[policy.{name}]\n"));
+                    for (k, v) in kv {
+                        doc.push_str(&format!("{k} = {v}\n"));
+                    }
+                    doc.push_str(&format!("tiers = [{}]\n", tiers.join(", ")));
+                }
+                for kv in selectors {
+                    doc.push_str("[[selector]]\n");
+                    for (k, v) in kv {
+                        doc.push_str(&format!("{k} = {v}\n"));
+                    }
+                }
+                doc
+            })
+    }
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        match Config::from_toml(text, Path::new(PATH), &Overrides::default()) {
+            Ok(c) => {
+                prop_assert!(c.policies.contains_key("default"));
+                let hour = Duration::from_secs(3600);
+                for p in c.policies.values() {
+                    prop_assert!(p.confirm_trio <= hour && p.confirm_asyncio <= hour && p.confirm_other <= hour);
+                    for t in &p.tiers {
+                        if let Action::Signal { timeout, .. } | Action::KillSubtree { timeout } = t {
+                            prop_assert!(*timeout <= hour);
+                        }
+                    }
+                }
+                prop_assert!(c.limits.max_concurrent >= 1 && c.limits.max_actions_per_minute >= 1);
+                prop_assert!((1..=60_000).contains(&c.max_actors) && c.max_actor_labels >= 1);
+            }
+            Err(ConfigError::Invalid { path, line, reason }) => {
+                prop_assert_eq!(path, PathBuf::from(PATH));
+                prop_assert!(line >= 1 && line <= text.lines().count() + 1, "line {} of {:?}", line, text);
+                prop_assert!(!reason.is_empty());
+            }
+            Err(e) => prop_assert!(false, "from_toml reads no file: {e}"),
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_config_any_text(text in "(?s).{0,200}") {
+            check(&text)?;
+        }
+
+        #[test]
+        fn fuzz_config_documents_of_real_keys(doc in document()) {
+            check(&doc)?;
+        }
+
+        #[test]
+        fn fuzz_parse_duration_any_text(text in "[-+0-9.eEinfaNms ]{0,12}") {
+            if let Ok(d) = parse_duration(&text) {
+                prop_assert!(d <= Duration::from_secs(3600));
+            }
+        }
     }
 }

@@ -238,6 +238,28 @@ fn python_client_tests(python: &Path, root: &Path) -> Result<()> {
     status(Command::new(python).args(["-c", RUN]).arg(root.join("clients/python/tests")).current_dir(root))
 }
 
+/// Cases per fuzz target in CI: the unit tests above ran 256 each; this
+/// many takes about 40 s for all of them on 2 cores.
+const FUZZ_CASES: u32 = 4000;
+
+/// The fuzz targets (the `fuzz_*` property tests of the ring-buffer
+/// decoder, the registration protocol and framing, and the config loader)
+/// again, with FUZZ_CASES cases each. A failure prints the minimal input;
+/// proptest saves it under agent/proptest-regressions/, commit that file
+/// (it is replayed first from then on) and add a named regression test.
+fn fuzz() -> Result<()> {
+    step(&format!("fuzz targets, {FUZZ_CASES} cases each"));
+    let started = std::time::Instant::now();
+    status(
+        cargo()
+            .current_dir(workspace_root())
+            .args(["test", "--package", "sigwake", "--lib", "--", "fuzz_"])
+            .env("PROPTEST_CASES", FUZZ_CASES.to_string()),
+    )?;
+    step(&format!("fuzz targets passed in {:.0} s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
 fn test(args: &[String]) -> Result<()> {
     let env = setup()?;
     let root = workspace_root();
@@ -250,11 +272,15 @@ fn test(args: &[String]) -> Result<()> {
         "--exclude",
         "sigwake-tests",
     ]))?;
+    fuzz()?;
     step("Python client unit tests (clients/python)");
     python_client_tests(&env.python, &root)?;
     // The end-to-end tests must run, not skip: without root they cannot.
     require_root("the end-to-end tests")?;
     let_others_traverse(&root)?;
+    // The deploy suite runs these images: built once per run (the Debian
+    // root filesystems are cached under the target dir).
+    let images = image::build(true)?;
     step("privileged end-to-end tests");
     status(cargo().current_dir(&root).args(["build", "--package", "sigwake", "--package", "sigwake-tokio-actor"]))?;
     status(

@@ -136,7 +136,12 @@ struct RequestCodec(AnyDelimiterCodec);
 
 impl RequestCodec {
     fn new() -> Self {
-        RequestCodec(AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_REQUEST))
+        Self::with_max(MAX_REQUEST)
+    }
+
+    /// A smaller limit lets the fuzz target reach it in short inputs.
+    fn with_max(max: usize) -> Self {
+        RequestCodec(AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), max))
     }
 }
 
@@ -292,5 +297,171 @@ mod tests {
         }
         let v = handle_line(&[0xff, 0xfe, b'{'], me, &r, &p);
         assert!(v.contains("bad_request"));
+    }
+}
+
+/// Fuzz targets of the registration protocol (property tests, stable
+/// toolchain): any line gets exactly one JSON reply line and never a
+/// panic; the framing cuts a byte stream into the same requests however
+/// it arrives, and enforces the size limit. `cargo xtask test` runs these
+/// with many more cases (PROPTEST_CASES).
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::actors::registry::tests::{FakeProc, registry};
+
+    /// A JSON value of the kinds a field could be given.
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (0u64..2000).prop_map(Value::from),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,20}".prop_map(Value::from),
+            prop_oneof![Just("trio"), Just("asyncio"), Just("other"), Just("default"), Just("")].prop_map(Value::from),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z]{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A request object: a real op (mostly), real field names (mostly)
+    /// with values of any type.
+    fn request() -> impl Strategy<Value = Vec<u8>> {
+        let op = prop_oneof![
+            4 => prop_oneof![Just("register"), Just("update"), Just("deregister"), Just("list"), Just("ping")]
+                .prop_map(Value::from),
+            1 => value(),
+        ];
+        let field = prop_oneof![
+            Just("pid"),
+            Just("name"),
+            Just("runtime"),
+            Just("parent"),
+            Just("policy"),
+            Just("labels"),
+            Just("wakeup_fd"),
+            Just("bogus"),
+        ];
+        (op, proptest::collection::vec((field, value()), 0..5)).prop_map(|(op, fields)| {
+            let mut o = serde_json::Map::new();
+            o.insert("op".into(), op);
+            for (k, v) in fields {
+                o.insert(k.into(), v);
+            }
+            Value::Object(o).to_string().into_bytes()
+        })
+    }
+
+    fn registry_with_processes() -> (Mutex<Registry>, FakeProc) {
+        let (r, p, _) = registry();
+        p.add(500, 7, 1000, 1);
+        p.add(501, 8, 1000, 500);
+        p.add(600, 9, 0, 1);
+        (Mutex::new(r), p)
+    }
+
+    fn check_reply(reply: &str) -> Result<Value, TestCaseError> {
+        prop_assert!(reply.ends_with('\n') && reply.matches('\n').count() == 1, "one line: {reply:?}");
+        let v: Value = serde_json::from_str(reply).map_err(|e| TestCaseError::fail(format!("{e}: {reply}")))?;
+        prop_assert!(v["ok"].is_boolean(), "{v}");
+        if v["ok"] == false {
+            prop_assert!(v["code"].is_string() && v["error"].is_string(), "{v}");
+        }
+        Ok(v)
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_handle_line_any_bytes_get_one_reply_line(line in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let (r, p) = registry_with_processes();
+            let v = check_reply(&handle_line(&line, Caller { pid: 500, uid: 1000 }, &r, &p))?;
+            prop_assert!(v["ok"] == false || serde_json::from_slice::<Value>(&line).is_ok(), "{v}");
+        }
+
+        /// A sequence of requests from a user and from root: each gets a
+        /// reply, and the user never ends up owning a process it could not
+        /// signal (root's pid 600).
+        #[test]
+        fn fuzz_handle_line_request_sequences(reqs in proptest::collection::vec((request(), any::<bool>()), 1..12)) {
+            let (r, p) = registry_with_processes();
+            let user = Caller { pid: 500, uid: 1000 };
+            let root = Caller { pid: 600, uid: 0 };
+            for (line, as_root) in &reqs {
+                let caller = if *as_root { root } else { user };
+                let v = check_reply(&handle_line(line, caller, &r, &p))?;
+                if !*as_root && v["ok"] == true && v["actor"].is_object() {
+                    prop_assert_ne!(&v["actor"]["pid"], &Value::from(600), "a user registered root's process: {}", v);
+                }
+            }
+            let list = check_reply(&handle_line(br#"{"op":"list"}"#, root, &r, &p))?;
+            prop_assert!(list["actors"].is_array(), "{list}");
+        }
+
+        /// However a byte stream is cut into reads, the codec yields the
+        /// same requests: each a complete line without its newline, within
+        /// the limit; a longer line is an error, and bytes after the last
+        /// newline are no request.
+        #[test]
+        fn fuzz_framing_is_independent_of_how_the_stream_arrives(
+            stream in proptest::collection::vec(prop_oneof![8 => any::<u8>(), 2 => Just(b'\n')], 0..200),
+            cuts in proptest::collection::vec(0usize..200, 0..8),
+            max in 1usize..24,
+        ) {
+            let frames = |chunks: &[&[u8]]| -> (Vec<Vec<u8>>, bool) {
+                let mut codec = RequestCodec::with_max(max);
+                let mut buf = BytesMut::new();
+                let mut out = Vec::new();
+                for (i, chunk) in chunks.iter().enumerate() {
+                    buf.extend_from_slice(chunk);
+                    let last = i + 1 == chunks.len();
+                    loop {
+                        let next = if last { codec.decode_eof(&mut buf) } else { codec.decode(&mut buf) };
+                        match next {
+                            Ok(Some(f)) => out.push(f.to_vec()),
+                            Ok(None) => break,
+                            Err(_) => return (out, true),
+                        }
+                    }
+                }
+                (out, false)
+            };
+            let mut at: Vec<usize> = cuts.into_iter().map(|c| c.min(stream.len())).collect();
+            at.sort_unstable();
+            let mut chunks: Vec<&[u8]> = Vec::new();
+            let mut prev = 0;
+            for c in at.into_iter().chain([stream.len()]) {
+                chunks.push(&stream[prev..c]);
+                prev = c;
+            }
+            let (whole, whole_err) = frames(&[&stream]);
+            let (cut, cut_err) = frames(&chunks);
+            // The reference: complete lines, up to the first one too long.
+            let mut want = Vec::new();
+            let mut too_long = false;
+            let complete = stream.iter().rposition(|&b| b == b'\n').map_or(&stream[..0], |i| &stream[..i]);
+            if stream.contains(&b'\n') {
+                for line in complete.split(|&b| b == b'\n') {
+                    if line.len() > max {
+                        too_long = true;
+                        break;
+                    }
+                    want.push(line.to_vec());
+                }
+            }
+            let tail = stream.iter().rposition(|&b| b == b'\n').map_or(&stream[..], |i| &stream[i + 1..]);
+            too_long |= !too_long && tail.len() > max;
+            prop_assert_eq!(&whole, &want);
+            prop_assert_eq!(whole_err, too_long);
+            prop_assert_eq!(&cut, &want, "cut at other places");
+            prop_assert_eq!(cut_err, too_long);
+        }
     }
 }

@@ -148,6 +148,20 @@ pub fn to_json(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option
 pub const TEXT_HEADER: &str =
     "TIME                        EVENT                PID     TID     COMM             SIGNAL    DETAIL";
 
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): a
+/// process names itself (prctl(PR_SET_NAME) takes any bytes), so a comm
+/// or an actor name could otherwise end a row early, forge another one or
+/// send escape sequences to the terminal reading `sigwake trace`.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| if c.is_control() { c.escape_default().collect() } else { c.to_string() })
+        .collect::<String>()
+        .into()
+}
+
 /// One event as a table row under [`TEXT_HEADER`].
 pub fn to_text(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option<&str>) -> String {
     let (task, detail) = match &ev.body {
@@ -157,7 +171,7 @@ pub fn to_text(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option
                 "-> {}{} ({}) result={} code={}",
                 target_pid.map_or(String::new(), |p| format!("pid {p} ")),
                 format_args!("tid {}", g.target_tid),
-                g.target_comm,
+                printable(&g.target_comm),
                 g.result.as_str(),
                 g.code
             ),
@@ -180,7 +194,7 @@ pub fn to_text(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option
         EventBody::ProcessExit(e) | EventBody::ProcessExec(e) => (&e.task, String::new()),
     };
     let detail = match actor {
-        Some(a) => format!("{detail} actor={a}"),
+        Some(a) => format!("{detail} actor={}", printable(a)),
         None => detail,
     };
     format!(
@@ -189,7 +203,7 @@ pub fn to_text(ev: &Event, clock: &Clock, target_pid: Option<u32>, actor: Option
         event_name(ev),
         task.pid,
         task.tid,
-        task.comm,
+        printable(&task.comm),
         ev.signal().map_or("-".into(), |s| s.name()),
         detail
     )
@@ -206,6 +220,20 @@ mod tests {
         r.target = target;
         r.arg1 = result;
         Event::try_from(&r).unwrap()
+    }
+
+    /// Found by the decoder's fuzz target: a comm with a newline split
+    /// the row in two (and one with ESC reached the terminal raw).
+    #[test]
+    fn a_comm_with_control_characters_stays_on_one_escaped_row() {
+        let mut r = raw(kind::SIGNAL_GENERATE, 2, 7, 7);
+        r.comm = *b"ev\nil\x1b[2J\0\0\0\0\0\0\0";
+        r.comm2[..4].copy_from_slice(b"a\rb\t");
+        let ev = Event::try_from(&r).unwrap();
+        let row = to_text(&ev, &Clock::now(), None, Some("x\ny"));
+        assert!(!row.chars().any(char::is_control), "{row:?}");
+        assert!(row.contains("ev\\nil\\u{1b}[2J"), "{row}");
+        assert!(row.contains("(a\\rb\\t)") && row.contains("actor=x\\ny"), "{row}");
     }
 
     #[test]
