@@ -214,3 +214,97 @@ fn agent_in_a_pid_namespace_never_sees_processes_outside_it() {
     assert!(pids.iter().all(|&p| p == inner_nspid as u64), "only the namespace's actor may appear: {pids:?}");
     trace.signal(libc::SIGINT);
 }
+
+/// A client speaking the registration protocol: sends each request line,
+/// prints {"child": pid, "replies": [...]} where `child` is a `sleep` it
+/// started (so it has a process of its own namespace to name).
+const CLIENT: &str = r#"
+import json, socket, subprocess, sys
+child = subprocess.Popen(["sleep", "60"])
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+replies = []
+for req in sys.argv[2:]:
+    f.write(req.replace("CHILD", str(child.pid)) + "\n")
+    f.flush()
+    replies.append(json.loads(f.readline()))
+print(json.dumps({"ready": True, "child": child.pid, "replies": replies}), flush=True)
+sys.stdin.read()
+"#;
+
+fn client_in(ns: Option<&Namespace>, launcher: &[&str], socket: &Path, requests: &[&str]) -> (Proc, Value) {
+    let mut cmd = match ns {
+        Some(ns) => ns.command(Path::new(launcher[0])),
+        None => Command::new(launcher[0]),
+    };
+    cmd.args(&launcher[1..]).arg(python()).args(["-c", CLIENT]).arg(socket).args(requests);
+    let p = Proc::spawn("registration client", &mut cmd);
+    let out = p.stdout.wait_json("the client's replies", scaled(Duration::from_secs(20)), |v| v["ready"] == true);
+    (p, out)
+}
+
+/// The node-agent shape (the agent in the host's namespace, hostPID): a
+/// client in a pod's namespace names processes by its own pids, is told its
+/// own pids back, and cannot name a process outside its namespace.
+#[test]
+fn a_client_in_a_nested_pid_namespace_registers_by_its_own_pids_and_sees_nothing_outside() {
+    let ns = Namespace::new();
+    let agent = RunningAgent::start(&[]);
+    // The test's own pid is a host process that the namespace does not
+    // contain (its pids are small), but that a pid-blind agent would take.
+    let outside = std::process::id();
+    let (client, out) = client_in(
+        Some(&ns),
+        &["env"],
+        &agent.socket,
+        &[
+            r#"{"op": "register", "pid": CHILD, "name": "nschild"}"#,
+            &format!(r#"{{"op": "register", "pid": {outside}, "name": "outside"}}"#),
+            r#"{"op": "list"}"#,
+        ],
+    );
+    let child_nspid = field_u32(&out, "child");
+    let child_host = ns.host_pid(child_nspid);
+    let replies = out["replies"].as_array().expect("replies");
+    assert_eq!(replies[0]["ok"], true, "{out:#}");
+    assert_eq!(replies[0]["actor"]["pid"], child_nspid, "the reply speaks the client's pids: {out:#}");
+    assert_eq!(replies[1]["code"], "no_such_process", "a host process is not the client's to name: {out:#}");
+    let listed: Vec<&Value> = replies[2]["actors"].as_array().expect("actors").iter().collect();
+    assert!(
+        listed.iter().all(|a| a["pid"] == child_nspid),
+        "the client lists only what it sees, by its own pids: {listed:?}"
+    );
+    // The agent keeps the actor at the pid it sees.
+    let actor = agent.wait_entry("/actors", "the registered child", EVENT, child_host, |a| a["name"] == "nschild");
+    assert_eq!(actor["pid"], child_host);
+    assert!(agent.entries_for("/actors", outside).is_empty(), "nothing registered outside the client's namespace");
+    drop(client);
+    drop(ns);
+    agent.stop();
+}
+
+/// uid 0 counts as root at the socket only with CAP_KILL: a container that
+/// dropped it cannot register another user's process.
+#[test]
+fn root_without_cap_kill_may_register_only_itself() {
+    let agent = RunningAgent::start(&[]);
+    let mut sleeper = Proc::spawn(
+        "sleep as nobody",
+        Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "60"]),
+    );
+    let victim = sleeper.pid();
+    let drop_kill = ["setpriv", "--inh-caps=-kill", "--bounding-set=-kill", "--"];
+    let (_client, out) = client_in(
+        None,
+        &drop_kill,
+        &agent.socket,
+        &[&format!(r#"{{"op": "register", "pid": {victim}, "name": "notyours"}}"#), r#"{"op": "register", "name": "me"}"#],
+    );
+    let replies = out["replies"].as_array().expect("replies");
+    assert_eq!(replies[0]["code"], "not_permitted", "{out:#}");
+    assert_eq!(replies[1]["ok"], true, "registering itself needs no privilege: {out:#}");
+    assert!(agent.entries_for("/actors", victim).is_empty());
+    sleeper.child.kill().ok();
+    agent.stop();
+}

@@ -45,6 +45,7 @@ use super::{cargo, output_ok, require_root, setup, status, step, workspace_root}
 pub const SUBSET: &[(&str, &str)] = &[
     // `sigwake check` proves every job; SIGWAKE_EXPECT_TIER pins the tier.
     ("kernel", "check_proves_every_job_on_this_kernel"),
+    ("kernel", "check_passes_in_a_pid_namespace_of_its_own"),
     ("kernel", "forced_syscall_tracepoints_pass_the_self_test_too"),
     ("kernel", "metrics_name_the_tier_serving_each_job"),
     ("trace", "starved_trio_loop_dropped_sigint_is_reported_with_fd_and_signal"),
@@ -58,6 +59,8 @@ pub const SUBSET: &[(&str, &str)] = &[
     ("registry", "config_selector_matches_a_process_that_execs_into_a_matching_command_line"),
     ("metrics", "dropped_wakeup_counter_moves_by_the_drops_caused"),
     ("escalation", "seed_scenario_starved_trio_actor_is_stopped_by_sigterm_and_everything_is_recorded"),
+    // A sidecar's view: pids translated into the agent's own namespace.
+    ("pidns", "agent_in_a_shared_pid_namespace_blames_and_stops_the_starved_actor_never_the_colliding_bystander"),
 ];
 
 /// The harness's deadlines are multiplied by this inside the guests

@@ -121,7 +121,7 @@ mod tests {
     use super::*;
 
     fn status(sig_ign: u64, sig_cgt: u64, nspid: &[u32]) -> procinfo::Status {
-        procinfo::Status { tgid: 1, ppid: 0, uids: [0; 3], sig_ign, sig_cgt, nspid: nspid.to_vec() }
+        procinfo::Status { tgid: 1, ppid: 0, uids: [0; 3], sig_ign, sig_cgt, nspid: nspid.to_vec(), cap_eff: 0 }
     }
 
     const fn bit(sig: i32) -> u64 {

@@ -24,7 +24,10 @@ use tokio::{
 };
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, FramedRead};
 
-use crate::actors::registry::{ActorSpec, Caller, ProcReader, RealProc, Registry, RegistryError, Source, read_facts};
+use crate::{
+    actors::registry::{ActorSpec, Caller, ProcReader, RealProc, Registry, RegistryError, Source, read_facts},
+    sys::nsview::{self, PidView},
+};
 
 pub const MAX_REQUEST: usize = 64 * 1024;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -159,7 +162,11 @@ impl Decoder for RequestCodec {
 }
 
 async fn client(stream: UnixStream, cred: UCred, registry: Arc<Mutex<Registry>>) -> std::io::Result<()> {
+    // SO_PEERCRED: the kernel gives the client's pid in the agent's pid
+    // namespace and its uid in the agent's user namespace (root in a user
+    // namespace is some other uid here).
     let caller = Caller { pid: cred.pid().map(|p| p as u32).unwrap_or(0), uid: cred.uid() };
+    let rights = crate::app::blocking(|| ClientRights::of(caller));
     let (read, mut write) = stream.into_split();
     let mut requests = FramedRead::new(read, RequestCodec::new());
     // A request must be complete within IDLE_TIMEOUT of the previous reply
@@ -181,7 +188,7 @@ async fn client(stream: UnixStream, cred: UCred, registry: Arc<Mutex<Registry>>)
             Ok(Some(Err(AnyDelimiterCodecError::Io(e)))) => return Err(e),
             Ok(Some(Ok(line))) => line,
         };
-        let reply = handle_line(&line, caller, &registry, &RealProc);
+        let reply = handle_line_as(&line, caller, &rights, &registry, &RealProc);
         tokio::time::timeout(IDLE_TIMEOUT, write.write_all(reply.as_bytes()))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client not reading"))??;
@@ -209,10 +216,66 @@ async fn refuse(mut stream: UnixStream, code: &str, message: &str) -> std::io::R
     Ok(())
 }
 
-/// One request line → one reply line (with its newline).
+/// What a client may do beyond its uid, and how it names processes.
+pub struct ClientRights {
+    /// Its pid namespace: it names, and is told, pids as it sees them, and
+    /// processes outside its namespace do not exist for it.
+    pub view: PidView,
+    /// uid 0 counts as root (kill(2)'s CAP_KILL override) only with
+    /// CAP_KILL in the agent's user namespace.
+    pub cap_kill: bool,
+}
+
+impl ClientRights {
+    /// A client in the agent's own namespace with root's rights: what
+    /// [`handle_line`] assumes.
+    pub const SAME_NAMESPACE: ClientRights = ClientRights { view: PidView::AGENT, cap_kill: true };
+
+    /// Reads the client's namespace and capabilities from /proc. A client
+    /// whose /proc entry is unreadable (gone) gets the narrowest view.
+    fn of(caller: Caller) -> ClientRights {
+        match PidView::of(caller.pid) {
+            Some(view) => ClientRights { view, cap_kill: nsview::has_cap_kill_here(caller.pid) },
+            None => ClientRights { view: PidView::NOTHING, cap_kill: false },
+        }
+    }
+}
+
+/// One request line → one reply line (with its newline), for a client in
+/// the agent's pid namespace.
 pub fn handle_line(line: &[u8], caller: Caller, registry: &Mutex<Registry>, proc: &dyn ProcReader) -> String {
+    handle_line_as(line, caller, &ClientRights::SAME_NAMESPACE, registry, proc)
+}
+
+/// One request line → one reply line, for a client with these rights: pids
+/// in the request are the client's and are mapped to the agent's first,
+/// pids in the reply are mapped back, and what the client cannot see is
+/// left out.
+pub fn handle_line_as(
+    line: &[u8],
+    caller: Caller,
+    rights: &ClientRights,
+    registry: &Mutex<Registry>,
+    proc: &dyn ProcReader,
+) -> String {
     match parse(line) {
-        Ok((op, spec)) => {
+        Ok((op, mut spec)) => {
+            if matches!(op.as_str(), "register" | "update" | "deregister") {
+                let view = rights.view;
+                if let Err(theirs) = crate::app::blocking(|| map_spec_pids(&view, &mut spec)) {
+                    let e = RegistryError::NoSuchProcess(theirs);
+                    return error_reply(e.code(), &e.to_string());
+                }
+                let about_itself = spec.pid.is_none_or(|p| p == caller.pid);
+                if caller.uid == 0 && !rights.cap_kill && !about_itself {
+                    return error_reply(
+                        "not_permitted",
+                        "uid 0 without CAP_KILL in sigwake's user namespace (a container that dropped it) has no \
+                         root rights over other processes here, so it may register only itself; register from the \
+                         uid the process runs as, or grant the client CAP_KILL",
+                    );
+                }
+            }
             // /proc first, then the registry: its lock is never held across I/O.
             let facts = match op.as_str() {
                 "register" | "update" => crate::app::blocking(|| read_facts(proc, &spec, Some(caller))),
@@ -231,13 +294,49 @@ pub fn handle_line(line: &[u8], caller: Caller, registry: &Mutex<Registry>, proc
                     "unknown op `{other}`; expected register, update, deregister, list or ping"
                 ))),
             };
+            drop(reg);
             match result {
-                Ok(v) => format!("{v}\n"),
+                Ok(v) => {
+                    let view = rights.view;
+                    let v = if view.is_agents() { v } else { crate::app::blocking(|| map_reply_pids(&view, v)) };
+                    format!("{v}\n")
+                }
+                // The error may name an agent pid; the client named its own.
                 Err(e) => error_reply(e.code(), &e.to_string()),
             }
         }
         Err(msg) => error_reply("bad_request", &msg),
     }
+}
+
+/// The request's pids (the client's) as the agent's; Err(pid) names one
+/// the client cannot see.
+fn map_spec_pids(view: &PidView, spec: &mut ActorSpec) -> Result<(), u32> {
+    for pid in [&mut spec.pid, &mut spec.parent].into_iter().flatten() {
+        *pid = view.to_agent(*pid).ok_or(*pid)?;
+    }
+    Ok(())
+}
+
+/// A reply's actors with the client's pids; actors it cannot see left out.
+fn map_reply_pids(view: &PidView, mut v: Value) -> Value {
+    let map_actor = |a: &mut Value| -> bool {
+        let Some(pid) = a["pid"].as_u64().and_then(|p| view.from_agent(p as u32)) else { return false };
+        a["pid"] = json!(pid);
+        if let Some(parent) = a["parent_pid"].as_u64() {
+            a["parent_pid"] = json!(view.from_agent(parent as u32));
+        }
+        true
+    };
+    if let Some(actor) = v.get_mut("actor")
+        && !map_actor(actor)
+    {
+        v["actor"] = Value::Null;
+    }
+    if let Some(Value::Array(actors)) = v.get_mut("actors") {
+        actors.retain_mut(map_actor);
+    }
+    v
 }
 
 fn parse(line: &[u8]) -> Result<(String, ActorSpec), String> {

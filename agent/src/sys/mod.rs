@@ -5,6 +5,7 @@
 //! - `pidfd`: process handles that pin identity; signals go only through them
 //! - `fdqueue`: how full a wakeup fd is, never reading it
 //! - `sockdiag`: the NETLINK_SOCK_DIAG client `fdqueue` uses
+//! - `nsview`: pids as a client in another pid namespace sees them
 //! - `cgroup`: cgroup v2 kill
 //! - `bpfinfo`: counters of loaded BPF programs aya does not expose
 //! - `programs`: where the programs the agent runs are found (a fixed PATH)
@@ -12,6 +13,7 @@
 pub mod bpfinfo;
 pub mod cgroup;
 pub mod fdqueue;
+pub mod nsview;
 pub mod pidfd;
 pub mod procinfo;
 pub mod programs;

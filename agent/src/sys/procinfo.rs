@@ -92,6 +92,8 @@ pub struct Status {
     /// The pid in each pid namespace, from the one of this /proc down to
     /// the process's own (`NSpid`); the last is 1 for a namespace's init.
     pub nspid: Vec<u32>,
+    /// Effective capabilities (`CapEff`): bit `n` is capability `n`.
+    pub cap_eff: u64,
 }
 
 /// Parses /proc/PID/status text: the one place the agent does.
@@ -110,6 +112,7 @@ pub fn parse_status(status: &str) -> Option<Status> {
         nspid: field("NSpid:")
             .and_then(|v| v.split_whitespace().map(|p| p.parse().ok()).collect::<Option<Vec<u32>>>())
             .unwrap_or_else(|| vec![tgid]),
+        cap_eff: mask("CapEff:").unwrap_or(0),
     })
 }
 
@@ -224,18 +227,18 @@ pub fn cgroup(pid: u32) -> Option<String> {
     text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string)
 }
 
+/// Every process in this /proc (thread-group ids), in no order.
+pub fn all_pids() -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+}
+
 /// All descendants of `pid` (not `pid` itself), deepest first: children come
 /// after their own descendants, so killing in this order leaves no orphan to
 /// be reparented mid-walk. A snapshot of /proc: it races with forks.
 pub fn descendants(pid: u32) -> Vec<u32> {
     let mut children: std::collections::HashMap<u32, Vec<u32>> = Default::default();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    for entry in dir.flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
+    for child in all_pids() {
         if let Some(ppid) = ppid_of(child) {
             children.entry(ppid).or_default().push(child);
         }
@@ -304,7 +307,7 @@ mod tests {
     #[test]
     fn status_parsing() {
         let text = "Name:\tx\nTgid:\t10\nPid:\t11\nPPid:\t1\nUid:\t1000\t0\t1000\t0\n";
-        let old = Status { tgid: 10, ppid: 1, uids: [1000, 0, 1000], sig_ign: 0, sig_cgt: 0, nspid: vec![10] };
+        let old = Status { tgid: 10, ppid: 1, uids: [1000, 0, 1000], sig_ign: 0, sig_cgt: 0, nspid: vec![10], cap_eff: 0 };
         assert_eq!(parse_status(text), Some(old.clone()));
         let text = format!("{text}NSpid:\t4711\t1\nSigBlk:\t0\nSigIgn:\t0000000000004000\nSigCgt:\t0000000180000002\n");
         let s = parse_status(&text).unwrap();
