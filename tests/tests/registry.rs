@@ -429,39 +429,104 @@ fn unregistered_asyncio_loop_is_discovered_from_its_wakeup_write_and_only_observ
 // 4. tractor command line
 // ---------------------------------------------------------------------------
 
+/// The tractor venv's python (SIGWAKE_TRACTOR_PYTHON, set by `cargo xtask
+/// test`; tests/requirements-tractor.txt says why it is a venv of its own).
+fn tractor_python() -> PathBuf {
+    std::env::var_os("SIGWAKE_TRACTOR_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("SIGWAKE_TRACTOR_PYTHON is not set: run the end-to-end tests with `cargo xtask test` (as root)")
+    })
+}
+
+/// SIGKILLs the pids it holds when dropped (those of our own fixture).
+struct KillOnDrop(Vec<u32>);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // Only while the pid is still that subactor: never a reused one.
+            let ours = std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("_subactor["));
+            if ours {
+                // SAFETY: kill(2) on a subactor of this test's fixture.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// A real tractor tree (tests/fixtures/tractor_tree.py: a root actor and
+/// two subactors, trio backend), renamed the way current tractor renames
+/// its subactors (`_subactor[name@pid]`, process title and comm). Nobody
+/// registers anything:
+/// - started while an agent runs, each subactor is named from its spawn
+///   line (`python -m tractor._child --uid "('name', 'uuid')"`, read at its
+///   exec) with its uuid, and keeps both once renamed;
+/// - across an agent restart (a tree the new agent finds already running)
+///   each is named from its process title alone;
+/// - either way the root actor is recorded too, and is each subactor's
+///   parent.
 #[test]
-fn tractor_subactor_is_named_from_its_command_line() {
+fn real_tractor_tree_is_recognised_in_every_form_with_parent_links_across_an_agent_restart() {
     let t0 = Instant::now();
     let agent = RunningAgent::start(&[]);
-    let mut cmd = Command::new(python());
-    cmd.args(["-m", "tractor._child", "--uid", "('fetcher-sub', 'abc123')", "--parent_addr", "x"]);
-    let (mut child, ready) = spawn_ready("python -m tractor._child", &mut cmd);
-    let pid = child.pid();
-    let a = wait_actor(&agent, "the tractor subactor", Duration::from_secs(5), pid, |a| a["source"] == "tractor");
-    assert_eq!(a["name"], "fetcher-sub", "{a}");
-    assert_eq!(a["labels"]["tractor_uuid"], "abc123", "{a}");
-    assert_eq!(a["runtime"], "trio", "{a}");
-    assert_eq!(a["start_time"], start_time(pid), "{a}");
-    assert!(a["policy"].is_null(), "{a}");
-    assert!(a["wakeup_fd"].is_null(), "not registered: nothing told the agent its wakeup fd yet: {a}");
-    assert!(a["state"].as_str().is_some_and(|s| s != "exited" && s != "dead"), "{a}");
-    assert!(
-        child.stdout.json().iter().all(|v| v.get("registered").is_none() && v.get("register_error").is_none()),
-        "a tractor child does not register: {:?}",
-        child.stdout.json()
-    );
+    let port = free_port().to_string();
+    let mut cmd = Command::new(tractor_python());
+    cmd.arg(fixtures_dir().join("tractor_tree.py"))
+        .args(["--port", &port, "--subactor", "fetcher", "--subactor", "parser-of-feeds", "--rename"])
+        // Not the fixtures directory: nothing there may shadow a package.
+        .current_dir(std::env::temp_dir());
+    let mut tree = Proc::spawn("tractor_tree.py", &mut cmd);
+    let ready = tree.stdout.wait_json("the tractor tree", Duration::from_secs(60), |v| v["ready"] == true);
+    let root = ready["pid"].as_u64().expect("root pid") as u32;
+    let subactors: Vec<(String, u32)> = ready["subactors"]
+        .as_object()
+        .expect("subactors")
+        .iter()
+        .map(|(name, pid)| (name.clone(), pid.as_u64().expect("pid") as u32))
+        .collect();
+    assert_eq!(subactors.len(), 2, "{ready}");
+    // Dropping `tree` kills only the root; a failing test must not leave
+    // its subactors behind.
+    let _reap = KillOnDrop(subactors.iter().map(|(_, pid)| *pid).collect());
+    for (name, pid) in &subactors {
+        let title = format!("_subactor[{name}@{pid}]");
+        assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap().trim_end_matches('\0'), title);
+        assert_eq!(comm(*pid), title[..15], "comm is the title's first 15 bytes");
+    }
 
-    // SIGINT: the handler's wakeup write teaches the agent the fd; the
-    // child exits 130 and the actor is exited, under its tractor name.
-    child.signal(libc::SIGINT);
-    let st = child.wait_exit(EVENT);
-    assert_eq!(st.code(), Some(130), "{}", child.stderr_text());
-    let gone = wait_actor(&agent, "the subactor to be exited", EVENT, pid, |a| a["state"] == "exited");
-    assert_eq!(gone["name"], "fetcher-sub", "{gone}");
-    assert_eq!(gone["source"], "tractor", "{gone}");
-    assert_eq!(gone["wakeup_fd"], ready["wakeup_fd"], "learned from the handler's one-byte write: {gone}");
+    let check = |agent: &RunningAgent, restarted: bool| {
+        let r = wait_actor(agent, "the root actor", Duration::from_secs(5), root, |a| a["source"] == "tractor");
+        assert_eq!(r["name"], comm(root), "the root is named by its comm: {r}");
+        for (name, pid) in &subactors {
+            let a = wait_actor(agent, "the renamed subactor", Duration::from_secs(5), *pid, |a| {
+                a["source"] == "tractor" && a["parent_pid"] == root
+            });
+            assert_eq!(&a["name"], name.as_str(), "{a}");
+            assert_eq!(a["parent"], r["name"], "its parent is the root actor: {a}");
+            assert_eq!(a["runtime"], "trio", "{a}");
+            assert_eq!(a["start_time"], start_time(*pid), "{a}");
+            assert!(a["policy"].is_null(), "tractor actors are observed only: {a}");
+            let uuid = a["labels"]["tractor_uuid"].as_str().unwrap_or_default();
+            if restarted {
+                assert!(a["labels"].as_object().is_some_and(|l| l.is_empty()), "the title carries no uuid: {a}");
+            } else {
+                assert_eq!(uuid.len(), 36, "the uuid from its spawn line, kept after the rename: {a}");
+            }
+        }
+    };
+    check(&agent, false);
     agent.stop();
-    elapsed(t0, "tractor");
+    let agent = RunningAgent::start(&[]);
+    check(&agent, true);
+
+    // SIGINT to the root: tractor cancels the tree; every actor exits.
+    tree.signal(libc::SIGINT);
+    let st = tree.wait_exit(Duration::from_secs(20));
+    assert_eq!(st.code(), Some(130), "{st}; stderr:\n{}", tree.stderr_text());
+    for (_, pid) in &subactors {
+        wait_actor(&agent, "the subactor to exit", EVENT, *pid, |a| a["state"] == "exited");
+    }
+    wait_actor(&agent, "the root to exit", EVENT, root, |a| a["state"] == "exited");
+    agent.stop();
+    elapsed(t0, "tractor tree");
 }
 
 /// Regression: registering opts in to the `default` policy even when

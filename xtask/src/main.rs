@@ -94,6 +94,8 @@ fn is_root() -> bool {
 
 struct Env {
     python: PathBuf,
+    /// The tractor venv's python (tests/requirements-tractor.txt says why it is apart).
+    tractor_python: PathBuf,
 }
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -169,7 +171,36 @@ fn setup() -> Result<Env> {
         );
     }
     prometheus::ensure_prometheus()?;
-    Ok(Env { python })
+    let tractor_python = tractor_venv(&root)?;
+    Ok(Env { python, tractor_python })
+}
+
+/// The venv of the real tractor tree fixture (`.venv-tractor`): the
+/// dependencies from tests/requirements-tractor.txt, then tractor itself
+/// without its own (tests/requirements-tractor-nodeps.txt). Reinstalled
+/// when either file changes.
+fn tractor_venv(root: &Path) -> Result<PathBuf> {
+    let venv = root.join(".venv-tractor");
+    let python = venv.join("bin/python");
+    let deps = root.join("tests/requirements-tractor.txt");
+    let nodeps = root.join("tests/requirements-tractor-nodeps.txt");
+    let stamp = venv.join(".requirements.installed");
+    let wanted = std::fs::read_to_string(&deps).context("reading tests/requirements-tractor.txt")?
+        + &std::fs::read_to_string(&nodeps).context("reading tests/requirements-tractor-nodeps.txt")?;
+    if python.exists() && std::fs::read_to_string(&stamp).unwrap_or_default() == wanted {
+        return Ok(python);
+    }
+    step("creating the Python venv for the tractor fixture (.venv-tractor)");
+    if !python.exists() {
+        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .context("python3 -m venv failed; install Python 3 with venv (apt-get install python3-venv)")?;
+    }
+    status(Command::new(&python).args(["-m", "pip", "install", "--quiet", "-r"]).arg(&deps))
+        .context("pip install of tractor's dependencies failed; it needs access to PyPI")?;
+    status(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--no-deps", "-r"]).arg(&nodeps))
+        .context("pip install of tractor failed; it needs access to PyPI")?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
 }
 
 /// Some end-to-end tests run fixtures as `nobody` (rights are what they
@@ -291,6 +322,7 @@ fn test(args: &[String]) -> Result<()> {
             .env("SIGWAKE_BIN", root.join("target/debug/sigwake"))
             .env("SIGWAKE_TOKIO_ACTOR", root.join("target/debug/sigwake-tokio-actor"))
             .env("SIGWAKE_PYTHON", &env.python)
+            .env("SIGWAKE_TRACTOR_PYTHON", &env.tractor_python)
             .env("SIGWAKE_FIXTURES", root.join("tests/fixtures")),
     )
 }

@@ -1,12 +1,17 @@
 //! Discovery: actors nobody registered.
 //!
-//! - tractor subactors, by their `python -m tractor._child --uid "('name',
-//!   'uuid')"` command line;
+//! - tractor actors: subactors by their spawn line (`python -m
+//!   tractor._child --uid "('name', 'uuid')"`) or the process title
+//!   tractor renames them to (`_subactor[name@pid]`), and the root actor
+//!   that is their parent ([`tractor_subactor`]);
 //! - config selectors (exe, cmdline regex, cgroup, uid, descendant-of);
-//! - self-pipe event loops, from a one-byte write made inside a signal
-//!   handler (observe only unless a selector gives them a policy).
+//! - self-pipe event loops, from a wakeup write made inside a signal
+//!   handler (observe only unless a selector gives them a policy), with
+//!   their runtime recognised from evidence measured on each real runtime
+//!   ([`classify`]).
 //!
-//! /proc is scanned once a second; only pids not seen before are read.
+//! /proc is scanned once a second; only pids not seen before, or whose
+//! comm changed (an exec, tractor's rename), are read.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -99,20 +104,15 @@ impl Discovery {
 
     fn examine(&self, pid: u32, found: &mut Vec<Found>) {
         let cmdline = procinfo::cmdline(pid).unwrap_or_default();
-        if let Some((name, uuid)) = tractor_identity(&cmdline) {
-            let mut labels = BTreeMap::new();
-            labels.insert("tractor_uuid".to_string(), uuid);
-            found.push(Found::new(
-                ActorSpec {
-                    pid: Some(pid),
-                    name: Some(name),
-                    // tractor actors run trio (infected-asyncio ones too, on top).
-                    runtime: Some(Runtime::Trio),
-                    labels: Some(labels),
-                    ..Default::default()
-                },
-                Source::Tractor,
-            ));
+        if let Some(sub) = tractor_subactor(&cmdline) {
+            // Its parent first, so that the child's parent link names it: a
+            // parent that is no subactor itself is the tree's root actor.
+            if let Some(ppid) = stat_brief(pid).map(|(_, ppid, _)| ppid).filter(|p| *p > 1)
+                && tractor_subactor(&procinfo::cmdline(ppid).unwrap_or_default()).is_none()
+            {
+                found.push(Found::new(tractor_spec(ppid, None, false, None), Source::Tractor));
+            }
+            found.push(Found::new(tractor_spec(pid, Some(sub.name), true, sub.uuid), Source::Tractor));
         }
         if self.selectors.is_empty() {
             return;
@@ -220,6 +220,61 @@ impl Discovery {
             ),
             Err(e) => tracing::debug!("discovering pid {pid}: {e}"),
         }
+    }
+}
+
+/// A tractor subactor, as its process shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TractorSubactor {
+    pub name: String,
+    /// Only the spawn line carries it.
+    pub uuid: Option<String>,
+}
+
+/// The process title current tractor gives a subactor (tractor
+/// `devx/_proctitle.py`: `_subactor[<aid.reprol()>]`, with `reprol()` =
+/// `<name>@<pid>`).
+const TRACTOR_TITLE_PREFIX: &str = "_subactor[";
+
+/// A tractor subactor from its command line, in every form its process
+/// takes (read from tractor's source, `_child.py` and
+/// `devx/_proctitle.py`, and measured with py-setproctitle 1.3.8):
+/// - the spawn line, `python -m tractor._child --uid "('name', 'uuid')"
+///   --parent_addr ... [--asyncio]`, until `_actor_child_main` renames the
+///   process (and for its whole life in tractor releases before the
+///   rename, or when setproctitle is not installed);
+/// - after the rename, `_subactor[name@pid]` (setproctitle overwrites
+///   argv: /proc/PID/cmdline is that one string; comm becomes its first 15
+///   bytes, `_subactor[fetch`, too short to carry the name).
+pub fn tractor_subactor(cmdline: &[String]) -> Option<TractorSubactor> {
+    if let Some((name, uuid)) = tractor_identity(cmdline) {
+        return Some(TractorSubactor { name, uuid: Some(uuid).filter(|u| !u.is_empty()) });
+    }
+    let title = cmdline.first()?.trim_end();
+    let inner = title.strip_prefix(TRACTOR_TITLE_PREFIX)?.strip_suffix(']')?;
+    // The name may hold an '@'; the pid after the last one never does.
+    let name = match inner.rsplit_once('@') {
+        Some((name, pid)) if pid == "None" || pid.parse::<u32>().is_ok() => name,
+        _ => inner,
+    };
+    (!name.is_empty() && cmdline.len() == 1).then(|| TractorSubactor { name: name.to_string(), uuid: None })
+}
+
+/// A tractor actor's spec: subactors by name, the root by its comm (its
+/// name lives only in its own memory). The uuid, when the spawn line still
+/// shows it, is a label; a renamed subactor's labels are left as they were
+/// (the uuid learned from its spawn line stays).
+fn tractor_spec(pid: u32, name: Option<String>, subactor: bool, uuid: Option<String>) -> ActorSpec {
+    ActorSpec {
+        pid: Some(pid),
+        name,
+        // Subactors run trio (infected-asyncio ones too: trio is the guest
+        // that installs the wakeup fd). The root is whatever program opened
+        // the tree: recognised from its first wakeup write, and a runtime
+        // its registrant gave is not overwritten.
+        runtime: subactor.then_some(Runtime::Trio),
+        labels: uuid.map(|u| BTreeMap::from([("tractor_uuid".to_string(), u)])),
+        ..Default::default()
     }
 }
 
@@ -436,6 +491,32 @@ mod tests {
         let glib =
             LoopEvidence { nonblocking: false, ..native(8, write_call::WRITE, FdKind::Eventfd, "gnome-shell", false) };
         assert_eq!(classify(&glib), Some(Runtime::Eventfd));
+    }
+
+    #[test]
+    fn tractor_subactors_in_every_form() {
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let spawn = argv(&[
+            "/venv/bin/python",
+            "-m",
+            "tractor._child",
+            "--uid",
+            "('fetcher', 'd9ed878a')",
+            "--parent_addr",
+            "('127.0.0.1', 1616)",
+        ]);
+        let sub = |name: &str, uuid: Option<&str>| {
+            Some(TractorSubactor { name: name.into(), uuid: uuid.map(str::to_string) })
+        };
+        assert_eq!(tractor_subactor(&spawn), sub("fetcher", Some("d9ed878a")));
+        assert_eq!(tractor_subactor(&argv(&["_subactor[fetcher@7555]"])), sub("fetcher", None));
+        assert_eq!(tractor_subactor(&argv(&["_subactor[svc@eu@7555]"])), sub("svc@eu", None));
+        assert_eq!(tractor_subactor(&argv(&["_subactor[early@None]"])), sub("early", None));
+        // Not tractor's: a title that merely starts alike, a program's argument.
+        assert_eq!(tractor_subactor(&argv(&["_subactor[]"])), None);
+        assert_eq!(tractor_subactor(&argv(&["_subactor[x@1]", "--flag"])), None);
+        assert_eq!(tractor_subactor(&argv(&["/usr/bin/grep", "_subactor[x@1]"])), None);
+        assert_eq!(tractor_subactor(&argv(&["python", "tree.py"])), None);
     }
 
     #[test]
