@@ -172,7 +172,22 @@ fn setup() -> Result<Env> {
     }
     prometheus::ensure_prometheus()?;
     let tractor_python = tractor_venv(&root)?;
+    ensure_node()?;
     Ok(Env { python, tractor_python })
+}
+
+/// Node.js for the libuv end-to-end tests (tests/fixtures/node_actor.js):
+/// Debian's `nodejs` when no `node` is on PATH.
+fn ensure_node() -> Result<()> {
+    let found = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    if found {
+        return Ok(());
+    }
+    step("installing Node.js (apt-get install nodejs) for the libuv tests");
+    status(Command::new("apt-get").args(["update", "-qq"]))
+        .context("apt-get update failed: the Debian mirror must be reachable")?;
+    status(Command::new("apt-get").args(["install", "-y", "-qq", "nodejs"]).env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("apt-get install nodejs failed: install Node.js so that `node` is on PATH")
 }
 
 /// The venv of the real tractor tree fixture (`.venv-tractor`): the
