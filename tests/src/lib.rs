@@ -17,6 +17,11 @@ use std::{
 
 use serde_json::Value;
 
+mod ladder;
+mod sock;
+pub use ladder::*;
+pub use sock::*;
+
 /// `timeout` times SIGWAKE_TEST_TIME_SCALE (default 1), for every deadline
 /// the harness enforces: slow machines (the TCG guests of `cargo xtask
 /// kernels`) set it instead of the tests growing their own margins.

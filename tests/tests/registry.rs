@@ -7,7 +7,7 @@
 //! this test owns, never about totals.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
     path::{Path, PathBuf},
     process::Command,
@@ -30,16 +30,6 @@ const DROPPED: &str = "sigwake_wakeup_writes_dropped_total";
 
 fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("reading comm").trim_end().to_string()
-}
-
-/// VmRSS of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
 /// Spawns a fixture command (cwd tests/fixtures) and waits for its ready line.
@@ -67,50 +57,6 @@ fn actors_at(agent: &RunningAgent, pid: u32) -> Vec<Value> {
 /// Polls /actors until an entry for `pid` satisfies `pred`; returns it.
 fn wait_actor(agent: &RunningAgent, what: &str, timeout: Duration, pid: u32, pred: impl Fn(&Value) -> bool) -> Value {
     agent.wait_entry("/actors", what, timeout, pid, pred)
-}
-
-/// One connection to the registration socket, speaking the protocol.
-struct SockClient {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl SockClient {
-    fn connect(socket: &Path, timeout: Duration) -> std::io::Result<SockClient> {
-        let stream = UnixStream::connect(socket)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        let reader = BufReader::new(stream.try_clone()?);
-        Ok(SockClient { stream, reader })
-    }
-
-    /// Sends one request line and reads one reply line.
-    fn call_raw(&mut self, line: &str) -> std::io::Result<Value> {
-        self.stream.write_all(line.as_bytes())?;
-        self.stream.write_all(b"\n")?;
-        self.read_reply()
-    }
-
-    fn read_reply(&mut self) -> std::io::Result<Value> {
-        let mut reply = String::new();
-        let n = self.reader.read_line(&mut reply)?;
-        if n == 0 || !reply.ends_with('\n') {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("connection closed; got {reply:?}"),
-            ));
-        }
-        serde_json::from_str(&reply).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("reply is not JSON ({e}): {reply:?}"))
-        })
-    }
-}
-
-/// One request on a new connection; panics with context on any failure.
-fn sock_request(socket: &Path, req: &Value) -> Value {
-    let mut c = SockClient::connect(socket, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
-    c.call_raw(&req.to_string()).unwrap_or_else(|e| panic!("request {req} on {}: {e}", socket.display()))
 }
 
 /// `sigwake actors ARGS --socket SOCKET`, the real binary; returns stdout.
