@@ -64,7 +64,12 @@ pub fn incidents(args: IncidentsArgs) -> anyhow::Result<()> {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("no incidents recorded in {}", args.state_dir.display());
+            // --json is read by programs: none is an empty list, not prose.
+            if args.json {
+                println!("[]");
+            } else {
+                println!("no incidents recorded in {}", args.state_dir.display());
+            }
             return Ok(());
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
