@@ -31,6 +31,7 @@ use crate::{
     response::incidents::{Evidence, Incident, Status, Store},
     response::{notify, subtree},
     serve::metrics::{EscalationLabels, Metrics, StageLabels},
+    sys::cgroup::PinnedCgroup,
     sys::pidfd::{PidfdError, ProcessHandle},
     sys::procinfo,
 };
@@ -128,6 +129,7 @@ impl Engine {
                 next_tier: 0,
                 subtree: vec![],
                 subtree_not_permitted: vec![],
+                cgroup: None,
                 registered_by: a.registered_by,
                 first_evidence_mono: c.first_evidence_ns,
                 confirmed_mono: c.confirmed_ns,
@@ -343,11 +345,14 @@ impl Engine {
                     inc.registered_by
                 );
             }
+            // And its cgroup, by inode: never re-read from a pid later.
+            let cgroup = crate::app::blocking(|| PinnedCgroup::of(inc.pid));
             lock(&self.store).update(id, |i| {
                 i.subtree = pinned.clone();
                 i.subtree_not_permitted = refused.clone();
+                i.cgroup = cgroup.clone();
             });
-            (inc.subtree, inc.subtree_not_permitted) = (pinned, refused);
+            (inc.subtree, inc.subtree_not_permitted, inc.cgroup) = (pinned, refused, cgroup);
         }
         let has_subtree_tier = policy.tiers.iter().any(|t| matches!(t, Action::KillSubtree { .. }));
         // Resumed after a signal tier (agent restart): give the actor what

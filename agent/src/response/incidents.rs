@@ -19,7 +19,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{response::statedir, sys::procinfo};
+use crate::{
+    response::statedir,
+    sys::{cgroup::PinnedCgroup, procinfo},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -95,6 +98,10 @@ pub struct Incident {
     /// started: never pinned, never killed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subtree_not_permitted: Vec<(u32, u64)>,
+    /// The actor's cgroup v2, pinned by inode when escalation started, for
+    /// the subtree tier's cgroup.kill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PinnedCgroup>,
     /// uid of the client that registered the actor; the ladder signals
     /// only what that uid could (kill(2)'s rule). None: root or the agent's
     /// own config.
@@ -353,6 +360,7 @@ mod tests {
             next_tier: 0,
             subtree: vec![],
             subtree_not_permitted: vec![],
+            cgroup: None,
             registered_by: None,
             first_evidence_mono: 0,
             confirmed_mono: 0,

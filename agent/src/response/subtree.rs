@@ -8,12 +8,12 @@
 //! in it is one the user could signal; otherwise the per-process path is
 //! taken, and the step's detail says why.
 
-use std::{collections::HashSet, path::PathBuf};
+use std::collections::HashSet;
 
 use crate::{
     actors::registry::uid_may_signal,
     response::incidents::Incident,
-    sys::{cgroup, pidfd::ProcessHandle, procinfo},
+    sys::{cgroup::PinnedCgroup, pidfd::ProcessHandle, procinfo},
 };
 
 /// The uid whose rights bound what the ladder may signal for `inc`: the
@@ -59,14 +59,13 @@ pub fn kill(inc: &Incident, actor: Option<&ProcessHandle>, dry_run: bool) -> Str
     let mut done = Vec::new();
     match own_cgroup(inc, registrant) {
         Cgroup::Own(cg) => {
+            let dir = cg.dir.display();
             if dry_run {
-                return format!("would write 1 to {}/cgroup.kill", cg.display());
+                return format!("would write 1 to {dir}/cgroup.kill");
             }
-            match cgroup::kill_cgroup(&cg) {
-                Ok(()) => return format!("wrote 1 to {}/cgroup.kill", cg.display()),
-                Err(e) => {
-                    done.push(format!("cgroup.kill on {} failed ({e}); killing processes one by one", cg.display()))
-                }
+            match cg.kill() {
+                Ok(()) => return format!("wrote 1 to {dir}/cgroup.kill"),
+                Err(e) => done.push(format!("cgroup.kill on {dir} failed ({e}); killing processes one by one")),
             }
         }
         Cgroup::Refused(why) => done.push(format!("cgroup.kill not used: {why}; killing processes one by one")),
@@ -103,7 +102,7 @@ pub fn kill(inc: &Incident, actor: Option<&ProcessHandle>, dry_run: bool) -> Str
 enum Cgroup {
     /// It holds nothing but the actor and its descendants: killing it
     /// kills exactly the subtree.
-    Own(PathBuf),
+    Own(PinnedCgroup),
     /// Its own, but holding a process the registrant may not signal.
     Refused(String),
     NotOwn,
@@ -113,18 +112,20 @@ enum Cgroup {
 /// descendants (so killing it kills exactly the subtree) and every one of
 /// them is a process the registrant may signal.
 fn own_cgroup(inc: &Incident, registrant: Option<u32>) -> Cgroup {
-    let Some(rel) = procinfo::cgroup(inc.pid).filter(|r| r != "/" && !r.is_empty()) else { return Cgroup::NotOwn };
-    let Some(dir) = cgroup::v2_dir(&rel) else { return Cgroup::NotOwn };
-    let Ok(procs) = cgroup::procs(&dir) else { return Cgroup::NotOwn };
+    let Some(cg) = &inc.cgroup else { return Cgroup::NotOwn };
+    let procs = match cg.procs() {
+        Ok(procs) => procs,
+        Err(e) => return Cgroup::Refused(format!("the pinned cgroup: {e}")),
+    };
     let ours: HashSet<u32> =
         std::iter::once(inc.pid).chain(inc.subtree.iter().chain(&inc.subtree_not_permitted).map(|(p, _)| *p)).collect();
-    if !procs.iter().all(|p| ours.contains(p)) || !dir.join("cgroup.kill").exists() {
+    if !procs.iter().all(|p| ours.contains(p)) || !cg.can_kill() {
         return Cgroup::NotOwn;
     }
     let uids: Vec<(u32, Option<[u32; 3]>)> = procs.iter().map(|p| (*p, procinfo::status(*p).map(|s| s.uids))).collect();
     match refuse_cgroup(&uids, registrant) {
-        Some(why) => Cgroup::Refused(format!("{} holds {why}", dir.display())),
-        None => Cgroup::Own(dir),
+        Some(why) => Cgroup::Refused(format!("{} holds {why}", cg.dir.display())),
+        None => Cgroup::Own(cg.clone()),
     }
 }
 

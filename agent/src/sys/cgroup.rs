@@ -1,21 +1,65 @@
 //! cgroup v2 helpers for the end of the escalation ladder.
 
-use std::{
-    fs, io,
-    path::{Path, PathBuf},
-};
+use std::{fs, io, io::Write as _, os::unix::fs::MetadataExt as _, path::PathBuf};
 
-/// Kills every process in a cgroup v2 (writes "1" to `<cgroup>/cgroup.kill`,
-/// Linux ≥ 5.14). `cgroup_path` is the cgroup's directory, e.g.
-/// `/sys/fs/cgroup/system.slice/foo.service`.
-pub fn kill_cgroup(cgroup_path: &Path) -> io::Result<()> {
-    fs::write(cgroup_path.join("cgroup.kill"), b"1")
+use rustix::fs::{Mode, OFlags};
+
+/// A process's cgroup v2 directory, pinned by inode when escalation
+/// starts. The kill tier acts on this directory, never on a path read
+/// again from a pid later: by then the actor may be gone and its pid
+/// another process's, or the cgroup removed and a new one made at the
+/// same path.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PinnedCgroup {
+    pub dir: PathBuf,
+    pub ino: u64,
 }
 
-/// The processes in a cgroup v2 (`<cgroup>/cgroup.procs`).
-pub fn procs(cgroup_path: &Path) -> io::Result<Vec<u32>> {
-    let text = fs::read_to_string(cgroup_path.join("cgroup.procs"))?;
-    Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+impl PinnedCgroup {
+    /// The cgroup `pid` is in now, unless it is the root (or not v2).
+    pub fn of(pid: u32) -> Option<PinnedCgroup> {
+        let rel = crate::sys::procinfo::cgroup(pid).filter(|r| r != "/" && !r.is_empty())?;
+        let dir = v2_dir(&rel)?;
+        let ino = fs::metadata(&dir).ok()?.ino();
+        Some(PinnedCgroup { dir, ino })
+    }
+
+    /// The directory, if it is still the pinned one.
+    fn open(&self) -> io::Result<rustix::fd::OwnedFd> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let dir = rustix::fs::open(&self.dir, flags, Mode::empty())?;
+        let ino = rustix::fs::fstat(&dir)?.st_ino;
+        if ino != self.ino {
+            return Err(io::Error::other(format!(
+                "{} is another cgroup than when escalation started (inode {ino}, pinned {})",
+                self.dir.display(),
+                self.ino
+            )));
+        }
+        Ok(dir)
+    }
+
+    fn open_file(&self, name: &str, flags: OFlags) -> io::Result<fs::File> {
+        let dir = self.open()?;
+        Ok(rustix::fs::openat(&dir, name, flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?.into())
+    }
+
+    /// The processes in it now.
+    pub fn procs(&self) -> io::Result<Vec<u32>> {
+        let text = io::read_to_string(self.open_file("cgroup.procs", OFlags::RDONLY)?)?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// Whether the kernel offers cgroup.kill there (Linux 5.14+).
+    pub fn can_kill(&self) -> bool {
+        self.open()
+            .is_ok_and(|dir| rustix::fs::statat(&dir, "cgroup.kill", rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok())
+    }
+
+    /// Kills every process in it (writes "1" to its `cgroup.kill`).
+    pub fn kill(&self) -> io::Result<()> {
+        self.open_file("cgroup.kill", OFlags::WRONLY)?.write_all(b"1")
+    }
 }
 
 /// The directory of the cgroup v2 `rel` (a path from the `0::` line of
@@ -83,9 +127,22 @@ fn unescape(field: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A cgroup removed and made again at the same path (a new inode) is
+    /// not the pinned one: nothing is killed through it.
     #[test]
-    fn kill_cgroup_missing_dir_is_error() {
-        assert!(kill_cgroup(Path::new("/nonexistent-sigwake-cgroup")).is_err());
+    fn a_pinned_cgroup_made_anew_at_its_path_is_refused() {
+        let root = v2_dir("/").expect("a cgroup2 mount on this machine");
+        let dir = root.join(format!("sigwake-unit-{}", std::process::id()));
+        fs::create_dir(&dir).expect("mkdir in the cgroup2 mount (the unit tests run as root)");
+        let pinned = PinnedCgroup { dir: dir.clone(), ino: fs::metadata(&dir).unwrap().ino() };
+        assert_eq!(pinned.procs().expect("an empty cgroup's procs"), Vec::<u32>::new());
+        assert!(pinned.can_kill(), "this kernel has cgroup.kill (5.14+)");
+        fs::remove_dir(&dir).unwrap();
+        fs::create_dir(&dir).unwrap();
+        let err = pinned.kill().expect_err("a new cgroup at the pinned path");
+        fs::remove_dir(&dir).unwrap();
+        assert!(err.to_string().contains("another cgroup than when escalation started"), "{err}");
+        assert!(PinnedCgroup { dir: "/nonexistent-sigwake-cgroup".into(), ino: 1 }.kill().is_err());
     }
 
     const HYBRID: &str = "\
