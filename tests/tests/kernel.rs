@@ -77,24 +77,29 @@ fn forced_syscall_tracepoints_pass_the_self_test_too() {
     assert_self_test_passed(&report);
 }
 
-/// In a pid namespace of its own (a pod's shared namespace) the programs
-/// translate pids through the kernel's BTF and take signal_generate from
-/// its raw tracepoint; the self-test child, forked inside the namespace,
-/// must be reported at its namespace pid for the check to pass.
+/// In a pid namespace of its own (a pod's shared namespace), and in one
+/// nested below another, the programs translate pids through the kernel's
+/// BTF and take signal_generate from its raw tracepoint; the self-test
+/// child, forked inside the namespace, must be reported at its namespace
+/// pid for the check to pass.
 #[test]
 fn check_passes_in_a_pid_namespace_of_its_own() {
-    let out = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(sigwake_bin())
-        .args(["check", "--json"])
-        .output()
-        .expect("running sigwake check under unshare --pid");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "sigwake check failed: {}", String::from_utf8_lossy(&out.stderr));
-    let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
-    assert_self_test_passed(&report);
-    let points = job(&report, "signal_path")["attach_points"].to_string();
-    assert!(points.contains("raw:signal_generate"), "signal_generate must come from the raw tracepoint: {points}");
+    let unshare = ["unshare", "--pid", "--fork", "--mount-proc"];
+    for depth in 1..=2 {
+        let mut cmd = Command::new(unshare[0]);
+        cmd.args(&unshare[1..]);
+        for _ in 1..depth {
+            cmd.args(unshare);
+        }
+        let out = cmd.arg(sigwake_bin()).args(["check", "--json"]).output().expect("running sigwake check");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "sigwake check failed {depth} namespace(s) down: {stderr}");
+        let report: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+        assert_self_test_passed(&report);
+        let points = job(&report, "signal_path")["attach_points"].to_string();
+        assert!(points.contains("raw:signal_generate"), "signal_generate must come from the raw tracepoint: {points}");
+    }
 }
 
 #[test]
