@@ -416,11 +416,14 @@ impl Engine {
                     }
                 }
                 Action::Signal { signal, timeout } => {
-                    // Intent first: a restart after this point does not resend.
-                    lock(&self.store).update(id, |i| i.next_tier = tier + 1);
                     if !self.take_rate_token(id).await {
                         return;
                     }
+                    // Intent first: a restart after this point does not
+                    // resend. Only once the token is taken: the wait for
+                    // it can last a minute, and an agent killed during it
+                    // must still send this tier when it resumes, not skip it.
+                    lock(&self.store).update(id, |i| i.next_tier = tier + 1);
                     let sig = crate::kernel::events::Signal(*signal);
                     // What the kernel will do with it, read just before
                     // sending (the pidfd pins the process). It is sent all
@@ -464,10 +467,11 @@ impl Engine {
                     }
                 }
                 Action::KillSubtree { timeout } => {
-                    lock(&self.store).update(id, |i| i.next_tier = tier + 1);
                     if !self.take_rate_token(id).await {
                         return;
                     }
+                    // As for a signal: intent saved once the token is taken.
+                    lock(&self.store).update(id, |i| i.next_tier = tier + 1);
                     let detail = subtree::kill(&current, Some(&handle), self.dry_run);
                     let outcome = if self.dry_run { "dry_run" } else { "ok" };
                     self.step(&current, tier, name, outcome, &detail);
