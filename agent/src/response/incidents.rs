@@ -214,6 +214,12 @@ impl Store {
         incident.id = self.next_id;
         self.next_id += 1;
         let id = incident.id;
+        // Saved before it is logged, here and for every step: an agent
+        // killed in between then finds the incident (or the step) in its
+        // state and neither loses it nor does it twice; at worst the audit
+        // log misses that one line.
+        self.incidents.insert(id, incident.clone());
+        self.save();
         self.audit(
             &incident,
             "opened",
@@ -224,8 +230,6 @@ impl Store {
                 incident.evidence.drops, incident.evidence.fill, incident.evidence.confirm_ms
             ),
         );
-        self.incidents.insert(id, incident);
-        self.save();
         id
     }
 
@@ -253,8 +257,8 @@ impl Store {
         });
         i.next_tier = i.next_tier.max(tier + 1);
         let snapshot = i.clone();
-        self.audit(&snapshot, action, Some(tier), outcome, detail);
         self.save();
+        self.audit(&snapshot, action, Some(tier), outcome, detail);
     }
 
     /// Closes an open incident; false if it was closed already.
@@ -267,6 +271,8 @@ impl Store {
         i.status = status;
         i.closed = Some(now);
         let snapshot = i.clone();
+        self.prune();
+        self.save();
         let outcome = match status {
             Status::Failed => "failed",
             _ => "ok",
@@ -281,8 +287,6 @@ impl Store {
             outcome,
             detail,
         );
-        self.prune();
-        self.save();
         true
     }
 
