@@ -81,8 +81,14 @@ pub struct Confirmation {
 }
 
 impl Engine {
-    pub fn new(config: &Config, store: Store, registry: Arc<Mutex<Registry>>, metrics: Arc<Metrics>) -> Arc<Engine> {
+    pub fn new(
+        config: &Config,
+        mut store: Store,
+        registry: Arc<Mutex<Registry>>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Engine> {
         let EscalationLimits { max_concurrent, max_actions_per_minute } = config.limits;
+        store.count_write_errors_in(metrics.state_write_errors.clone());
         Arc::new(Engine {
             store: Arc::new(Mutex::new(store)),
             registry,

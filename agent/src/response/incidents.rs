@@ -19,8 +19,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use prometheus_client::metrics::{counter::Counter, family::Family};
+
 use crate::{
     response::statedir,
+    serve::metrics::FileLabels,
     sys::{cgroup::PinnedCgroup, procinfo},
 };
 
@@ -118,6 +121,10 @@ pub struct Store {
     incidents: BTreeMap<u64, Incident>,
     next_id: u64,
     clock: procinfo::Clock,
+    /// Failed writes of `incidents.json` and `audit.jsonl`, by file
+    /// (`sigwake_state_write_errors_total`); detached until
+    /// [`Store::count_write_errors_in`].
+    write_errors: Family<FileLabels, Counter>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +144,16 @@ pub enum StoreError {
 const KEEP_CLOSED: usize = 500;
 
 impl Store {
+    /// Counts failed writes of the state files in `family` (the agent's
+    /// `sigwake_state_write_errors_total`).
+    pub fn count_write_errors_in(&mut self, family: Family<FileLabels, Counter>) {
+        // Both at 0 from the start: an alert can tell "none" from "no data".
+        for file in ["incidents", "audit"] {
+            let _ = family.get_or_create(&FileLabels { file: file.into() });
+        }
+        self.write_errors = family;
+    }
+
     /// Opens the store, reading incidents a previous run left. The state
     /// dir is made private first (or refused: [`statedir::prepare`]). A
     /// corrupt file, or one the agent cannot trust, is moved aside (never
@@ -182,7 +199,13 @@ impl Store {
             }
         }
         let next_id = incidents.keys().next_back().map_or(1, |k| k + 1);
-        Ok(Store { dir: dir.to_path_buf(), incidents, next_id, clock: procinfo::Clock::now() })
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            incidents,
+            next_id,
+            clock: procinfo::Clock::now(),
+            write_errors: Family::default(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -319,7 +342,13 @@ impl Store {
         let path = self.dir.join("audit.jsonl");
         let res = crate::app::blocking(|| statedir::append_private(&path).and_then(|mut f| writeln!(f, "{line}")));
         if let Err(e) = res {
-            tracing::error!("cannot append to the audit log {}: {e}", path.display());
+            self.write_errors.get_or_create(&FileLabels { file: "audit".into() }).inc();
+            tracing::error!(
+                "cannot append to the audit log {}: {e}; escalation goes on, but this action ({action} of incident \
+                 {}) is not in the log: free space or make the state directory writable",
+                path.display(),
+                i.id
+            );
         }
     }
 
@@ -332,7 +361,13 @@ impl Store {
             .map_err(std::io::Error::other)
             .and_then(|bytes| crate::app::blocking(|| statedir::replace_private(&self.dir, "incidents.json", &bytes)));
         if let Err(e) = res {
-            tracing::error!("cannot save incidents to {}: {e}", path.display());
+            self.write_errors.get_or_create(&FileLabels { file: "incidents".into() }).inc();
+            tracing::error!(
+                "cannot save incidents to {}: {e}; detection and escalation go on, but an agent restarted now \
+                 would not know what was done since the last save (it could repeat a tier): free space or make \
+                 the state directory writable",
+                path.display()
+            );
         }
     }
 }

@@ -63,6 +63,12 @@ pub struct StageLabels {
     pub stage: String,
 }
 
+/// A state file (`incidents`: incidents.json, `audit`: audit.jsonl).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileLabels {
+    pub file: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
@@ -168,6 +174,7 @@ pub struct Metrics {
     pub events: Counter,
     pub decode_errors: Family<ReasonLabels, Counter>,
     pub kernel_lost_events: Family<KindLabels, Counter>,
+    pub state_write_errors: Family<FileLabels, Counter>,
     pub kernel_handler_map_full: Counter,
     pub kernel_stale_windows: Counter,
     pub attached_programs: Gauge,
@@ -315,6 +322,12 @@ impl Metrics {
             "Events the kernel programs could not put on the ring buffer because it was full, by event kind (handler_write: lost wakeup drops)",
             kernel_lost_events.clone(),
         );
+        let state_write_errors = Family::default();
+        registry.register(
+            "state_write_errors",
+            "Failed writes of the state directory's incidents.json and audit.jsonl, by file (full or read-only): detection and escalation go on, but a restarted agent may not know what was done",
+            state_write_errors.clone(),
+        );
         let kernel_handler_map_full = Counter::default();
         registry.register(
             "kernel_handler_windows_untracked",
@@ -375,6 +388,7 @@ impl Metrics {
             events,
             decode_errors,
             kernel_lost_events,
+            state_write_errors,
             kernel_handler_map_full,
             kernel_stale_windows,
             attached_programs,
