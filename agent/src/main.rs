@@ -21,7 +21,17 @@ fn main() -> ExitCode {
         cli::Command::Incidents(args) => return report(app::incidents(args)),
         _ => cli,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    // Blocking threads capped (tokio's default is 512): every registration
+    // connection reads its client's /proc under block_in_place, which under
+    // a connection flood started a thread per connection up to the cap and
+    // left the agent ~90 MiB larger. 32 covers the blocking work that runs
+    // at once (diagnostics, notify commands, /proc scans, fsyncs) with room.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(32)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sigwake: error: starting the async runtime: {e}");
