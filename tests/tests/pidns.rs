@@ -299,7 +299,10 @@ fn root_without_cap_kill_may_register_only_itself() {
         None,
         &drop_kill,
         &agent.socket,
-        &[&format!(r#"{{"op": "register", "pid": {victim}, "name": "notyours"}}"#), r#"{"op": "register", "name": "me"}"#],
+        &[
+            &format!(r#"{{"op": "register", "pid": {victim}, "name": "notyours"}}"#),
+            r#"{"op": "register", "name": "me"}"#,
+        ],
     );
     let replies = out["replies"].as_array().expect("replies");
     assert_eq!(replies[0]["code"], "not_permitted", "{out:#}");
