@@ -99,6 +99,7 @@ fn check_passes_in_a_pid_namespace_of_its_own() {
         assert_self_test_passed(&report);
         let points = job(&report, "signal_path")["attach_points"].to_string();
         assert!(points.contains("raw:signal_generate"), "signal_generate must come from the raw tracepoint: {points}");
+        assert!(report["pid_namespace"].as_u64().is_some(), "the report names the namespace: {report:#}");
     }
 }
 

@@ -339,6 +339,7 @@ impl Probes {
                         jobs,
                         fallbacks,
                         self_test,
+                        pid_namespace: (config.pidns.inum != 0).then_some(config.pidns.inum),
                     });
                     return Ok(probes);
                 }
@@ -567,12 +568,7 @@ fn exit_offsets() -> Result<(u32, u32), String> {
     Ok((signal, live))
 }
 
-fn attach_raw_tracepoint(
-    ebpf: &mut Ebpf,
-    program: &'static str,
-    event: &str,
-    job: Job,
-) -> Result<Hook, LoadError> {
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &'static str, event: &str, job: Job) -> Result<Hook, LoadError> {
     let prog: &mut RawTracePoint = ebpf
         .program_mut(program)
         .ok_or_else(|| LoadError::Other {

@@ -104,6 +104,10 @@ pub struct HookReport {
     /// Each faster plan that was tried and given up, with the reason.
     pub fallbacks: Vec<String>,
     pub self_test: SelfTestReport,
+    /// Inode of sigwake's pid namespace when it is not the host's (a pod's
+    /// shared namespace): every pid is reported as seen from it, and tasks
+    /// outside it are not seen at all.
+    pub pid_namespace: Option<u32>,
 }
 
 /// The start-up report as lines: a table of jobs, why faster plans were
@@ -122,6 +126,12 @@ pub fn report_lines(r: &HookReport) -> Vec<String> {
         lines.push(
             "  syscall tracepoints put every syscall on this host on the tracing slow path while attached".into(),
         );
+    }
+    if let Some(inum) = r.pid_namespace {
+        lines.push(format!(
+            "  pids: as seen from sigwake's own pid namespace (inode {inum}), translated in the kernel; processes \
+             outside it are not seen"
+        ));
     }
     for f in &r.fallbacks {
         lines.push(format!("  fell back: {f}"));
