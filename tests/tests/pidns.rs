@@ -108,6 +108,38 @@ fn field_u32(v: &Value, key: &str) -> u32 {
     v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}")) as u32
 }
 
+/// A bystander in `ns` whose namespace pid is `wanted` (the actor's host
+/// pid: what an agent reporting kernel pids would blame), made by setting
+/// the namespace's last pid just before forking it. Another task of the
+/// namespace (an agent thread) can take the pid first: then it is tried
+/// again.
+fn colliding_bystander(ns: &Namespace, wanted: u32) -> (Proc, u32) {
+    let setup = format!(
+        "import subprocess, sys\nopen('/proc/sys/kernel/ns_last_pid', 'w').write('{}')\n\
+         sys.exit(subprocess.call([sys.executable, {:?}]))",
+        wanted - 1,
+        fixtures_dir().join("signal_recorder.py")
+    );
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let mut cmd = ns.command(&python());
+        cmd.args(["-c", &setup]);
+        let bystander = Proc::spawn("signal_recorder.py", &mut cmd);
+        wait_until("the bystander to start", scaled(Duration::from_secs(30)), || {
+            bystander.stdout.json().iter().any(|v| v["ready"] == true) || bystander.stdout.closed()
+        });
+        let ready = bystander.stdout.json().into_iter().find(|v| v["ready"] == true).unwrap_or_else(|| {
+            panic!("the bystander did not start: {}", bystander.stderr_text());
+        });
+        let nspid = field_u32(&ready, "pid");
+        if nspid == wanted {
+            return (bystander, nspid);
+        }
+        got.push(nspid);
+    }
+    panic!("no bystander got namespace pid {wanted} in 5 tries (got {got:?})");
+}
+
 #[test]
 fn agent_in_a_shared_pid_namespace_blames_and_stops_the_starved_actor_never_the_colliding_bystander() {
     let ns = Namespace::new();
@@ -125,28 +157,12 @@ fn agent_in_a_shared_pid_namespace_blames_and_stops_the_starved_actor_never_the_
     let actor_host = ns.host_pid(actor_nspid);
     assert_ne!(actor_nspid, actor_host, "the actor must have different pids in and out of the namespace");
 
-    // A bystander whose namespace pid is the actor's host pid: the pid an
-    // agent reporting kernel pids would blame.
-    let setup = format!(
-        "import subprocess, sys\nopen('/proc/sys/kernel/ns_last_pid', 'w').write('{}')\n\
-         sys.exit(subprocess.call([sys.executable, {:?}]))",
-        actor_host - 1,
-        fixtures_dir().join("signal_recorder.py")
-    );
-    let mut cmd = ns.command(&python());
-    cmd.args(["-c", &setup]);
-    let bystander = Proc::spawn("signal_recorder.py", &mut cmd);
-    wait_until("the bystander to start", scaled(Duration::from_secs(30)), || {
-        bystander.stdout.json().iter().any(|v| v["ready"] == true) || bystander.stdout.closed()
-    });
-    let by_ready = bystander.stdout.json().into_iter().find(|v| v["ready"] == true).unwrap_or_else(|| {
-        panic!("the bystander did not start: {}", bystander.stderr_text());
-    });
-    let by_nspid = field_u32(&by_ready, "pid");
-    assert_eq!(by_nspid, actor_host, "the bystander must collide with the actor's host pid");
+    // The hog first: its thread takes a pid too, and must not take the
+    // bystander's.
+    actor.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
+    let (bystander, by_nspid) = colliding_bystander(&ns, actor_host);
 
     // The seed scenario: 10 SIGINTs 20 ms apart to the starved loop.
-    actor.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
     for _ in 0..10 {
         unsafe { libc::kill(actor_host as i32, libc::SIGINT) };
         thread::sleep(Duration::from_millis(20));
