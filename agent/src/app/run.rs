@@ -26,7 +26,7 @@ use crate::{
     cli::RunArgs,
     config::{Config, Overrides, Policy},
     kernel::{
-        events::{Disposition, Event, EventBody},
+        events::{Disposition, Event, EventBody, HandlerWrite},
         probes::Probes,
         source::Batch,
         watched::WatchedPids,
@@ -475,14 +475,18 @@ fn feed_detector(
         return;
     }
     let Some(actor) = reg.get(pid) else { return };
+    // The write to its wakeup fd once known (libuv's is a 16-byte message,
+    // and its handler's one-byte write goes to a lock pipe), else a
+    // one-byte write.
+    let to_wakeup = |w: &HandlerWrite| actor.wakeup_fd.map_or(w.count == 1, |fd| w.fd == fd);
     let input = match &ev.body {
         EventBody::SignalDeliver(d)
             if matches!(d.disposition, Disposition::Handler(_)) && Registry::is_stop_signal(d.signal) =>
         {
             Input::StopSignal { sig: d.signal.0 }
         }
-        EventBody::HandlerWrite(w) if w.count == 1 && w.is_dropped_wakeup() => Input::WakeupDropped { sig: w.signal.0 },
-        EventBody::HandlerWrite(w) if w.count == 1 => Input::WakeupWritten,
+        EventBody::HandlerWrite(w) if to_wakeup(w) && w.is_dropped_wakeup() => Input::WakeupDropped { sig: w.signal.0 },
+        EventBody::HandlerWrite(w) if to_wakeup(w) => Input::WakeupWritten,
         _ => return,
     };
     let policy = actor.policy.as_ref().and_then(|p| config.policies.get(p)).unwrap_or(default_policy);

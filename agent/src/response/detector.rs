@@ -87,6 +87,11 @@ struct Track {
     /// A handler write succeeded since the last drop: recovery evidence
     /// when (and only when) the fill level is unknown.
     written: bool,
+    /// A stop signal entered a handler and its wakeup write has not been
+    /// seen yet: an empty fd then says nothing about the loop (the byte is
+    /// not written yet; a tick can fall between the two events, which may
+    /// arrive in different batches).
+    awaiting_write: bool,
 }
 
 #[derive(Default)]
@@ -102,7 +107,9 @@ impl Detector {
     /// Re-arms an actor whose incident was resumed after a restart, so that
     /// its recovery (wakeup fd drained) still cancels the escalation.
     pub fn resume_starving(&mut self, pid: u32, runtime: Runtime, window_ns: u64, now: u64) {
-        self.tracks.insert(pid, Track { runtime, window_ns, phase: Phase::Starving { since: now }, written: false });
+        let track =
+            Track { runtime, window_ns, phase: Phase::Starving { since: now }, written: false, awaiting_write: false };
+        self.tracks.insert(pid, track);
     }
 
     pub fn forget(&mut self, pid: u32) {
@@ -122,9 +129,20 @@ impl Detector {
     /// Feeds one input for actor `pid`, whose runtime and confirm window
     /// the caller looks up (they may change while it lives).
     pub fn input(&mut self, pid: u32, runtime: Runtime, window_ns: u64, now: u64, input: Input, out: &mut Vec<Output>) {
-        let t = self.tracks.entry(pid).or_insert(Track { runtime, window_ns, phase: Phase::Idle, written: false });
+        let t = self.tracks.entry(pid).or_insert(Track {
+            runtime,
+            window_ns,
+            phase: Phase::Idle,
+            written: false,
+            awaiting_write: false,
+        });
         if matches!(input, Input::WakeupDropped { .. }) {
             t.written = false;
+        }
+        match input {
+            Input::StopSignal { .. } => t.awaiting_write = true,
+            Input::WakeupDropped { .. } | Input::WakeupWritten => t.awaiting_write = false,
+            Input::Exited => {}
         }
         t.runtime = runtime;
         t.window_ns = window_ns;
@@ -188,10 +206,11 @@ impl Detector {
                 Phase::Idle => {}
                 Phase::Watching { since, deadline, drops, .. } => {
                     let f = fill(pid);
-                    if f == Some(0) || (f.is_none() && t.written && drops > 0) {
+                    let drained = f == Some(0) || (f.is_none() && t.written && drops > 0);
+                    if drained && !t.awaiting_write {
                         t.phase = Phase::Idle;
                         out.push(Output::Recovered { pid, at_ns: now });
-                    } else if now >= deadline && (f.is_some() || drops > 0) {
+                    } else if now >= deadline && (f.is_some_and(|f| f > 0) || drops > 0) {
                         t.phase = Phase::Starving { since: now };
                         out.push(Output::Confirmed {
                             pid,
@@ -201,7 +220,8 @@ impl Detector {
                             fill: f,
                         });
                     } else if now >= deadline {
-                        // A stop signal, fill unknown and no drop: no evidence either way.
+                        // A stop signal, fill unknown (or empty while its write
+                        // never came) and no drop: no evidence either way.
                         t.phase = Phase::Idle;
                     }
                 }
@@ -321,6 +341,24 @@ mod tests {
             matches!(out[..], [Output::Confirmed { first_evidence_ns: 0, confirmed_ns, .. }] if confirmed_ns == W / 2),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn an_empty_fd_before_the_stop_signals_write_is_no_recovery() {
+        // Found by the recorded-trace property test: a tick between the
+        // handler's entry and its wakeup write saw an empty fd, called it
+        // drained, and the only evidence of a starved pipe loop was gone.
+        let mut d = Detector::default();
+        run(&mut d, 7, Runtime::Twisted, 0, Input::StopSignal { sig: 2 });
+        assert!(tick(&mut d, MS, Some(0)).is_empty(), "the byte is not written yet");
+        run(&mut d, 7, Runtime::Twisted, 2 * MS, Input::WakeupWritten);
+        assert!(tick(&mut d, W / 2, Some(1)).is_empty());
+        assert!(matches!(tick(&mut d, W, Some(1))[..], [Output::Confirmed { first_evidence_ns: 0, .. }]));
+        // A handler that never writes: no verdict either way.
+        let mut d = Detector::default();
+        run(&mut d, 8, Runtime::Twisted, 0, Input::StopSignal { sig: 2 });
+        assert!(tick(&mut d, W, Some(0)).is_empty());
+        assert_eq!(d.phase(8), Phase::Idle);
     }
 
     #[test]

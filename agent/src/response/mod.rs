@@ -3,6 +3,8 @@
 //! kept in a private state directory.
 
 pub mod detector;
+#[cfg(test)]
+mod detector_traces;
 pub mod diagnostics;
 pub mod escalation;
 pub mod incidents;
