@@ -56,6 +56,34 @@ fn start_source(probes: &mut Probes) -> anyhow::Result<tokio::sync::mpsc::Receiv
     ring.start().context("polling the event ring buffer")
 }
 
+/// Drops every capability the agent no longer needs once its programs are
+/// attached (sys/caps.rs says which it keeps and why), in every thread, and
+/// logs what it kept and dropped.
+fn drop_capabilities() -> anyhow::Result<()> {
+    use crate::sys::caps;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").context("reading the kernel release")?;
+    let outcome = caps::drop_after_attach(caps::needed_after_attach(release.trim())).context(
+        "dropping the capabilities not needed after attach failed; the agent does not run with more than it needs: \
+         report this with the kernel version",
+    )?;
+    tracing::info!(
+        "capabilities after attach: kept {} ; dropped {} ; dropped from the bounding set: {} ({} threads)",
+        list(caps::names(outcome.kept)),
+        list(caps::names(outcome.dropped)),
+        if outcome.dropped_bounding == 0 {
+            "none (no CAP_SETPCAP)".to_string()
+        } else {
+            list(caps::names(outcome.dropped_bounding))
+        },
+        outcome.threads
+    );
+    Ok(())
+}
+
+fn list(names: Vec<String>) -> String {
+    if names.is_empty() { "none".into() } else { names.join(",") }
+}
+
 /// The error of a command whose event source ended while it ran: the
 /// ring-buffer reader stops only when polling the ring buffer failed (the
 /// reason is logged just before) or it panicked.

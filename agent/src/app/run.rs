@@ -118,6 +118,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.state_dir.display()
     );
     let mut batches = start_source(&mut probes)?;
+    // Every program is attached and every map fd open: from here on the
+    // agent keeps only what it still uses (sys/caps.rs), before it says
+    // it is ready.
+    super::drop_capabilities()?;
     state.ready.store(true, Ordering::Release);
 
     let mut pipeline = Pipeline {

@@ -7,10 +7,12 @@
 //! - `sockdiag`: the NETLINK_SOCK_DIAG client `fdqueue` uses
 //! - `nsview`: pids as a client in another pid namespace sees them
 //! - `cgroup`: cgroup v2 kill
+//! - `caps`: dropping capabilities in every thread once the programs are attached
 //! - `bpfinfo`: counters of loaded BPF programs aya does not expose
 //! - `programs`: where the programs the agent runs are found (a fixed PATH)
 
 pub mod bpfinfo;
+pub mod caps;
 pub mod cgroup;
 pub mod fdqueue;
 pub mod nsview;
