@@ -2,6 +2,7 @@
 //! idempotent, so `run` and `test` call `setup` first and a warm machine
 //! pays a few file checks.
 
+mod image;
 mod kernels;
 mod lint;
 mod prometheus;
@@ -45,6 +46,12 @@ enum Task {
     Kernels(kernels::KernelsArgs),
     /// cargo fmt --check and cargo clippy -D warnings on every user-space crate and its tests.
     Lint,
+    /// Build the agent's container image offline from Debian packages (localhost/sigwake:<version> and :latest; needs root).
+    Image {
+        /// Also the test app image (python3, trio, the fixtures) the deploy tests run.
+        #[arg(long)]
+        app: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +63,7 @@ fn main() -> ExitCode {
         Task::Bench { args } => bench(&args),
         Task::Kernels(args) => kernels::run(args),
         Task::Lint => lint::run(),
+        Task::Image { app } => image::run(app),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -68,6 +76,15 @@ fn main() -> ExitCode {
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+}
+
+/// Where cargo puts what it builds: CARGO_TARGET_DIR when set (relative to
+/// the workspace), else `target/`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
 }
 
 fn step(msg: &str) {
@@ -334,8 +351,11 @@ fn test(args: &[String]) -> Result<()> {
             .current_dir(&root)
             .args(["test", "--package", "sigwake-tests", "--"])
             .args(args)
-            .env("SIGWAKE_BIN", root.join("target/debug/sigwake"))
-            .env("SIGWAKE_TOKIO_ACTOR", root.join("target/debug/sigwake-tokio-actor"))
+            .env("SIGWAKE_BIN", target_dir().join("debug/sigwake"))
+            .env("SIGWAKE_TOKIO_ACTOR", target_dir().join("debug/sigwake-tokio-actor"))
+            .env("SIGWAKE_AGENT_IMAGE", &images.agent)
+            .env("SIGWAKE_APP_IMAGE", images.app.as_deref().expect("built with the app image"))
+            .env("CONTAINERS_CONF", &images.containers_conf)
             .env("SIGWAKE_PYTHON", &env.python)
             .env("SIGWAKE_TRACTOR_PYTHON", &env.tractor_python)
             .env("SIGWAKE_FIXTURES", root.join("tests/fixtures")),
