@@ -351,7 +351,14 @@ fn node_actor(args: &[&str]) -> (Proc, Value) {
 /// The fixture for `case`: loop_actor.py for the Python runtimes, the Node
 /// program for libuv. `busy`: seconds its loop is kept from running once it
 /// is ready (a thread holding the GIL; a JavaScript busy loop).
-fn loop_fixture(case: &Case, busy: &str, exit_after: &str, tag: &str) -> (Proc, Value) {
+fn loop_fixture(case: &Case, busy: &str, exit_after: &str, tag: &str, c_bin: Option<&Path>) -> (Proc, Value) {
+    if let Some(bin) = c_bin {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["--busy-seconds", busy, "--exit-after", exit_after, "--tag", tag]);
+        let p = Proc::spawn("eventfd_loop", &mut cmd);
+        let ready = p.stdout.wait_json("eventfd_loop ready", Duration::from_secs(30), |v| v["ready"] == true);
+        return (p, ready);
+    }
     if case.runtime == "libuv" {
         node_actor(&["--busy-seconds", busy, "--exit-after", exit_after, "--tag", tag])
     } else {
@@ -405,9 +412,21 @@ fn judge(case: Case) {
     .unwrap();
     // --no-discovery: other tests' loops are not this agent's business;
     // the runtime of the selected ones is recognised all the same.
+    // The eventfd loop is C (tests/fixtures/eventfd_loop.c), built here.
+    let c_bin = (rt == "eventfd").then(|| {
+        let bin = dir.0.join("eventfd_loop");
+        let cc = std::process::Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&bin)
+            .arg(fixtures_dir().join("eventfd_loop.c"))
+            .status()
+            .expect("running cc (gcc)");
+        assert!(cc.success(), "compiling eventfd_loop.c");
+        bin
+    });
     let agent = RunningAgent::start(&["--no-discovery", "--config", config.to_str().unwrap()]);
-    let (mut starved, _) = loop_fixture(&case, "60", "1", &format!("{tag}-starved"));
-    let (mut busy, _) = loop_fixture(&case, "0.3", "2", &format!("{tag}-busy"));
+    let (mut starved, _) = loop_fixture(&case, "60", "1", &format!("{tag}-starved"), c_bin.as_deref());
+    let (mut busy, _) = loop_fixture(&case, "0.3", "2", &format!("{tag}-busy"), c_bin.as_deref());
     let (sp, bp) = (starved.pid(), busy.pid());
     for (pid, name) in [(sp, &starved_name), (bp, &busy_name)] {
         let a = agent
@@ -518,6 +537,13 @@ fn twisted_is_recognised_and_judged() {
 #[test]
 fn python_self_pipe_loop_is_recognised_and_judged() {
     judge(Case { runtime: "self_pipe", window: Duration::from_secs(2), flood: 1, ended_by: libc::SIGTERM });
+}
+
+/// An eventfd loop (GLib's way) cannot overflow: no drop, ever; its
+/// starvation shows as an unread counter (fdinfo `eventfd-count`).
+#[test]
+fn eventfd_loop_is_recognised_and_judged() {
+    judge(Case { runtime: "eventfd", window: Duration::from_secs(2), flood: 1, ended_by: libc::SIGTERM });
 }
 
 /// libuv's signal pipe takes 4096 of its 16-byte messages, more than fit

@@ -6,6 +6,7 @@ mod image;
 mod kernels;
 mod lint;
 mod prometheus;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -46,6 +47,8 @@ enum Task {
     Kernels(kernels::KernelsArgs),
     /// cargo fmt --check and cargo clippy -D warnings on every user-space crate and its tests.
     Lint,
+    /// Soak the release agent for a few minutes: signal storms, registrations, restarts; reports RSS, CPU, kernel losses and wrong signals (needs root; not in CI).
+    Soak(soak::SoakArgs),
     /// Build the agent's container image offline from Debian packages (localhost/sigwake:<version> and :latest; needs root).
     Image {
         /// Also the test app image (python3, trio, the fixtures) the deploy tests run.
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Task::Bench { args } => bench(&args),
         Task::Kernels(args) => kernels::run(args),
         Task::Lint => lint::run(),
+        Task::Soak(args) => soak::run(args),
         Task::Image { app } => image::run(app),
     };
     match result {

@@ -41,8 +41,9 @@ pub struct WakeupFill {
     /// charged memory: `queued × SO_SNDBUF / wmem_alloc` (exact for one-byte
     /// writes; `None` while nothing is queued).
     pub capacity_hint: Option<u64>,
-    /// `"sock_diag"` (peer's receive queue via NETLINK_SOCK_DIAG) or
-    /// `"fionread"` (pidfd_getfd + FIONREAD).
+    /// `"sock_diag"` (peer's receive queue via NETLINK_SOCK_DIAG),
+    /// `"fionread"` (pidfd_getfd + FIONREAD) or `"fdinfo"` (an eventfd's
+    /// counter: `queued` is that count, not bytes).
     pub method: &'static str,
     /// What the fd refers to (`socket:[INODE]`, `pipe:[INODE]`): the same
     /// fd number may be closed and reused for something else.
@@ -61,6 +62,18 @@ pub fn fd_nonblocking(pid: u32, fd: i32) -> Option<bool> {
     let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
     let flags = u32::from_str_radix(flags.trim(), 8).ok()?;
     Some(flags & libc::O_NONBLOCK as u32 != 0)
+}
+
+/// The counter of `pid`'s eventfd `fd`: the hexadecimal `eventfd-count:`
+/// line of /proc/PID/fdinfo/FD (fs/eventfd.c `eventfd_show_fdinfo`).
+pub fn eventfd_count(pid: u32, fd: i32) -> Option<u64> {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    parse_eventfd_count(&info)
+}
+
+fn parse_eventfd_count(fdinfo: &str) -> Option<u64> {
+    let count = fdinfo.lines().find_map(|l| l.strip_prefix("eventfd-count:"))?;
+    u64::from_str_radix(count.trim(), 16).ok()
 }
 
 /// Measures the undrained bytes of `pid`'s wakeup fd `wakeup_fd` (the fd
@@ -83,6 +96,12 @@ pub fn wakeup_fill(pid: u32, wakeup_fd: i32) -> Option<WakeupFill> {
             (queued > 0 && wmem > 0).then(|| (queued * sndbuf).div_ceil(wmem))
         });
         return Some(WakeupFill { queued, capacity_hint, method: "sock_diag", target });
+    }
+    if target == "anon_inode:[eventfd]" {
+        // An eventfd is a counter (FIONREAD does not apply): its value,
+        // from fdinfo, is what the loop has not read yet. It cannot fill.
+        let queued = eventfd_count(pid, wakeup_fd)?;
+        return Some(WakeupFill { queued, capacity_hint: None, method: "fdinfo", target });
     }
     let handle = ProcessHandle::open(pid, None).ok()?;
     let fd = handle.get_fd(wakeup_fd).ok()?;
@@ -230,6 +249,22 @@ time.sleep(30)
         assert_eq!(fill.queued, written);
         assert_eq!(fill.capacity_hint, Some(65536));
         assert_eq!(wakeup_fill(pid, wfd).unwrap().queued, written);
+    }
+
+    #[test]
+    fn wakeup_fill_eventfd_is_its_counter() {
+        assert_eq!(parse_eventfd_count("pos:\t0\nflags:\t02004002\neventfd-count:                a\n"), Some(10));
+        assert_eq!(parse_eventfd_count("pos:\t0\n"), None);
+        // SAFETY: plain syscalls on a fd this test owns.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(efd >= 0, "eventfd: {}", io::Error::last_os_error());
+        let one: u64 = 3;
+        // SAFETY: writes 8 bytes from a u64 to the eventfd.
+        assert_eq!(unsafe { libc::write(efd, (&one as *const u64).cast(), 8) }, 8);
+        let fill = wakeup_fill(std::process::id(), efd).expect("wakeup_fill of an eventfd");
+        assert_eq!((fill.queued, fill.method, fill.target.as_str()), (3, "fdinfo", "anon_inode:[eventfd]"));
+        // SAFETY: closes the fd opened above.
+        unsafe { libc::close(efd) };
     }
 
     #[test]
