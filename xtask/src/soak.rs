@@ -14,6 +14,14 @@
 //! events by kind, decode errors, actors stopped and wrong signals, and
 //! fails if a starved actor was not stopped or any signal was wrong.
 //! Not in CI: it takes minutes (and a release build).
+//!
+//! A 4-minute run on the 2-core development host (kernel 6.18, other
+//! builds running): 98 cycles, 5 agent lifetimes of 41-51 s, RSS 19.6 MiB
+//! at start and 24-30 MiB at the end of each lifetime, CPU 6.5-8.4% of
+//! one core, 1.96 M signals stormed, 4,900 registrations churned, 197
+//! starved actors all stopped (196 by SIGTERM, 1 by the SIGKILL of an
+//! agent resumed mid-ladder), 0 kernel losses, 0 decode errors, 0 wrong
+//! signals.
 
 use std::{
     collections::BTreeMap,
