@@ -516,6 +516,17 @@ fn judge(case: Case) {
     eprintln!("[{rt} verdicts] done in {:.1} s", t0.elapsed().as_secs_f64());
 }
 
+/// trio's wakeup socket holds 6 bytes: a few SIGINTs fill it.
+#[test]
+fn trio_is_recognised_and_judged() {
+    judge(Case { runtime: "trio", window: Duration::from_secs(2), flood: 20, ended_by: libc::SIGTERM });
+}
+
+#[test]
+fn asyncio_is_recognised_and_judged() {
+    judge(Case { runtime: "asyncio", window: Duration::from_secs(1), flood: 400, ended_by: libc::SIGTERM });
+}
+
 #[test]
 fn uvloop_is_recognised_and_judged() {
     judge(Case { runtime: "uvloop", window: Duration::from_secs(1), flood: 400, ended_by: libc::SIGTERM });
