@@ -17,6 +17,10 @@
 //! the drops carry the app's actor name, the agent finishes the stop with
 //! SIGTERM, and no bystander gets a signal.
 //!
+//! Each listed capability is shown needed: without BPF or PERFMON the
+//! agent cannot load, without KILL its signals to the (non-root) app are
+//! refused, without SETPCAP the bounding set keeps what it dropped.
+//!
 //! `cargo xtask test` builds the images and sets SIGWAKE_AGENT_IMAGE,
 //! SIGWAKE_APP_IMAGE and CONTAINERS_CONF (the project's containers.conf:
 //! runc and fixed ulimits on these machines).
@@ -608,39 +612,54 @@ fn colliding_bystander(pod_pid: u32, wanted: u32) -> Proc {
     panic!("could not start a bystander with pid {wanted} in the pod's pid namespace in 10 tries");
 }
 
+/// What the agent must make of the starved app.
+#[derive(PartialEq)]
+enum Verdict {
+    /// It finishes the stop: SIGTERM ends the app.
+    Stopped,
+    /// Its signals are refused (no CAP_KILL): the incident fails, the app
+    /// lives on.
+    Refused,
+}
+
 /// The scenario both shapes run; returns the incident's steps.
-fn starve_and_judge(agent: &AgentUnderTest, pod: &str, shares_agent_pidns: bool) -> Vec<String> {
+fn starve_and_judge(agent: &AgentUnderTest, pod: &str, shares_agent_pidns: bool, verdict: Verdict) -> Vec<String> {
     let app = format!("{pod}-app");
     let bystander = format!("{pod}-bystander");
     let registered = wait_log_json(&app, "the app's registration", Duration::from_secs(30), |v| {
         v.get("registered").is_some() || v.get("register_error").is_some()
     });
-    assert!(registered.get("registered").is_some(), "the app could not register: {registered}");
+    assert!(
+        registered.get("registered").is_some(),
+        "the app could not register: {registered}; agent log:\n{}",
+        logs_text(&agent.container)
+    );
     assert_eq!(registered["registered"]["name"], APP_ACTOR, "{registered}");
     let ready = wait_log_json(&app, "the app ready", EVENT, |v| v["ready"] == true);
     let app_host_pid = host_pid(&app);
     let app_ns_pid = ready["pid"].as_u64().unwrap() as u32;
     assert_ne!(app_host_pid, app_ns_pid, "the app must run in the pod's own pid namespace");
     wait_log_json(&bystander, "the bystander ready", EVENT, |v| v["ready"] == true);
-    let collider = colliding_bystander(app_host_pid, app_host_pid);
-
+    // After the hog thread exists: it takes a pid of the namespace too.
     wait_log_json(&app, "the GIL hog", EVENT, |v| v["hogging"] == true);
+    let collider = colliding_bystander(app_host_pid, app_host_pid);
     for _ in 0..10 {
         // SAFETY: kill(2) on the app's host pid, which the test just read.
         assert_eq!(unsafe { libc::kill(app_host_pid as i32, libc::SIGINT) }, 0);
         thread::sleep(Duration::from_millis(20));
     }
 
-    // The agent confirms starvation and finishes the stop.
+    // The agent confirms starvation and finishes the stop (or fails to).
+    let status = if verdict == Verdict::Stopped { "exited" } else { "failed" };
     let deadline = Instant::now() + scaled(Duration::from_secs(30));
     let incident = loop {
-        let found = agent.incidents().into_iter().find(|i| i["actor"] == APP_ACTOR && i["status"] == "exited");
+        let found = agent.incidents().into_iter().find(|i| i["actor"] == APP_ACTOR && i["status"] == status);
         if let Some(i) = found {
             break i;
         }
         if Instant::now() > deadline {
             panic!(
-                "no incident of {APP_ACTOR} closed as exited within 30 s; incidents: {:#?}\nagent log:\n{}\napp log:\n{}",
+                "no incident of {APP_ACTOR} closed as {status} within 30 s; incidents: {:#?}\nagent log:\n{}\napp log:\n{}",
                 agent.incidents(),
                 logs_text(&agent.container),
                 logs_text(&app)
@@ -653,17 +672,23 @@ fn starve_and_judge(agent: &AgentUnderTest, pod: &str, shares_agent_pidns: bool)
     let seen_pid = if shares_agent_pidns { app_ns_pid } else { app_host_pid };
     assert_eq!(incident["pid"], seen_pid, "{incident:#}");
     assert!(incident["evidence"]["drops"].as_u64().unwrap_or(0) > 0, "{incident:#}");
-    // podman notes the exit a moment after the kernel's exit event.
     let state = || run_ok(podman().args(["inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", &app]));
-    wait_until("podman to see the app exit", EVENT, || state().starts_with("exited"));
-    assert_eq!(state().trim(), "exited 143", "the app must have been ended by the agent's SIGTERM");
+    let sigterm_outcome = if verdict == Verdict::Stopped {
+        // podman notes the exit a moment after the kernel's exit event.
+        wait_until("podman to see the app exit", EVENT, || state().starts_with("exited"));
+        assert_eq!(state().trim(), "exited 143", "the app must have been ended by the agent's SIGTERM");
+        "ok"
+    } else {
+        assert!(state().starts_with("running"), "the app must live on: {}", state());
+        "failed"
+    };
 
     let metrics = agent.metrics();
     let actor = format!("actor=\"{APP_ACTOR}\"");
     assert!(metric_sum(&metrics, "sigwake_wakeup_writes_dropped_total", &[&actor]) > 0.0, "{metrics}");
+    let outcome = format!("outcome=\"{sigterm_outcome}\"");
     assert!(
-        metric_sum(&metrics, "sigwake_escalation_actions_total", &[&actor, "action=\"sigterm\"", "outcome=\"ok\""])
-            >= 1.0,
+        metric_sum(&metrics, "sigwake_escalation_actions_total", &[&actor, "action=\"sigterm\"", &outcome]) >= 1.0,
         "{metrics}"
     );
 
@@ -688,23 +713,24 @@ fn kube_play(pod: &Value, dir: &TempDir) {
     run_ok(podman().args(["kube", "play"]).arg(&file));
 }
 
-#[test]
-fn daemonset_shape_finishes_the_stop_and_spares_bystanders() {
-    let dir = TempDir::new("deploy-ds");
+/// The DaemonSet shape: the manifest's agent container with `caps`
+/// (podman run --pid=host), and beside it the workload pod, the same as
+/// the sidecar test's without the agent; the socket comes from the node
+/// (the DaemonSet's hostPath). Returns the incident's steps.
+fn daemonset_scenario(tag: &str, caps: &[String], verdict: Verdict) -> Vec<String> {
+    let dir = TempDir::new(tag);
     let id = std::process::id();
-    let agent_name = format!("sigwake-test-ds-{id}");
-    let pod = format!("sigwake-test-ds-workload-{id}");
+    let agent_name = format!("sigwake-test-{tag}-{id}");
+    let pod = format!("sigwake-test-{tag}-workload-{id}");
     let _cleanup = Cleanup(vec![format!("pod rm -f -t 0 {pod}"), format!("rm -f -t 0 {agent_name}")]);
     let ds = yaml_doc(&manifest_path("daemonset.yaml"));
     let agent_spec = container(pod_spec(&ds), "sigwake");
-    let out = run_daemonset_agent(&agent_name, &dir, &listed_caps(agent_spec), None, true);
+    let out = run_daemonset_agent(&agent_name, &dir, caps, None, true);
     assert!(out.status.success(), "podman run: {}", String::from_utf8_lossy(&out.stderr));
     let port = metrics_port(agent_spec);
     let pid = wait_ready(&agent_name, port);
     let agent = AgentUnderTest { container: agent_name, pid, port };
 
-    // The same workload pod as the sidecar test's, without the agent; the
-    // socket comes from the node (the DaemonSet's hostPath).
     let sidecar = yaml_doc(&manifest_path("sidecar-pod.yaml"));
     let mut workload = sidecar.clone();
     workload["metadata"]["name"] = json!(pod);
@@ -712,9 +738,29 @@ fn daemonset_shape_finishes_the_stop_and_spares_bystanders() {
     workload["spec"]["volumes"] =
         json!([{ "name": "sigwake-socket", "hostPath": { "path": dir.0.join("socket"), "type": "Directory" } }]);
     kube_play(&workload, &dir);
+    starve_and_judge(&agent, &pod, false, verdict)
+}
 
-    let steps = starve_and_judge(&agent, &pod, false);
+#[test]
+fn daemonset_shape_finishes_the_stop_and_spares_bystanders() {
+    let ds = yaml_doc(&manifest_path("daemonset.yaml"));
+    let caps = listed_caps(container(pod_spec(&ds), "sigwake"));
+    let steps = daemonset_scenario("ds", &caps, Verdict::Stopped);
     assert_eq!(steps, ["diagnostics:ok", "sigterm:ok"]);
+}
+
+/// CAP_KILL is what lets the agent (root) signal the app (uid 65534):
+/// without it every signal tier is refused and the app lives on.
+#[test]
+fn without_cap_kill_the_agent_cannot_stop_another_users_app() {
+    let ds = yaml_doc(&manifest_path("daemonset.yaml"));
+    let caps: Vec<String> =
+        listed_caps(container(pod_spec(&ds), "sigwake")).into_iter().filter(|c| c != "KILL").collect();
+    let steps = daemonset_scenario("nokill", &caps, Verdict::Refused);
+    assert!(
+        steps.contains(&"sigterm:failed".to_string()) && steps.contains(&"sigkill:failed".to_string()),
+        "{steps:?}"
+    );
 }
 
 #[test]
@@ -761,6 +807,6 @@ fn sidecar_shape_finishes_the_stop_and_spares_bystanders() {
     assert_eq!(status_mask(&status, "CapEff:"), kept_after_attach(), "{status}");
     let agent = AgentUnderTest { container: name, pid, port };
 
-    let steps = starve_and_judge(&agent, &pod, true);
+    let steps = starve_and_judge(&agent, &pod, true, Verdict::Stopped);
     assert_eq!(steps, ["diagnostics:ok", "sigterm:ok"], "the same verdict as the DaemonSet shape");
 }
