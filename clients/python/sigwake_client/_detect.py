@@ -11,9 +11,12 @@ import warnings
 
 
 def detect_runtime():
-    """"trio" if a trio run is active in this thread, else "asyncio" if an
-    asyncio loop is running in it, else "trio"/"asyncio" if only the module
-    is imported (trio first), else "unknown"."""
+    """The runtime of the loop running in this thread: "trio"; for a running
+    asyncio loop "uvloop" (uvloop's loop class), "tornado" (tornado's IOLoop
+    imported: tornado runs on asyncio) or "asyncio"; "twisted" while a
+    Twisted reactor runs (Twisted imports asyncio too, so that alone says
+    nothing). With no loop running: "trio"/"asyncio" if only the module is
+    imported (trio first), else "unknown"."""
     trio = sys.modules.get("trio")
     if trio is not None:
         try:
@@ -24,10 +27,18 @@ def detect_runtime():
     asyncio = sys.modules.get("asyncio")
     if asyncio is not None:
         try:
-            asyncio.get_running_loop()
-            return "asyncio"
+            loop = asyncio.get_running_loop()
         except RuntimeError:
-            pass
+            loop = None
+        if loop is not None:
+            if type(loop).__module__.split(".")[0] == "uvloop":
+                return "uvloop"
+            if "tornado.ioloop" in sys.modules:
+                return "tornado"
+            return "asyncio"
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is not None and getattr(reactor, "running", False):
+        return "twisted"
     if trio is not None:
         return "trio"
     if asyncio is not None:

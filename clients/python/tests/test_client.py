@@ -18,6 +18,7 @@ import socket
 import socketserver
 import subprocess
 import sys
+import types
 import tempfile
 import threading
 import time
@@ -514,6 +515,30 @@ class Detection(unittest.TestCase):
 
         with mock.patch.dict(sys.modules, {"trio": _fake_trio(running=False)}):
             self.assertEqual(asyncio.run(detect()), "asyncio")
+
+    def test_runtime_of_loops_on_asyncio(self):
+        async def detect():
+            return sigwake_client.detect_runtime()
+
+        class UvloopLoop(asyncio.SelectorEventLoop):
+            pass
+
+        # uvloop's loop class lives in the uvloop package.
+        UvloopLoop.__module__ = "uvloop"
+        loop = UvloopLoop()
+        self.addCleanup(loop.close)
+        self.assertEqual(loop.run_until_complete(detect()), "uvloop")
+        with mock.patch.dict(sys.modules, {"tornado.ioloop": types.ModuleType("tornado.ioloop")}):
+            self.assertEqual(asyncio.run(detect()), "tornado")
+        self.assertEqual(asyncio.run(detect()), "asyncio")
+
+    def test_runtime_running_twisted_reactor(self):
+        reactor = types.SimpleNamespace(running=True)
+        with mock.patch.dict(sys.modules, {"twisted.internet.reactor": reactor}):
+            sys.modules.pop("trio", None)
+            self.assertEqual(sigwake_client.detect_runtime(), "twisted")  # asyncio imported, not running
+            reactor.running = False
+            self.assertEqual(sigwake_client.detect_runtime(), "asyncio")
 
     def test_runtime_running_trio_fake(self):
         with mock.patch.dict(sys.modules, {"trio": _fake_trio(running=True)}):
