@@ -436,8 +436,11 @@ fn sigterm_to_a_pid_namespace_init_without_a_handler_is_recorded_ignored() {
     let reg =
         outer.stdout.json().into_iter().find(|v| v.get("registered").is_some() || v.get("register_error").is_some());
     let reg = reg.unwrap_or_else(|| panic!("no registration line; stdout: {:?}", outer.stdout.json()));
-    // The agent names it by its pid in the agent's (the initial) namespace.
-    let pid = reg["registered"]["pid"].as_u64().unwrap_or_else(|| panic!("could not register: {reg}")) as u32;
+    // The reply speaks the client's pids (it is its own namespace's 1); the
+    // agent knows it by its host pid, unshare's child.
+    assert_eq!(reg["registered"]["pid"], 1, "the reply names the loop as its namespace sees it: {reg}");
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", outer.pid())).unwrap();
+    let pid: u32 = children.split_whitespace().next().and_then(|p| p.parse().ok()).expect("unshare's child");
     let start = start_time(pid);
     let _cleanup = KillOnDrop(vec![(pid, start)]);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
