@@ -197,7 +197,7 @@ fn agent_in_a_shared_pid_namespace_blames_and_stops_the_starved_actor_never_the_
 fn agent_in_a_pid_namespace_never_sees_processes_outside_it() {
     let ns = Namespace::new();
     let enter = ns.enter();
-    let mut trace = Proc::spawn(
+    let trace = Proc::spawn(
         "sigwake trace in the namespace",
         Command::new(&enter[0]).args(&enter[1..]).arg(sigwake_bin()).args(["trace", "--only-drops"]),
     );
