@@ -182,9 +182,16 @@ fn agent_killed_as_the_incident_opens_captures_diagnostics_once_after_the_restar
     let pid = actor.pid();
     starve(&actor);
     let state = agent.state_dir();
-    let opened = |l: &Value| l["pid"] == pid && l["action"] == "opened";
+    // Complete lines only: this reads while the agent appends.
+    let opened = || {
+        let text = std::fs::read_to_string(state.join("audit.jsonl")).unwrap_or_default();
+        text.split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|l| l["pid"] == pid && l["action"] == "opened")
+    };
     let deadline = Instant::now() + scaled(Duration::from_secs(10));
-    while !audit_lines(&state).iter().any(opened) {
+    while !opened() {
         assert!(
             Instant::now() < deadline,
             "no incident opened; agent stderr:\n{}",

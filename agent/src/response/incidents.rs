@@ -340,7 +340,12 @@ impl Store {
             "evidence": i.evidence,
         });
         let path = self.dir.join("audit.jsonl");
-        let res = crate::app::blocking(|| statedir::append_private(&path).and_then(|mut f| writeln!(f, "{line}")));
+        // One write(2) of the whole line (O_APPEND): writeln! on the file
+        // wrote a JSON value piece by piece, so a reader could see half a
+        // line and an agent killed mid-line left one in the log.
+        let text = format!("{line}\n");
+        let res =
+            crate::app::blocking(|| statedir::append_private(&path).and_then(|mut f| f.write_all(text.as_bytes())));
         if let Err(e) = res {
             self.write_errors.get_or_create(&FileLabels { file: "audit".into() }).inc();
             tracing::error!(
