@@ -307,7 +307,8 @@ mod tests {
     #[test]
     fn status_parsing() {
         let text = "Name:\tx\nTgid:\t10\nPid:\t11\nPPid:\t1\nUid:\t1000\t0\t1000\t0\n";
-        let old = Status { tgid: 10, ppid: 1, uids: [1000, 0, 1000], sig_ign: 0, sig_cgt: 0, nspid: vec![10], cap_eff: 0 };
+        let old =
+            Status { tgid: 10, ppid: 1, uids: [1000, 0, 1000], sig_ign: 0, sig_cgt: 0, nspid: vec![10], cap_eff: 0 };
         assert_eq!(parse_status(text), Some(old.clone()));
         let text = format!("{text}NSpid:\t4711\t1\nSigBlk:\t0\nSigIgn:\t0000000000004000\nSigCgt:\t0000000180000002\n");
         let s = parse_status(&text).unwrap();
