@@ -41,7 +41,7 @@ pub struct CheckArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints
+    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints; socket = socket sends (sock_send_length) and a uprobe on the signal restorer, no syscall tracepoint (Linux 6.12+; pipe wakeups are not seen)
     #[arg(long, value_enum, default_value_t = HookPreference::Auto)]
     pub hooks: HookPreference,
 }
@@ -72,7 +72,7 @@ pub struct TraceArgs {
     /// Stop once every --pid process has exited (events before the exit are all printed first).
     #[arg(long, requires = "pids")]
     pub until_exit: bool,
-    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints
+    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints; socket = socket sends (sock_send_length) and a uprobe on the signal restorer, no syscall tracepoint (Linux 6.12+; pipe wakeups are not seen)
     #[arg(long, value_enum, default_value_t = HookPreference::Auto)]
     pub hooks: HookPreference,
 }
@@ -105,7 +105,7 @@ pub struct RunArgs {
     /// Do not record self-pipe event loops nobody registered.
     #[arg(long)]
     pub no_discovery: bool,
-    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints
+    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints; socket = socket sends (sock_send_length) and a uprobe on the signal restorer, no syscall tracepoint (Linux 6.12+; pipe wakeups are not seen)
     #[arg(long, value_enum, default_value_t = HookPreference::Auto)]
     pub hooks: HookPreference,
 }

@@ -171,6 +171,17 @@ pub struct Config {
     pub signal_live_offset: u32,
     /// How pids are reported: see [`PidNamespace`].
     pub pidns: PidNamespace,
+    /// Where the current task's user registers are, for hooks that do not
+    /// run at a syscall (`sock:sock_send_length`, the restorer uprobe):
+    /// `task_struct.stack` (BTF) and the kernel's THREAD_SIZE; the user
+    /// `struct pt_regs` sits at the top of the task's kernel stack.
+    /// `thread_size` 0: unknown (those hooks are not used).
+    pub task_stack_offset: u32,
+    pub thread_size: u32,
+    /// `task_struct.sas_ss_sp` and `sas_ss_size` (BTF): a handler with
+    /// SA_ONSTACK runs on the alternate signal stack when one is set.
+    pub task_sas_ss_sp: u32,
+    pub task_sas_ss_size: u32,
 }
 
 /// The agent's pid namespace, so that every pid the programs report is the
@@ -235,6 +246,10 @@ impl Config {
         task_signal_offset: 0,
         signal_live_offset: 0,
         pidns: PidNamespace::INITIAL,
+        task_stack_offset: 0,
+        thread_size: 0,
+        task_sas_ss_sp: 0,
+        task_sas_ss_size: 0,
     };
 }
 
@@ -268,6 +283,12 @@ pub struct HandlerWindow {
     pub entered: [u64; MAX_HANDLER_DEPTH],
     /// Signals of the nested handlers, innermost at `depth - 1`.
     pub sigs: [i32; MAX_HANDLER_DEPTH],
+    /// The user stack range each handler's frames live in: below the stack
+    /// pointer it interrupted, or its alternate signal stack. A thread whose
+    /// stack pointer is outside the innermost range has left that handler
+    /// (closes a window where no hook sees the return). 0..0: unknown.
+    pub stack_lo: [u64; MAX_HANDLER_DEPTH],
+    pub stack_hi: [u64; MAX_HANDLER_DEPTH],
     pub depth: u32,
     /// fd and count of the write in flight (set at the call's entry).
     pub write_fd: i32,

@@ -26,9 +26,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
     },
-    macros::{fentry, fexit, map, raw_tracepoint, tracepoint},
+    macros::{fentry, fexit, map, raw_tracepoint, tracepoint, uprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{FEntryContext, FExitContext, RawTracePointContext, TracePointContext},
+    programs::{FEntryContext, FExitContext, ProbeContext, RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use sigwake_common::{
@@ -175,6 +175,51 @@ fn pid_in_agent_ns(pid: *const u8, ns: &PidNamespace) -> Option<u32> {
     None
 }
 
+// x86_64 `struct pt_regs` (arch/x86/include/asm/ptrace.h): 21 words.
+const PT_REGS_SIZE: usize = 168;
+const PT_REGS_SP: usize = 152;
+const PT_REGS_ORIG_AX: usize = 120;
+const SA_ONSTACK: u64 = 0x0800_0000;
+
+/// The current task's user registers: the `struct pt_regs` at the top of
+/// its kernel stack (`task_pt_regs()`), for hooks that do not run at a
+/// syscall's own entry. None where the agent did not find THREAD_SIZE.
+#[inline(always)]
+fn user_regs(cfg: &Config) -> Option<*const u8> {
+    if cfg.thread_size == 0 {
+        return None;
+    }
+    // SAFETY: the current task's address, read only through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let stack = read_kernel::<*const u8>(task, cfg.task_stack_offset)?;
+    Some(stack.wrapping_add(cfg.thread_size as usize - PT_REGS_SIZE))
+}
+
+#[inline(always)]
+fn user_sp(cfg: &Config) -> Option<u64> {
+    read_kernel::<u64>(user_regs(cfg)?, PT_REGS_SP as u32)
+}
+
+/// The user stack range a handler about to run will use: its alternate
+/// signal stack (SA_ONSTACK with one set, and not already on it), else
+/// everything below the interrupted stack pointer. (0, 0): unknown.
+#[inline(always)]
+fn handler_stack(cfg: &Config, sa_flags: u64) -> (u64, u64) {
+    let Some(sp) = user_sp(cfg) else { return (0, 0) };
+    if sa_flags & SA_ONSTACK != 0 {
+        // SAFETY: as in user_regs.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        let ss_sp = read_kernel::<u64>(task, cfg.task_sas_ss_sp).unwrap_or(0);
+        let ss_size = read_kernel::<u64>(task, cfg.task_sas_ss_size).unwrap_or(0);
+        let on_it = sp > ss_sp && sp <= ss_sp.wrapping_add(ss_size);
+        if ss_size != 0 && !on_it {
+            return (ss_sp, ss_sp.wrapping_add(ss_size));
+        }
+    }
+    (0, sp)
+}
+
 #[inline(always)]
 fn read_kernel<T>(base: *const u8, offset: u32) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel checks the address; offsets come from
@@ -316,9 +361,10 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let handler: u64 = read(ctx, off.deliver_sa_handler)?;
+    let sa_flags = read::<u64>(ctx, off.deliver_sa_flags)?;
     let mut ev = base_event(kind::SIGNAL_DELIVER, sig, ids);
     ev.arg0 = read::<i32>(ctx, off.deliver_code)? as i64;
-    ev.arg1 = read::<u64>(ctx, off.deliver_sa_flags)? as i64;
+    ev.arg1 = sa_flags as i64;
     ev.arg2 = handler as i64;
     let now = ev.ts_ns;
     emit(ev);
@@ -339,14 +385,15 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
         }
     }
     let depth = window.depth as usize;
+    let (lo, hi) = handler_stack(&cfg, sa_flags);
+    // Deeper nesting: keep the innermost signal on top.
+    let level = if depth < MAX_HANDLER_DEPTH { depth } else { MAX_HANDLER_DEPTH - 1 } & LEVEL_MASK;
+    window.sigs[level] = sig;
+    window.entered[level] = now;
+    window.stack_lo[level] = lo;
+    window.stack_hi[level] = hi;
     if depth < MAX_HANDLER_DEPTH {
-        window.sigs[depth] = sig;
-        window.entered[depth] = now;
         window.depth += 1;
-    } else {
-        // Deeper nesting: keep the innermost signal on top.
-        window.sigs[MAX_HANDLER_DEPTH - 1] = sig;
-        window.entered[MAX_HANDLER_DEPTH - 1] = now;
     }
     if IN_HANDLER.insert(&tid, &window, 0).is_err() {
         bump(counter::HANDLER_MAP_FULL);
@@ -643,6 +690,64 @@ pub fn fentry_rt_sigreturn(_ctx: FEntryContext) -> u32 {
 #[cfg(not(bpf_target_arch = "aarch64"))]
 #[fentry(function = "__x64_sys_rt_sigreturn")]
 pub fn fentry_rt_sigreturn(_ctx: FEntryContext) -> u32 {
+    let _ = try_sys_enter_rt_sigreturn();
+    0
+}
+
+// ------------------------------------- socket sends and the signal restorer
+//
+// Hooks that put no syscall on the slow path: `sock:sock_send_length`
+// (6.12+) runs inside every socket send, whichever call made it, and the
+// signal restorer (`__restore_rt`, what a handler returns into) is hooked
+// with a uprobe. The call, fd and byte count come from the user registers
+// the syscall saved, so events are the same as from the syscall hooks.
+
+/// x86_64 syscall numbers of the calls a handler sends its byte with.
+const NR_WRITE: u64 = 1;
+const NR_WRITEV: u64 = 20;
+const NR_SENDTO: u64 = 44;
+const NR_SENDMSG: u64 = 46;
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
+    let Some((tid, window)) = handler_window() else { return 0 };
+    let cfg = CONFIG.load();
+    let Some(regs) = user_regs(&cfg) else { return 0 };
+    // The thread may have left its handler without the restorer being
+    // seen (a binary whose restorer is not hooked): out of the range the
+    // handler's frames use means out of the handler.
+    if let Some(sp) = read_kernel::<u64>(regs, PT_REGS_SP as u32) {
+        // SAFETY: the entry belongs to the current thread.
+        let w = unsafe { &*window };
+        let level = (w.depth as usize).wrapping_sub(1) & LEVEL_MASK;
+        let (lo, hi) = (w.stack_lo[level], w.stack_hi[level]);
+        if (1..=MAX_HANDLER_DEPTH).contains(&(w.depth as usize)) && hi != 0 && !(sp >= lo && sp < hi) {
+            close_window(tid);
+            bump(counter::STALE_WINDOWS);
+            return 0;
+        }
+    }
+    let reg = |off: usize| read_kernel::<u64>(regs, off as u32).unwrap_or(0);
+    let nr = reg(PT_REGS_ORIG_AX);
+    let fd = reg(SYSCALL_ARG_OFFSETS[0]);
+    let (call, count) = match nr {
+        NR_WRITE => (write_call::WRITE, reg(SYSCALL_ARG_OFFSETS[2])),
+        NR_SENDTO => (write_call::SENDTO, reg(SYSCALL_ARG_OFFSETS[2])),
+        NR_WRITEV => (write_call::WRITEV, iov_bytes(reg(SYSCALL_ARG_OFFSETS[1]), reg(SYSCALL_ARG_OFFSETS[2]))),
+        NR_SENDMSG => (write_call::SENDMSG, msghdr_bytes(reg(SYSCALL_ARG_OFFSETS[1]))),
+        // sendmmsg, io_uring: not how a handler sends its wakeup byte.
+        _ => return 0,
+    };
+    let ret = ctx.arg::<u64>(1) as i32 as i64;
+    begin_write(window, call, fd, count);
+    finish_write(tid, window, ret);
+    0
+}
+
+/// The signal restorer: a handler returns into it, and it calls
+/// rt_sigreturn. Attached by file offset to each restorer the agent knows.
+#[uprobe]
+pub fn signal_restorer(_ctx: ProbeContext) -> u32 {
     let _ = try_sys_enter_rt_sigreturn();
     0
 }

@@ -234,10 +234,18 @@ pub const AGENT_START: Duration = Duration::from_secs(30);
 /// How long an event may take to show up.
 pub const EVENT: Duration = Duration::from_secs(10);
 
+/// `--hooks TIER` when SIGWAKE_TEST_HOOKS names one: `cargo xtask test`
+/// runs suites a second time on another tier (the socket tier where the
+/// kernel has it). When set, the agent must get that tier, not fall back:
+/// `hook_tier_is_the_one_asked_for` checks it.
+pub fn hooks_args() -> Vec<String> {
+    std::env::var("SIGWAKE_TEST_HOOKS").map(|t| vec!["--hooks".to_string(), t]).unwrap_or_default()
+}
+
 /// `sigwake trace --format json ARGS`, returned once attached.
 pub fn trace(args: &[&str]) -> Proc {
     let mut cmd = Command::new(sigwake_bin());
-    cmd.arg("trace").args(args).env("RUST_LOG", "info");
+    cmd.arg("trace").args(hooks_args()).args(args).env("RUST_LOG", "info");
     let p = Proc::spawn("sigwake trace", &mut cmd);
     p.stderr.wait_for("sigwake trace to attach", AGENT_START, |l| l.text.contains("tracing; stop with"));
     p
@@ -344,6 +352,7 @@ impl RunningAgent {
             None => Command::new(sigwake_bin()),
         };
         cmd.args(["run", "--listen", &addr])
+            .args(hooks_args())
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")

@@ -10,8 +10,15 @@ use serde_json::Value;
 use sigwake_tests::*;
 
 fn check(args: &[&str]) -> Value {
-    let out =
-        Command::new(sigwake_bin()).arg("check").arg("--json").args(args).output().expect("running sigwake check");
+    // The run's tier (SIGWAKE_TEST_HOOKS), unless the test asks for one.
+    let run_tier = if args.contains(&"--hooks") { Vec::new() } else { hooks_args() };
+    let out = Command::new(sigwake_bin())
+        .arg("check")
+        .arg("--json")
+        .args(run_tier)
+        .args(args)
+        .output()
+        .expect("running sigwake check");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "sigwake check failed: {stderr}");
@@ -45,6 +52,7 @@ fn check_proves_every_job_on_this_kernel() {
     let (write_tier, return_tier) = match tier {
         "fentry" => ("fexit", "fentry"),
         "syscall_tracepoint" => ("syscall_tracepoint", "syscall_tracepoint"),
+        "socket" => ("raw_tracepoint", "uprobe"),
         other => panic!("unknown tier {other}: {report:#}"),
     };
     assert_eq!(job(&report, "write_path")["tier"], write_tier);
@@ -54,7 +62,9 @@ fn check_proves_every_job_on_this_kernel() {
     assert_eq!(job(&report, "exec")["tier"], "tracepoint");
     // Every call a handler can send its byte with has a hook.
     let points = job(&report, "write_path")["attach_points"].to_string();
-    for call in ["write", "writev", "sendto", "sendmsg"] {
+    // The socket tier has one hook for every call that sends on a socket.
+    let calls: &[&str] = if tier == "socket" { &[] } else { &["write", "writev", "sendto", "sendmsg"] };
+    for call in calls {
         assert!(
             points.contains(&format!("sys_{call}\"")) || points.contains(&format!("sys_exit_{call}\"")),
             "{call}: {points}"
@@ -67,6 +77,26 @@ fn check_proves_every_job_on_this_kernel() {
     assert_eq!(report["exit_source"] == "group_dead_field", has_group_dead, "{report:#}");
     if !has_group_dead {
         assert_eq!(report["exit_source"], "live_count", "kernels with BTF read task->signal->live: {report:#}");
+    }
+}
+
+/// The socket tier — socket sends on `sock:sock_send_length` and handler
+/// returns on a uprobe at the signal restorer, no syscall tracepoint — is
+/// proven where the kernel has that tracepoint (6.12+); elsewhere asking
+/// for it falls back to the syscall tracepoints and says why.
+#[test]
+fn socket_tier_is_proven_where_the_kernel_has_sock_send_length() {
+    let report = check(&["--hooks", "socket"]);
+    assert_self_test_passed(&report);
+    if std::path::Path::new("/sys/kernel/tracing/events/sock/sock_send_length").exists() {
+        assert_eq!(report["tier"], "socket", "{report:#}");
+        assert_eq!(job(&report, "write_path")["attach_points"], serde_json::json!(["raw:sock_send_length"]));
+        let ret = job(&report, "handler_return");
+        assert_eq!(ret["tier"], "uprobe", "{report:#}");
+        assert!(ret["attach_points"][0].as_str().is_some_and(|p| p.starts_with("uprobe:/")), "{report:#}");
+    } else {
+        assert_eq!(report["tier"], "syscall_tracepoint", "{report:#}");
+        assert!(report["fallbacks"].to_string().contains("sock_send_length"), "{report:#}");
     }
 }
 
@@ -107,11 +137,10 @@ fn check_passes_in_a_pid_namespace_of_its_own() {
 fn metrics_name_the_tier_serving_each_job() {
     let agent = RunningAgent::start(&[]);
     let text = agent.metrics();
-    let tier = if text.contains(r#"sigwake_hook_tier{job="write_path",tier="fexit"} 1"#) {
-        "fexit"
-    } else {
-        "syscall_tracepoint"
-    };
+    let tier = ["fexit", "raw_tracepoint"]
+        .into_iter()
+        .find(|t| text.contains(&format!(r#"sigwake_hook_tier{{job="write_path",tier="{t}"}} 1"#)))
+        .unwrap_or("syscall_tracepoint");
     for (job, want) in [("write_path", tier), ("signal_path", "tracepoint"), ("exit", "tracepoint")] {
         let line = format!(r#"sigwake_hook_tier{{job="{job}",tier="{want}"}} 1"#);
         assert!(text.contains(&line), "missing `{line}` in /metrics:\n{text}");

@@ -46,6 +46,9 @@ pub const SUBSET: &[(&str, &str)] = &[
     // `sigwake check` proves every job; SIGWAKE_EXPECT_TIER pins the tier.
     ("kernel", "check_proves_every_job_on_this_kernel"),
     ("kernel", "check_passes_in_a_pid_namespace_of_its_own"),
+    // The socket tier where the kernel has sock:sock_send_length (6.12+),
+    // the announced fallback elsewhere.
+    ("kernel", "socket_tier_is_proven_where_the_kernel_has_sock_send_length"),
     ("kernel", "forced_syscall_tracepoints_pass_the_self_test_too"),
     ("kernel", "metrics_name_the_tier_serving_each_job"),
     ("trace", "starved_trio_loop_dropped_sigint_is_reported_with_fd_and_signal"),

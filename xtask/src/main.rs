@@ -350,10 +350,12 @@ fn test(args: &[String]) -> Result<()> {
     let images = image::build(true)?;
     step("privileged end-to-end tests");
     status(cargo().current_dir(&root).args(["build", "--package", "sigwake", "--package", "sigwake-tokio-actor"]))?;
-    status(
-        cargo()
-            .current_dir(&root)
-            .args(["test", "--package", "sigwake-tests", "--"])
+    let e2e = |extra: &[&str], tier: Option<&str>| {
+        let mut cmd = cargo();
+        cmd.current_dir(&root)
+            .args(["test", "--package", "sigwake-tests"])
+            .args(extra)
+            .arg("--")
             .args(args)
             .env("SIGWAKE_BIN", target_dir().join("debug/sigwake"))
             .env("SIGWAKE_TOKIO_ACTOR", target_dir().join("debug/sigwake-tokio-actor"))
@@ -362,6 +364,28 @@ fn test(args: &[String]) -> Result<()> {
             .env("CONTAINERS_CONF", &images.containers_conf)
             .env("SIGWAKE_PYTHON", &env.python)
             .env("SIGWAKE_TRACTOR_PYTHON", &env.tractor_python)
-            .env("SIGWAKE_FIXTURES", root.join("tests/fixtures")),
-    )
+            .env("SIGWAKE_FIXTURES", root.join("tests/fixtures"));
+        if let Some(tier) = tier {
+            cmd.env("SIGWAKE_TEST_HOOKS", tier).env("SIGWAKE_EXPECT_TIER", tier);
+        }
+        status(&mut cmd)
+    };
+    e2e(&[], None)?;
+    // The socket tier (`--hooks socket`: no syscall tracepoint) on kernels
+    // that have sock:sock_send_length: the suites whose wakeups are sockets
+    // run again on it. Pipe and eventfd wakeups are not seen by that tier.
+    if Path::new("/sys/kernel/tracing/events/sock/sock_send_length").exists() {
+        step("end-to-end suites again on the socket tier (--hooks socket)");
+        for suite in SOCKET_TIER_SUITES {
+            e2e(&["--test", suite], Some("socket"))?;
+        }
+        for runtime in ["tokio", "uvloop", "tornado"] {
+            e2e(&["--test", "runtimes", runtime], Some("socket"))?;
+        }
+    }
+    Ok(())
 }
+
+/// The suites that run a second time on the socket tier: every one of
+/// their wakeups is a socket.
+const SOCKET_TIER_SUITES: &[&str] = &["kernel", "trace", "metrics", "pidns", "escalation"];

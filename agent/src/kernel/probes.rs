@@ -8,7 +8,7 @@ use std::{collections::HashMap as StdHashMap, io};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, RawTracePoint, TracePoint},
+    programs::{ProgramError, RawTracePoint, TracePoint, UProbe},
 };
 use sigwake_common::{Config, TracepointOffsets, counter};
 
@@ -89,6 +89,9 @@ pub enum HookPreference {
     Auto,
     /// Syscall tracepoints only.
     Tracepoint,
+    /// Socket sends and the signal restorer: no syscall tracepoint, but
+    /// pipe wakeups are not seen (Linux 6.12+, x86_64, glibc's restorer).
+    Socket,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -297,6 +300,17 @@ impl Probes {
         let tiers: &[Tier] = match preference {
             HookPreference::Auto => &[Tier::Fentry, Tier::SyscallTracepoint],
             HookPreference::Tracepoint => &[Tier::SyscallTracepoint],
+            HookPreference::Socket => &[Tier::Socket, Tier::SyscallTracepoint],
+        };
+        let restorer = match preference {
+            HookPreference::Socket => match socket_tier_inputs(&root, &mut config) {
+                Ok(r) => Some(r),
+                Err(why) => {
+                    fallbacks.push(format!("{}{why}", Tier::Socket.refused_prefix()));
+                    None
+                }
+            },
+            _ => None,
         };
         let plans = tiers.iter().flat_map(|&tier| exits.iter().map(move |&exit| Plan { tier, exit }));
         let mut last_failure = None;
@@ -304,22 +318,22 @@ impl Probes {
         // another exit source.
         let mut refused: Vec<Tier> = Vec::new();
         for plan in plans {
-            if refused.contains(&plan.tier) {
+            if refused.contains(&plan.tier) || (plan.tier == Tier::Socket && restorer.is_none()) {
                 continue;
             }
             let mut cfg = config;
             cfg.exit_source = plan.exit.raw();
-            let mut probes = match Self::attach(cfg, formats.offsets, plan.tier) {
+            let mut probes = match Self::attach(cfg, formats.offsets, plan.tier, restorer.as_ref()) {
                 Ok(p) => p,
-                Err(e) if plan.tier == Tier::Fentry => {
+                Err(e) if plan.tier != Tier::SyscallTracepoint => {
                     let why = match &e {
-                        LoadError::Permission { what, .. } => format!(
+                        LoadError::Permission { what, .. } if plan.tier == Tier::Fentry => format!(
                             "{what}: permission denied (this kernel forbids BPF trampolines to root: lockdown or a security policy)"
                         ),
                         // A verifier log can run to pages: its start names
                         // the program, its end the reason.
                         _ => {
-                            tracing::debug!("fentry/fexit refused: {}", error_chain(&e));
+                            tracing::debug!("{} tier refused: {}", plan.tier.as_str(), error_chain(&e));
                             shorten(&error_chain(&e))
                         }
                     };
@@ -357,7 +371,12 @@ impl Probes {
     }
 
     /// Loads the object and attaches one plan's programs.
-    fn attach(config: Config, offsets: TracepointOffsets, tier: Tier) -> Result<Self, LoadError> {
+    fn attach(
+        config: Config,
+        offsets: TracepointOffsets,
+        tier: Tier,
+        restorer: Option<&crate::sys::restorer::Restorer>,
+    ) -> Result<Self, LoadError> {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("CONFIG", &config, true)
@@ -374,6 +393,15 @@ impl Probes {
         let tracepoints: Vec<_> = match tier {
             Tier::Fentry => {
                 hooks.extend(attach_btf_hooks(&mut ebpf)?);
+                TRACEPOINTS.to_vec()
+            }
+            Tier::Socket => {
+                let restorer = restorer.ok_or_else(|| LoadError::Other {
+                    what: "the socket tier".into(),
+                    source: "no signal restorer was found".into(),
+                })?;
+                hooks.push(attach_raw_tracepoint(&mut ebpf, "sock_send_length", "sock_send_length", Job::WritePath)?);
+                hooks.push(attach_restorer(&mut ebpf, restorer)?);
                 TRACEPOINTS.to_vec()
             }
             Tier::SyscallTracepoint => TRACEPOINTS.iter().chain(SYSCALL_TRACEPOINTS).copied().collect(),
@@ -534,6 +562,7 @@ impl Tier {
     fn refused_prefix(self) -> &'static str {
         match self {
             Tier::Fentry => "fentry/fexit refused: ",
+            Tier::Socket => "socket sends and restorer uprobe not used: ",
             Tier::SyscallTracepoint => "syscall tracepoints refused: ",
         }
     }
@@ -580,6 +609,53 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &'static str, event: &str, jo
     prog.load().map_err(|e| classify_load(program, format!("load program `{program}`"), e))?;
     prog.attach(event).map_err(|e| classify(format!("attach `{program}` to raw tracepoint {event}"), e))?;
     Ok(Hook { program, job, tier: "raw_tracepoint", attach_point: format!("raw:{event}") })
+}
+
+/// The uprobe on the signal restorer: every handler return of a process
+/// using that file's restorer.
+fn attach_restorer(ebpf: &mut Ebpf, restorer: &crate::sys::restorer::Restorer) -> Result<Hook, LoadError> {
+    let program = "signal_restorer";
+    let prog: &mut UProbe = ebpf
+        .program_mut(program)
+        .ok_or_else(|| LoadError::Other {
+            what: format!("finding program `{program}` in the object"),
+            source: "missing from the embedded object".into(),
+        })?
+        .try_into()
+        .map_err(|e| classify(format!("program `{program}`"), e))?;
+    prog.load().map_err(|e| classify_load(program, format!("load program `{program}`"), e))?;
+    let at = format!("{}+{:#x}", restorer.path.display(), restorer.offset);
+    prog.attach(
+        aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(restorer.offset),
+        &restorer.path,
+        aya::programs::uprobe::UProbeScope::AllProcesses,
+    )
+    .map_err(|e| classify(format!("attach `{program}` to {at}"), e))?;
+    Ok(Hook { program, job: Job::HandlerReturn, tier: "uprobe", attach_point: format!("uprobe:{at}") })
+}
+
+/// What the socket tier needs beyond the tracepoints: the
+/// `sock:sock_send_length` event (6.12+), where the user registers are
+/// (task_struct.stack from BTF; x86_64's THREAD_SIZE) and the restorer.
+fn socket_tier_inputs(
+    tracefs: &std::path::Path,
+    config: &mut Config,
+) -> Result<crate::sys::restorer::Restorer, String> {
+    if !cfg!(target_arch = "x86_64") {
+        return Err("only built for x86_64's register layout".into());
+    }
+    if !tracefs.join("events/sock/sock_send_length").exists() {
+        return Err("this kernel has no sock:sock_send_length tracepoint (Linux 6.12+)".into());
+    }
+    let btf = crate::kernel::btf::Btf::from_sys_fs().map_err(|e| format!("no usable kernel BTF ({e})"))?;
+    let member = |s: &str, m: &str| btf.member_offset(s, m).map_err(|e| e.to_string());
+    config.task_stack_offset = member("task_struct", "stack")?;
+    config.task_sas_ss_sp = member("task_struct", "sas_ss_sp")?;
+    config.task_sas_ss_size = member("task_struct", "sas_ss_size")?;
+    // THREAD_SIZE on x86_64 (16 KiB; 32 KiB with KASAN): a wrong guess
+    // reads garbage registers, and the self-test then refuses the tier.
+    config.thread_size = 16 * 1024;
+    crate::sys::restorer::own().map_err(|e| format!("cannot find the signal restorer: {e}"))
 }
 
 /// Loads and attaches the fentry/fexit programs. On error the caller drops

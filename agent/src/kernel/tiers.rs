@@ -39,6 +39,11 @@ impl Job {
 pub enum Tier {
     /// fentry/fexit on the syscalls' entry points: only those calls pay.
     Fentry,
+    /// `sock:sock_send_length` as a raw tracepoint for the write path and a
+    /// uprobe on the signal restorer for the return: no syscall pays, only
+    /// socket sends and handler returns. Sockets only (pipe wakeups are not
+    /// seen): chosen with `--hooks socket`.
+    Socket,
     /// `syscalls:*` tracepoints: every syscall on the host pays while attached.
     SyscallTracepoint,
 }
@@ -47,6 +52,7 @@ impl Tier {
     pub fn as_str(self) -> &'static str {
         match self {
             Tier::Fentry => "fentry",
+            Tier::Socket => "socket",
             Tier::SyscallTracepoint => "syscall_tracepoint",
         }
     }

@@ -9,6 +9,7 @@
 //! - `cgroup`: cgroup v2 kill
 //! - `caps`: dropping capabilities in every thread once the programs are attached
 //! - `bpfinfo`: counters of loaded BPF programs aya does not expose
+//! - `restorer`: where the signal restorer a handler returns into is
 //! - `programs`: where the programs the agent runs are found (a fixed PATH)
 
 pub mod bpfinfo;
@@ -19,4 +20,5 @@ pub mod nsview;
 pub mod pidfd;
 pub mod procinfo;
 pub mod programs;
+pub mod restorer;
 pub mod sockdiag;
