@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// Storm: sender processes (kill(2) in a loop).
     #[arg(long, default_value_t = 2)]
     pub storm_senders: usize,
+    /// Passed to `sigwake run --hooks` (auto, tracepoint, socket): which
+    /// hook tier the agent under test uses [default: the agent's own].
+    #[arg(long, value_name = "TIER")]
+    pub hooks: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -182,6 +186,7 @@ struct Ctx {
     only: Vec<Section>,
     storm_receivers: usize,
     storm_senders: usize,
+    hooks: Option<String>,
 }
 
 impl Ctx {
@@ -270,6 +275,7 @@ fn run(args: BenchArgs) -> Result<()> {
         only: args.only.clone(),
         storm_receivers: args.storm_receivers.clamp(1, 256),
         storm_senders: args.storm_senders.clamp(1, 256),
+        hooks: args.hooks.clone(),
     };
 
     let mut report = Report::default();
@@ -426,6 +432,9 @@ impl Agent {
         if ctx.flags.dry_run {
             // Nothing the bench starts should be escalated against for real.
             cmd.arg("--dry-run");
+        }
+        if let Some(hooks) = &ctx.hooks {
+            cmd.args(["--hooks", hooks]);
         }
         let log = ctx.logs.join(format!("agent-{label}.log"));
         let mut opts = Spawn::new(&format!("sigwake run ({label})"));
