@@ -30,11 +30,20 @@ const TOKIO_WAKEUP_CAPACITY: usize = 278;
 
 /// Sends `n` SIGINTs as fast as the handler can take them (a tiny gap, so
 /// that each one is dequeued before the next and none is merged).
-fn sigint_flood(p: &Proc, n: usize) -> Duration {
+/// SIGINTs 200 µs apart, in rounds of `n`, until `dropped()` says a drop
+/// was seen (at most ten rounds, and not past the process's end). On a
+/// busy host (or a TCG guest) most of a round merges into one pending
+/// SIGINT, so a fixed count may never fill the wakeup socket.
+fn sigint_flood(p: &mut Proc, n: usize, dropped: impl Fn() -> bool) -> Duration {
     let t = Instant::now();
-    for _ in 0..n {
-        p.signal(libc::SIGINT);
-        thread::sleep(Duration::from_micros(200));
+    for _ in 0..10 {
+        for _ in 0..n {
+            p.signal(libc::SIGINT);
+            thread::sleep(Duration::from_micros(200));
+        }
+        if dropped() || p.child.try_wait().ok().flatten().is_some() {
+            break;
+        }
     }
     t.elapsed()
 }
@@ -60,15 +69,18 @@ fn check_ready(ready: &Value) {
 #[test]
 fn starved_tokio_loop_dropped_sigint_is_reported_with_fd_and_signal() {
     let mut drops = trace(&["--only-drops"]);
-    let (mut actor, ready) = tokio_actor(&["--starve-seconds", "4"]);
+    // Long enough for the flood's rounds on a slow guest too.
+    let starve = format!("{:.1}", scaled(Duration::from_secs(4)).as_secs_f64());
+    let (mut actor, ready) = tokio_actor(&["--starve-seconds", &starve]);
     check_ready(&ready);
     let pid = actor.pid();
     actor.stdout.wait_json("the loop to start starving", EVENT, |v| v["starving"] == true);
 
-    let took = sigint_flood(&actor, FLOOD);
+    let seen = |v: &Value| v["event"] == "wakeup_write_failed" && v["pid"] == pid;
+    let took = sigint_flood(&mut actor, FLOOD, || drops.stdout.json().iter().any(seen));
     assert!(
         !actor.stdout.json().iter().any(|v| v["starved"] == true),
-        "the {FLOOD} SIGINTs took {took:?}: longer than the 4 s starvation, so the loop may have drained its socket"
+        "the SIGINTs took {took:?}: longer than the {starve} s starvation, so the loop may have drained its socket"
     );
 
     let first = drops.stdout.wait_for("a dropped wakeup for the starved tokio loop", EVENT, |l| {
@@ -195,7 +207,8 @@ fn starved_tokio_actor_selected_by_config_is_escalated() {
     thread::sleep(Duration::from_millis(200));
 
     let sent = Instant::now();
-    let took = sigint_flood(&actor, FLOOD);
+    let dropped = || agent.entries_for("/actors", pid).iter().any(|a| a["drops"].as_u64().is_some_and(|d| d > 0));
+    let took = sigint_flood(&mut actor, FLOOD, dropped);
 
     // The wakeup fd is learned from the handler's sends, and the failed
     // ones are counted against the actor.
@@ -292,12 +305,14 @@ fn starved_tokio_actor_selected_by_config_is_escalated() {
 #[test]
 fn unregistered_tokio_loop_is_discovered_from_its_sendto_and_its_drops_attributed() {
     let agent = RunningAgent::start(&[]);
-    let (mut actor, ready) = tokio_actor(&["--starve-seconds", "3"]);
+    let starve = format!("{:.1}", scaled(Duration::from_secs(3)).as_secs_f64());
+    let (mut actor, ready) = tokio_actor(&["--starve-seconds", &starve]);
     check_ready(&ready);
     let pid = actor.pid();
     assert!(agent.entries_for("/actors", pid).is_empty(), "nothing registered it yet");
     actor.stdout.wait_json("the loop to start starving", EVENT, |v| v["starving"] == true);
-    sigint_flood(&actor, FLOOD);
+    let dropped = || agent.entries_for("/actors", pid).iter().any(|a| a["drops"].as_u64().is_some_and(|d| d > 0));
+    sigint_flood(&mut actor, FLOOD, dropped);
     let a = agent.wait_entry("/actors", "the tokio loop to be discovered", EVENT, pid, |a| {
         a["source"] == "discovered" && a["drops"].as_u64().is_some_and(|d| d > 0)
     });
