@@ -8,7 +8,9 @@
 //!
 //! The base tarballs are cached under `<target>/sigwake-image/`, named by a
 //! hash of what goes into them (suite, variant, packages, the host's apt
-//! sources): a warm run only copies the binary in.
+//! sources), and so are the base images in podman's store: a warm run, or
+//! a fresh clone on a machine that built them once, only copies the binary
+//! in.
 //!
 //! podman runs with the project's own containers.conf (CONTAINERS_CONF,
 //! written beside the tarballs), never the user's: runc, because these
@@ -225,6 +227,12 @@ fn base_image(
         std::fs::read_to_string(s).unwrap_or_default().hash(&mut hasher);
     }
     let key = format!("{:016x}", hasher.finish());
+    let image = format!("localhost/sigwake-base-{name}:{key}");
+    // podman's image store outlives checkouts and target dirs (CI clones
+    // afresh each run): an imported base of the same inputs is reused.
+    if podman().args(["image", "exists", &image]).status().is_ok_and(|s| s.success()) {
+        return Ok(image);
+    }
     let tarball = dir.join(format!("base-{name}-{key}.tar"));
     if !tarball.exists() {
         step(&format!("mmdebstrap: Debian {SUITE} ({name}) root filesystem, cached as {}", tarball.display()));
@@ -240,19 +248,15 @@ fn base_image(
             }
         }
     }
-    let image = format!("localhost/sigwake-base-{name}:{key}");
-    let exists = podman().args(["image", "exists", &image]).status().is_ok_and(|s| s.success());
-    if !exists {
-        step(&format!("podman import {image}"));
-        status(
-            podman()
-                .arg("import")
-                .args(["--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
-                .arg(&tarball)
-                .arg(&image),
-        )
-        .context("podman import failed")?;
-    }
+    step(&format!("podman import {image}"));
+    status(
+        podman()
+            .arg("import")
+            .args(["--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
+            .arg(&tarball)
+            .arg(&image),
+    )
+    .context("podman import failed")?;
     Ok(image)
 }
 
