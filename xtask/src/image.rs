@@ -92,7 +92,12 @@ pub fn build(app: bool) -> Result<Images> {
     let _ = std::fs::remove_dir_all(&context);
     std::fs::create_dir_all(&context)?;
     std::fs::copy(&bin, context.join("sigwake")).context("copying the agent into the build context")?;
+    // The release profile keeps debug info (for the benchmarks' profiles):
+    // ~60 MB the image does not need.
+    status(Command::new("strip").arg("--strip-debug").arg(context.join("sigwake")))
+        .context("strip (binutils) failed on the agent binary: apt-get install binutils")?;
     let agent = format!("localhost/sigwake:{version}");
+    let before = image_id(&podman, &agent);
     step(&format!("podman build {agent}"));
     status(
         podman()
@@ -104,6 +109,7 @@ pub fn build(app: bool) -> Result<Images> {
             .arg(&context),
     )
     .context("podman build of the agent image failed")?;
+    remove_if_replaced(&podman, &agent, before);
 
     let app = if app {
         let context = dir.join("app-context");
@@ -115,6 +121,7 @@ pub fn build(app: bool) -> Result<Images> {
             p.extension().is_some_and(|e| e == "py")
         })?;
         let app = "localhost/sigwake-test-app:latest".to_string();
+        let before = image_id(&podman, &app);
         step(&format!("podman build {app}"));
         status(
             podman()
@@ -126,11 +133,29 @@ pub fn build(app: bool) -> Result<Images> {
                 .arg(&context),
         )
         .context("podman build of the test app image failed")?;
+        remove_if_replaced(&podman, &app, before);
         Some(app)
     } else {
         None
     };
     Ok(Images { agent, app, containers_conf })
+}
+
+/// The id of the image `name` refers to, if any.
+fn image_id(podman: &dyn Fn() -> Command, name: &str) -> Option<String> {
+    output_ok(podman().args(["image", "inspect", "--format", "{{.Id}}", name])).map(|s| s.trim().to_string())
+}
+
+/// Removes the image `name` referred to before a rebuild, if the rebuild
+/// moved the name: each build would otherwise leave an untagged image
+/// behind. Only that image, never a prune of the whole store; one still in
+/// use by a container stays.
+fn remove_if_replaced(podman: &dyn Fn() -> Command, name: &str, before: Option<String>) {
+    if let Some(old) = before
+        && image_id(podman, name).as_deref() != Some(old.as_str())
+    {
+        let _ = podman().args(["rmi", &old]).output();
+    }
 }
 
 /// Installs podman, runc, mmdebstrap and catatonit with apt when one is
