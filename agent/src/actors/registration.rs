@@ -260,6 +260,19 @@ pub fn handle_line_as(
 ) -> String {
     match parse(line) {
         Ok((op, mut spec)) => {
+            if rights.view.is_nothing() && op != "ping" {
+                // Never guess: a pid read in the wrong namespace names
+                // another process.
+                return error_reply(
+                    "client_unreadable",
+                    &format!(
+                        "sigwake cannot read the client's /proc entry (pid {} as sigwake sees it) to learn its pid \
+                         namespace: the client is gone, or sigwake lacks CAP_SYS_PTRACE to read another user's \
+                         /proc/PID/ns/pid; grant it (the deploy files do)",
+                        caller.pid
+                    ),
+                );
+            }
             if matches!(op.as_str(), "register" | "update" | "deregister") {
                 let view = rights.view;
                 if let Err(theirs) = crate::app::blocking(|| map_spec_pids(&view, &mut spec)) {
@@ -373,6 +386,28 @@ mod tests {
         assert_eq!(call(&r, &p, me, r#"{"op":"list"}"#)["actors"][0]["name"], "fetcher");
         assert_eq!(call(&r, &p, me, r#"{"op":"deregister"}"#)["ok"], true);
         assert_eq!(call(&r, &p, me, r#"{"op":"deregister"}"#)["code"], "not_registered");
+    }
+
+    /// A client whose namespace the agent could not read is refused, never
+    /// served as if it were in the agent's (a pid read in the wrong
+    /// namespace names another process).
+    #[test]
+    fn a_client_whose_namespace_is_unreadable_is_refused() {
+        let (r, p, _) = registry();
+        let r = Mutex::new(r);
+        let me = Caller { pid: 500, uid: 1000 };
+        let blind = ClientRights { view: PidView::NOTHING, cap_kill: false };
+        for line in [r#"{"op":"register","name":"x"}"#, r#"{"op":"list"}"#, r#"{"op":"deregister"}"#] {
+            let v: Value = serde_json::from_str(&handle_line_as(line.as_bytes(), me, &blind, &r, &p)).unwrap();
+            assert_eq!(
+                (v["ok"].as_bool(), v["code"].as_str()),
+                (Some(false), Some("client_unreadable")),
+                "{line}: {v}"
+            );
+        }
+        let v: Value = serde_json::from_str(&handle_line_as(br#"{"op":"ping"}"#, me, &blind, &r, &p)).unwrap();
+        assert_eq!(v["ok"], true);
+        assert!(crate::lock(&r).get(500).is_none(), "nothing registered");
     }
 
     #[test]

@@ -104,7 +104,8 @@ pub enum LoadError {
     /// The kernel refused for lack of privilege.
     #[error(
         "the kernel refused to {what}: permission denied. sigwake needs root, or CAP_BPF and \
-         CAP_PERFMON (grant them with `setcap cap_bpf,cap_perfmon,cap_sys_admin+ep sigwake`)"
+         CAP_PERFMON to load its programs, and CAP_KILL and CAP_SYS_PTRACE to act on other users' \
+         processes (`setcap cap_bpf,cap_perfmon,cap_kill,cap_sys_ptrace+ep sigwake`; README, Deploy)"
     )]
     Permission {
         what: String,

@@ -53,6 +53,12 @@ impl PidView {
         self.depth == 0
     }
 
+    /// The client's namespace could not be read (it is gone, or /proc of
+    /// another user's process is closed to the agent).
+    pub fn is_nothing(&self) -> bool {
+        *self == PidView::NOTHING
+    }
+
     /// The agent's pid of the process this view calls `pid`, if this view
     /// sees such a process. Scans /proc below the agent's namespace:
     /// registrations are rare, and only clients in nested namespaces pay.
