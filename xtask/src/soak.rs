@@ -21,7 +21,11 @@
 //! one core, 1.96 M signals stormed, 4,900 registrations churned, 197
 //! starved actors all stopped (196 by SIGTERM, 1 by the SIGKILL of an
 //! agent resumed mid-ladder), 0 kernel losses, 0 decode errors, 0 wrong
-//! signals.
+//! signals. A 3-minute run after the agent's malloc arenas were capped
+//! (34fbe48): 90 cycles, 5 lifetimes of 22-42 s, RSS 19.7-20.0 MiB at
+//! start and 21.5-22.7 MiB at the end, CPU 7.4-10.2% of one core, 1.8 M
+//! signals, 4,500 registrations, 181 starved actors all stopped (180 by
+//! SIGTERM, 1 by the resumed SIGKILL), 0 kernel losses, 0 wrong signals.
 
 use std::{
     collections::BTreeMap,
