@@ -200,16 +200,34 @@ pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    /// Serialises the tests that change the process's umask.
-    pub(crate) static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    /// Set in the child process a umask test re-runs itself in.
+    const UMASK_CHILD: &str = "SIGWAKE_TEST_UMASK_0";
 
-    /// Runs `f` with umask 0 (the most permissive), restoring it after.
+    /// Runs the calling test under umask 0 (the most permissive) without
+    /// changing the umask of this multi-threaded test process, where other
+    /// tests create files meanwhile: the test is re-run alone in a child
+    /// process that sets umask 0 and runs `f` and the test's checks, and it
+    /// must pass there. Here `f` then runs under the usual umask, so the
+    /// rest of the test has what it expects.
     pub(crate) fn with_umask_0<T>(f: impl FnOnce() -> T) -> T {
-        let _g = UMASK.lock().unwrap_or_else(|e| e.into_inner());
-        let old = rustix::process::umask(rustix::fs::Mode::empty());
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        rustix::process::umask(old);
-        out.unwrap_or_else(|p| std::panic::resume_unwind(p))
+        if std::env::var_os(UMASK_CHILD).is_some() {
+            rustix::process::umask(rustix::fs::Mode::empty());
+            return f();
+        }
+        let name = std::thread::current().name().expect("libtest names each test's thread").to_string();
+        let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+            .args([name.as_str(), "--exact", "--test-threads=1"])
+            .env(UMASK_CHILD, "1")
+            .output()
+            .expect("re-running the test in a child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{name} under umask 0 (child process): {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        f()
     }
 
     pub(crate) fn mode(p: &Path) -> u32 {
