@@ -415,14 +415,7 @@ impl Probes {
             hooks.push(attach_raw_tracepoint(&mut ebpf, "signal_generate_ns", "signal_generate", Job::SignalPath)?);
         }
         for (program, group, event, job) in tracepoints {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(program)
-                .ok_or_else(|| LoadError::Other {
-                    what: format!("finding program `{program}` in the object"),
-                    source: "missing from the embedded object".into(),
-                })?
-                .try_into()
-                .map_err(|e| classify(format!("program `{program}`"), e))?;
+            let prog: &mut TracePoint = program_of(&mut ebpf, program)?;
             // One program may serve several tracepoints: load it once.
             if prog.fd().is_err() {
                 prog.load().map_err(|e| match e {
@@ -598,15 +591,22 @@ fn exit_offsets() -> Result<(u32, u32), String> {
     Ok((signal, live))
 }
 
-fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &'static str, event: &str, job: Job) -> Result<Hook, LoadError> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(program)
+/// Program `name` of the object, as its type (`TracePoint`, `UProbe`, …).
+fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
         .ok_or_else(|| LoadError::Other {
-            what: format!("finding program `{program}` in the object"),
+            what: format!("finding program `{name}` in the object"),
             source: "missing from the embedded object".into(),
         })?
         .try_into()
-        .map_err(|e| classify(format!("program `{program}`"), e))?;
+        .map_err(|e| classify(format!("program `{name}`"), e))
+}
+
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &'static str, event: &str, job: Job) -> Result<Hook, LoadError> {
+    let prog: &mut RawTracePoint = program_of(ebpf, program)?;
     prog.load().map_err(|e| classify_load(program, format!("load program `{program}`"), e))?;
     prog.attach(event).map_err(|e| classify(format!("attach `{program}` to raw tracepoint {event}"), e))?;
     Ok(Hook { program, job, tier: "raw_tracepoint", attach_point: format!("raw:{event}") })
@@ -616,14 +616,7 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &'static str, event: &str, jo
 /// using that file's restorer.
 fn attach_restorer(ebpf: &mut Ebpf, restorer: &crate::sys::restorer::Restorer) -> Result<Hook, LoadError> {
     let program = "signal_restorer";
-    let prog: &mut UProbe = ebpf
-        .program_mut(program)
-        .ok_or_else(|| LoadError::Other {
-            what: format!("finding program `{program}` in the object"),
-            source: "missing from the embedded object".into(),
-        })?
-        .try_into()
-        .map_err(|e| classify(format!("program `{program}`"), e))?;
+    let prog: &mut UProbe = program_of(ebpf, program)?;
     prog.load().map_err(|e| classify_load(program, format!("load program `{program}`"), e))?;
     let at = format!("{}+{:#x}", restorer.path.display(), restorer.offset);
     prog.attach(
