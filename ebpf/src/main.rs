@@ -632,11 +632,22 @@ const SYSCALL_ARG_OFFSETS: [usize; 3] = [112, 104, 96];
 #[cfg(bpf_target_arch = "aarch64")]
 const SYSCALL_ARG_OFFSETS: [usize; 3] = [0, 8, 16];
 
+/// Syscall argument `n` from a user `struct pt_regs` (the wrapper's
+/// argument, or the one at the top of the task's kernel stack).
 #[inline(always)]
 fn syscall_arg(regs: *const u8, n: usize) -> u64 {
-    // SAFETY: bpf_probe_read_kernel checks the address; regs is the
-    // wrapper's pt_regs argument.
-    unsafe { bpf_probe_read_kernel(regs.wrapping_add(SYSCALL_ARG_OFFSETS[n]) as *const u64) }.unwrap_or(0)
+    read_kernel::<u64>(regs, SYSCALL_ARG_OFFSETS[n] as u32).unwrap_or(0)
+}
+
+/// The byte count of a write-path call, from its syscall arguments.
+#[inline(always)]
+fn call_bytes(regs: *const u8, call: u32) -> u64 {
+    match call {
+        write_call::WRITEV => iov_bytes(syscall_arg(regs, 1), syscall_arg(regs, 2)),
+        write_call::SENDMSG => msghdr_bytes(syscall_arg(regs, 1)),
+        // write(fd, buf, count), sendto(fd, buf, len, …)
+        _ => syscall_arg(regs, 2),
+    }
 }
 
 #[inline(always)]
@@ -644,14 +655,7 @@ fn fexit_write_call(ctx: &FExitContext, call: u32) -> u32 {
     let Some((tid, window)) = handler_window() else { return 0 };
     let regs: *const u8 = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
-    let fd = syscall_arg(regs, 0);
-    let count = match call {
-        write_call::WRITEV => iov_bytes(syscall_arg(regs, 1), syscall_arg(regs, 2)),
-        write_call::SENDMSG => msghdr_bytes(syscall_arg(regs, 1)),
-        // write(fd, buf, count), sendto(fd, buf, len, …)
-        _ => syscall_arg(regs, 2),
-    };
-    begin_write(window, call, fd, count);
+    begin_write(window, call, syscall_arg(regs, 0), call_bytes(regs, call));
     finish_write(tid, window, ret);
     0
 }
@@ -727,19 +731,16 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
             return 0;
         }
     }
-    let reg = |off: usize| read_kernel::<u64>(regs, off as u32).unwrap_or(0);
-    let nr = reg(PT_REGS_ORIG_AX);
-    let fd = reg(SYSCALL_ARG_OFFSETS[0]);
-    let (call, count) = match nr {
-        NR_WRITE => (write_call::WRITE, reg(SYSCALL_ARG_OFFSETS[2])),
-        NR_SENDTO => (write_call::SENDTO, reg(SYSCALL_ARG_OFFSETS[2])),
-        NR_WRITEV => (write_call::WRITEV, iov_bytes(reg(SYSCALL_ARG_OFFSETS[1]), reg(SYSCALL_ARG_OFFSETS[2]))),
-        NR_SENDMSG => (write_call::SENDMSG, msghdr_bytes(reg(SYSCALL_ARG_OFFSETS[1]))),
+    let call = match read_kernel::<u64>(regs, PT_REGS_ORIG_AX as u32).unwrap_or(0) {
+        NR_WRITE => write_call::WRITE,
+        NR_SENDTO => write_call::SENDTO,
+        NR_WRITEV => write_call::WRITEV,
+        NR_SENDMSG => write_call::SENDMSG,
         // sendmmsg, io_uring: not how a handler sends its wakeup byte.
         _ => return 0,
     };
     let ret = ctx.arg::<u64>(1) as i32 as i64;
-    begin_write(window, call, fd, count);
+    begin_write(window, call, syscall_arg(regs, 0), call_bytes(regs, call));
     finish_write(tid, window, ret);
     0
 }
@@ -766,7 +767,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let cfg = CONFIG.load();
     let group_dead = match cfg.exit_source {
         exit_source::FIELD => read::<u8>(ctx, OFFSETS.load().exit_group_dead)? != 0,
-        exit_source::LIVE_COUNT => live_threads(&cfg)? == 0,
+        exit_source::LIVE_COUNT => live_threads(&cfg).ok_or(-1i64)? == 0,
         _ => pid == tid,
     };
     if !group_dead {
@@ -787,15 +788,11 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<(), i64> {
 /// sched_process_exit fires (kernel/exit.c), so the last thread sees 0.
 /// Offsets come from the kernel's BTF through CONFIG.
 #[inline(always)]
-fn live_threads(cfg: &Config) -> Result<i32, i64> {
-    // SAFETY: bpf_probe_read_kernel checks every address.
-    unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let signal: *const u8 =
-            bpf_probe_read_kernel(task.wrapping_add(cfg.task_signal_offset as usize) as *const *const u8)
-                .map_err(i64::from)?;
-        bpf_probe_read_kernel(signal.wrapping_add(cfg.signal_live_offset as usize) as *const i32).map_err(i64::from)
-    }
+fn live_threads(cfg: &Config) -> Option<i32> {
+    // SAFETY: the current task's address, read only through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    read_kernel::<i32>(read_kernel::<*const u8>(task, cfg.task_signal_offset)?, cfg.signal_live_offset)
 }
 
 /// Tells discovery a process exec'd (its command line changed).
