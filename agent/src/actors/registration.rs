@@ -234,9 +234,12 @@ impl ClientRights {
     /// Reads the client's namespace and capabilities from /proc. A client
     /// whose /proc entry is unreadable (gone) gets the narrowest view.
     fn of(caller: Caller) -> ClientRights {
-        match PidView::of(caller.pid) {
-            Some(view) => ClientRights { view, cap_kill: nsview::has_cap_kill_here(caller.pid) },
-            None => ClientRights { view: PidView::NOTHING, cap_kill: false },
+        const BLIND: ClientRights = ClientRights { view: PidView::NOTHING, cap_kill: false };
+        // One read of its status for both.
+        let Some(status) = crate::sys::procinfo::status(caller.pid) else { return BLIND };
+        match PidView::of(caller.pid, &status) {
+            Some(view) => ClientRights { view, cap_kill: nsview::has_cap_kill_here(caller.pid, &status) },
+            None => BLIND,
         }
     }
 }

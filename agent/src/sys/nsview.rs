@@ -39,10 +39,10 @@ impl PidView {
     /// A view that sees no process (a client gone before it was read).
     pub const NOTHING: PidView = PidView { pidns: 0, depth: usize::MAX };
 
-    /// The view of process `pid` (a pid of the agent's namespace), or None
-    /// if it is gone.
-    pub fn of(pid: u32) -> Option<PidView> {
-        let depth = procinfo::status(pid)?.nspid.len().checked_sub(1)?;
+    /// The view of process `pid` (a pid of the agent's namespace), with its
+    /// /proc status read by the caller; None if it is gone.
+    pub fn of(pid: u32, status: &procinfo::Status) -> Option<PidView> {
+        let depth = status.nspid.len().checked_sub(1)?;
         if depth == 0 {
             return Some(PidView::AGENT);
         }
@@ -120,13 +120,13 @@ fn ancestor_pidns(pid: u32, up: usize) -> Option<u64> {
 /// override of the uid rule. Root in a container without a user namespace
 /// has it unless the runtime dropped it; root in a user namespace has its
 /// capabilities only there (and a uid other than 0 as the agent sees it).
-pub fn has_cap_kill_here(pid: u32) -> bool {
+pub fn has_cap_kill_here(pid: u32, status: &procinfo::Status) -> bool {
     const CAP_KILL: u32 = 5;
     let same_userns = match (user_ns(pid), user_ns(std::process::id())) {
         (Some(theirs), Some(ours)) => theirs == ours,
         _ => false,
     };
-    same_userns && procinfo::status(pid).is_some_and(|s| s.cap_eff & (1 << CAP_KILL) != 0)
+    same_userns && status.cap_eff & (1 << CAP_KILL) != 0
 }
 
 fn user_ns(pid: u32) -> Option<u64> {
@@ -140,7 +140,7 @@ mod tests {
     #[test]
     fn a_process_in_the_agents_namespace_needs_no_mapping() {
         let me = std::process::id();
-        let view = PidView::of(me).expect("own status");
+        let view = PidView::of(me, &procinfo::status(me).expect("own status")).expect("own view");
         assert!(view.is_agents());
         assert_eq!((view.to_agent(me), view.from_agent(me)), (Some(me), Some(me)));
     }
@@ -148,6 +148,7 @@ mod tests {
     #[test]
     fn root_running_the_tests_holds_cap_kill() {
         // The unit tests run as root on these machines (the agent needs it).
-        assert!(has_cap_kill_here(std::process::id()));
+        let me = std::process::id();
+        assert!(has_cap_kill_here(me, &procinfo::status(me).expect("own status")));
     }
 }
