@@ -43,8 +43,9 @@ pub enum PidnsError {
     NoBtf { inum: u64, why: String },
 }
 
-/// The agent's pid namespace as the kernel programs need it.
-pub fn own_namespace() -> Result<PidNamespace, PidnsError> {
+/// The agent's pid namespace as the kernel programs need it; `btf` gives
+/// the kernel's BTF, read only when the namespace is not the initial one.
+pub fn own_namespace<'a>(btf: impl FnOnce() -> Result<&'a Btf, String>) -> Result<PidNamespace, PidnsError> {
     check_proc_is_ours()?;
     let inum = std::fs::metadata("/proc/self/ns/pid")
         .map_err(|source| PidnsError::Unreadable { path: "/proc/self/ns/pid", source })?
@@ -53,9 +54,9 @@ pub fn own_namespace() -> Result<PidNamespace, PidnsError> {
         return Ok(PidNamespace::INITIAL);
     }
     let no_btf = |why: String| PidnsError::NoBtf { inum, why };
-    let btf = Btf::from_sys_fs().map_err(no_btf)?;
+    let btf = btf().map_err(no_btf)?;
     let inum = u32::try_from(inum).map_err(|_| no_btf(format!("inode number {inum} does not fit 32 bits")))?;
-    offsets(&btf, inum).map_err(|e| no_btf(e.to_string()))
+    offsets(btf, inum).map_err(|e| no_btf(e.to_string()))
 }
 
 /// The offsets of the structs the programs walk, for namespace `inum`.

@@ -278,7 +278,17 @@ impl Probes {
         let kernel = kernel_release();
         check_kernel_version(&kernel)?;
         let mut config = config;
-        config.pidns = pidns::own_namespace()?;
+        // The kernel's BTF (megabytes) is parsed at most once, by whichever
+        // of the pid translation, the exit detection and the socket tier
+        // needs it first.
+        let parsed = std::cell::OnceCell::new();
+        let kernel_btf = || {
+            parsed
+                .get_or_init(crate::kernel::btf::Btf::from_sys_fs)
+                .as_ref()
+                .map_err(|e| format!("no usable kernel BTF ({e})"))
+        };
+        config.pidns = pidns::own_namespace(kernel_btf)?;
         raise_memlock_limit();
         let root = tracefs::tracefs_root()?;
         let formats = tracefs::read_offsets(&root)?;
@@ -288,7 +298,7 @@ impl Probes {
         if formats.has_exit_group_dead {
             exits.push(ExitSource::GroupDeadField);
         } else {
-            match exit_offsets() {
+            match kernel_btf().and_then(exit_offsets) {
                 Ok((signal, live)) => {
                     config.task_signal_offset = signal;
                     config.signal_live_offset = live;
@@ -304,7 +314,7 @@ impl Probes {
             HookPreference::Socket => &[Tier::Socket, Tier::SyscallTracepoint],
         };
         let restorer = match preference {
-            HookPreference::Socket => match socket_tier_inputs(&root, &mut config) {
+            HookPreference::Socket => match kernel_btf().and_then(|btf| socket_tier_inputs(&root, btf, &mut config)) {
                 Ok(r) => Some(r),
                 Err(why) => {
                     fallbacks.push(format!("{}{why}", Tier::Socket.refused_prefix()));
@@ -584,8 +594,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Offsets of `task_struct.signal` and `signal_struct.live` from BTF.
-fn exit_offsets() -> Result<(u32, u32), String> {
-    let btf = crate::kernel::btf::Btf::from_sys_fs().map_err(|e| format!("no usable kernel BTF ({e})"))?;
+fn exit_offsets(btf: &crate::kernel::btf::Btf) -> Result<(u32, u32), String> {
     let signal = btf.member_offset("task_struct", "signal").map_err(|e| e.to_string())?;
     let live = btf.member_offset("signal_struct", "live").map_err(|e| e.to_string())?;
     Ok((signal, live))
@@ -633,6 +642,7 @@ fn attach_restorer(ebpf: &mut Ebpf, restorer: &crate::sys::restorer::Restorer) -
 /// (task_struct.stack from BTF; x86_64's THREAD_SIZE) and the restorer.
 fn socket_tier_inputs(
     tracefs: &std::path::Path,
+    btf: &crate::kernel::btf::Btf,
     config: &mut Config,
 ) -> Result<crate::sys::restorer::Restorer, String> {
     if !cfg!(target_arch = "x86_64") {
@@ -641,7 +651,6 @@ fn socket_tier_inputs(
     if !tracefs.join("events/sock/sock_send_length").exists() {
         return Err("this kernel has no sock:sock_send_length tracepoint (Linux 6.12+)".into());
     }
-    let btf = crate::kernel::btf::Btf::from_sys_fs().map_err(|e| format!("no usable kernel BTF ({e})"))?;
     let member = |s: &str, m: &str| btf.member_offset(s, m).map_err(|e| e.to_string());
     config.task_stack_offset = member("task_struct", "stack")?;
     config.task_sas_ss_sp = member("task_struct", "sas_ss_sp")?;
