@@ -153,18 +153,7 @@ pub fn actions(lines: &[Value]) -> Vec<String> {
 
 /// `sigwake incidents --state-dir DIR --json`, the real binary.
 pub fn cli_incidents(state_dir: &Path) -> Vec<Value> {
-    let out = Command::new(sigwake_bin())
-        .args(["incidents", "--json", "--state-dir"])
-        .arg(state_dir)
-        .output()
-        .expect("running sigwake incidents");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "sigwake incidents failed ({}): stdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = sigwake_cli(&["incidents".as_ref(), "--json".as_ref(), "--state-dir".as_ref(), state_dir.as_os_str()]);
     let v: Value = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("sigwake incidents --json is not JSON ({e}): {stdout}"));
     v.as_array().unwrap_or_else(|| panic!("sigwake incidents --json is not an array: {stdout}")).clone()

@@ -6,6 +6,7 @@
 //! SIGWAKE_PYTHON and SIGWAKE_FIXTURES.
 
 use std::{
+    ffi::OsStr,
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
     path::PathBuf,
@@ -256,6 +257,20 @@ pub fn stop_agent(agent: &mut Proc) {
     agent.signal(libc::SIGINT);
     let st = agent.wait_exit(Duration::from_secs(15));
     assert!(st.success(), "{} exited with {st}; stderr:\n{}", agent.name, agent.stderr_text());
+}
+
+/// `sigwake ARGS`, the real binary, run to completion; its stdout, which
+/// must come with success.
+pub fn sigwake_cli(args: &[&OsStr]) -> String {
+    let out = Command::new(sigwake_bin()).args(args).output().expect("running sigwake");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "sigwake {args:?} failed ({}): stdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 /// A Python fixture from tests/fixtures, returned with its ready line.

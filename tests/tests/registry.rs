@@ -61,21 +61,10 @@ fn wait_actor(agent: &RunningAgent, what: &str, timeout: Duration, pid: u32, pre
 
 /// `sigwake actors ARGS --socket SOCKET`, the real binary; returns stdout.
 fn sigwake_actors(socket: &Path, args: &[&str]) -> String {
-    let out = Command::new(sigwake_bin())
-        .arg("actors")
-        .args(args)
-        .arg("--socket")
-        .arg(socket)
-        .output()
-        .expect("running sigwake actors");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "sigwake actors {args:?} failed ({}): stdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let mut all: Vec<&std::ffi::OsStr> = vec!["actors".as_ref()];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    all.extend(["--socket".as_ref(), socket.as_os_str()]);
+    sigwake_cli(&all)
 }
 
 /// Sends `n` SIGINTs `gap` apart: the seed scenario.
