@@ -10,11 +10,12 @@
 //! BTF; without BTF the agent refuses to start rather than blame the wrong
 //! process.
 
-use std::{os::unix::fs::MetadataExt as _, path::Path};
-
 use sigwake_common::PidNamespace;
 
-use crate::kernel::btf::{Btf, BtfError};
+use crate::{
+    kernel::btf::{Btf, BtfError},
+    sys::nsview,
+};
 
 /// `PROC_PID_INIT_INO` (include/linux/proc_ns.h): the initial pid
 /// namespace's inode number, fixed since 3.8.
@@ -47,9 +48,7 @@ pub enum PidnsError {
 /// the kernel's BTF, read only when the namespace is not the initial one.
 pub fn own_namespace<'a>(btf: impl FnOnce() -> Result<&'a Btf, String>) -> Result<PidNamespace, PidnsError> {
     check_proc_is_ours()?;
-    let inum = std::fs::metadata("/proc/self/ns/pid")
-        .map_err(|source| PidnsError::Unreadable { path: "/proc/self/ns/pid", source })?
-        .ino();
+    let inum = nsview::own_pidns().map_err(|source| PidnsError::Unreadable { path: "/proc/self/ns/pid", source })?;
     if inum == INITIAL_PIDNS_INUM {
         return Ok(PidNamespace::INITIAL);
     }
@@ -86,10 +85,7 @@ pub fn offsets(btf: &Btf, inum: u32) -> Result<PidNamespace, BtfError> {
 /// is looked up there.
 fn check_proc_is_ours() -> Result<(), PidnsError> {
     let getpid = std::process::id();
-    let proc_self = std::fs::read_link(Path::new("/proc/self"))
-        .map_err(|source| PidnsError::Unreadable { path: "/proc/self", source })?
-        .to_string_lossy()
-        .into_owned();
+    let proc_self = nsview::proc_self().map_err(|source| PidnsError::Unreadable { path: "/proc/self", source })?;
     if proc_self.parse::<u32>() != Ok(getpid) {
         return Err(PidnsError::ForeignProc { proc_self, getpid });
     }

@@ -94,6 +94,17 @@ impl PidView {
     }
 }
 
+/// Inode of this process's own pid namespace (`/proc/self/ns/pid`).
+pub fn own_pidns() -> std::io::Result<u64> {
+    std::fs::metadata("/proc/self/ns/pid").map(|m| m.ino())
+}
+
+/// What `/proc/self` names: this process's pid in the namespace of the
+/// mounted /proc (not its own namespace's pid when /proc is another's).
+pub fn proc_self() -> std::io::Result<String> {
+    std::fs::read_link("/proc/self").map(|p| p.to_string_lossy().into_owned())
+}
+
 fn pidns_inode(pid: u32) -> Option<u64> {
     std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok().map(|m| m.ino())
 }
