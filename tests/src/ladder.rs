@@ -113,10 +113,7 @@ pub fn starve(actor: &Proc) -> (Value, SentAt) {
         unix_ns: SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64,
         instant: Instant::now(),
     };
-    for _ in 0..10 {
-        actor.signal(libc::SIGINT);
-        thread::sleep(Duration::from_millis(20));
-    }
+    sigint_burst(actor.pid(), 10);
     (hog, at)
 }
 

@@ -497,6 +497,46 @@ pub fn setuid_root_helper(dir: &TempDir) -> PathBuf {
     bin
 }
 
+/// Sends `n` SIGINTs to `pid`, each once the previous one has been taken
+/// off the pending set (its handler is running or has run), and returns how
+/// many were taken. kill(2) of a signal still pending is merged into it: on
+/// a busy host or a TCG guest a fixed burst with a fixed gap may reach the
+/// handler only once or twice and never fill a wakeup socket. Stops early
+/// when the process is gone or leaves one pending for `scaled(5 s)` (it
+/// blocked SIGINT, or a test's ladder is ending it).
+pub fn sigint_burst(pid: u32, n: usize) -> usize {
+    let sigint_bit = 1u64 << (libc::SIGINT - 1);
+    // SigPnd (the main thread's own) and ShdPnd (the process's), as hex
+    // masks; None once the process is gone or a zombie.
+    let pending = || -> Option<bool> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        if status.lines().any(|l| l.starts_with("State:") && l.contains("zombie")) {
+            return None;
+        }
+        let mask = |key: &str| {
+            status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        };
+        Some((mask("SigPnd:")? | mask("ShdPnd:")?) & sigint_bit != 0)
+    };
+    let patience = scaled(Duration::from_secs(5));
+    for taken in 0..n {
+        // SAFETY: kill(2) of a test's own fixture, alive as of the last read.
+        if unsafe { libc::kill(pid as i32, libc::SIGINT) } != 0 {
+            return taken;
+        }
+        let deadline = Instant::now() + patience;
+        loop {
+            match pending() {
+                None => return taken,
+                Some(false) => break,
+                Some(true) if Instant::now() > deadline => return taken,
+                Some(true) => thread::sleep(Duration::from_micros(100)),
+            }
+        }
+    }
+    n
+}
+
 /// `/proc/PID/stat` field 22: the start time the agent pins a process by.
 /// Panics if the process is gone.
 pub fn start_time(pid: u32) -> u64 {

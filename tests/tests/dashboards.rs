@@ -468,10 +468,7 @@ fn seed_scenario(agent: &RunningAgent, name: &str) {
     assert_eq!(reg["registered"]["name"], name, "registration failed: {reg}");
     actor.stdout.wait_json("the fixture to be ready", Duration::from_secs(30), |v| v["ready"] == true);
     actor.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
-    for _ in 0..10 {
-        actor.signal(libc::SIGINT);
-        thread::sleep(Duration::from_millis(20));
-    }
+    sigint_burst(actor.pid(), 10);
     actor.wait_exit(Duration::from_secs(20));
 }
 

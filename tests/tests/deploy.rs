@@ -643,11 +643,7 @@ fn starve_and_judge(agent: &AgentUnderTest, pod: &str, shares_agent_pidns: bool,
     // After the hog thread exists: it takes a pid of the namespace too.
     wait_log_json(&app, "the GIL hog", EVENT, |v| v["hogging"] == true);
     let collider = colliding_bystander(app_host_pid, app_host_pid);
-    for _ in 0..10 {
-        // SAFETY: kill(2) on the app's host pid, which the test just read.
-        assert_eq!(unsafe { libc::kill(app_host_pid as i32, libc::SIGINT) }, 0);
-        thread::sleep(Duration::from_millis(20));
-    }
+    sigint_burst(app_host_pid, 10);
 
     // The agent confirms starvation and finishes the stop (or fails to).
     let status = if verdict == Verdict::Stopped { "exited" } else { "failed" };

@@ -447,11 +447,7 @@ fn sigterm_to_a_pid_namespace_init_without_a_handler_is_recorded_ignored() {
     let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap().split_whitespace().collect::<Vec<_>>();
     assert_eq!(nspid, [pid.to_string().as_str(), "1"], "{status}");
     outer.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
-    for _ in 0..10 {
-        // SAFETY: kill(2) to our own fixture's loop, alive (start time above).
-        unsafe { libc::kill(pid as i32, libc::SIGINT) };
-        thread::sleep(Duration::from_millis(20));
-    }
+    sigint_burst(pid, 10);
     let inc = wait_incident(&agent, "the incident to close as exited", Duration::from_secs(20), pid, |i| {
         i["status"] == "exited"
     });

@@ -28,10 +28,7 @@ fn dropped_wakeup_counter_moves_by_the_drops_caused() {
     let pid = actor.pid().to_string();
     let mut drops = trace(&["--only-drops", "--pid", &pid, "--until-exit"]);
     actor.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
-    for _ in 0..10 {
-        actor.signal(libc::SIGINT);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sigint_burst(actor.pid(), 10);
     actor.wait_exit(Duration::from_secs(20));
     assert!(drops.wait_exit(EVENT).success());
     let caused = drops_for(&drops.stdout, actor.pid()).len() as f64;

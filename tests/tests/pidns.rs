@@ -162,11 +162,8 @@ fn agent_in_a_shared_pid_namespace_blames_and_stops_the_starved_actor_never_the_
     actor.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
     let (bystander, by_nspid) = colliding_bystander(&ns, actor_host);
 
-    // The seed scenario: 10 SIGINTs 20 ms apart to the starved loop.
-    for _ in 0..10 {
-        unsafe { libc::kill(actor_host as i32, libc::SIGINT) };
-        thread::sleep(Duration::from_millis(20));
-    }
+    // The seed scenario: 10 SIGINTs to the starved loop.
+    sigint_burst(actor_host, 10);
     let mut actor = actor;
     let status = actor.wait_exit(scaled(Duration::from_secs(10)));
     assert_eq!(status.signal(), Some(libc::SIGTERM), "the sidecar should have stopped the actor with SIGTERM");
@@ -206,19 +203,13 @@ fn agent_in_a_pid_namespace_never_sees_processes_outside_it() {
     // Drops on the host: invisible to the agent in the namespace…
     let (host_actor, _) = fixture("trio_actor.py", &["--hog-seconds", "3"]);
     host_actor.stdout.wait_json("the host actor's hog", EVENT, |v| v["hogging"] == true);
-    for _ in 0..10 {
-        host_actor.signal(libc::SIGINT);
-        thread::sleep(Duration::from_millis(20));
-    }
+    sigint_burst(host_actor.pid(), 10);
     // …while the same scenario inside it is seen, at its namespace pid.
     let (inner, ready) = fixture_in(&ns, "trio_actor.py", &["--hog-seconds", "3"], &[]);
     let inner_nspid = field_u32(&ready, "pid");
     let inner_host = ns.host_pid(inner_nspid);
     inner.stdout.wait_json("the inner actor's hog", EVENT, |v| v["hogging"] == true);
-    for _ in 0..10 {
-        unsafe { libc::kill(inner_host as i32, libc::SIGINT) };
-        thread::sleep(Duration::from_millis(20));
-    }
+    sigint_burst(inner_host, 10);
     let drop = trace.stdout.wait_json("the inner actor's drop", EVENT, |v| v["event"] == "wakeup_write_failed");
     assert_eq!(drop["pid"], inner_nspid, "reported at its namespace pid: {drop}");
     // Give any stray host event time to arrive, then check there is none.

@@ -67,13 +67,6 @@ fn sigwake_actors(socket: &Path, args: &[&str]) -> String {
     sigwake_cli(&all)
 }
 
-/// Sends `n` SIGINTs `gap` apart: the seed scenario.
-fn sigints(p: &Proc, n: usize, gap: Duration) {
-    for _ in 0..n {
-        p.signal(libc::SIGINT);
-        thread::sleep(gap);
-    }
-}
 
 fn elapsed(t0: Instant, test: &str) {
     eprintln!("[{test}] done in {:.1} s", t0.elapsed().as_secs_f64());
@@ -130,8 +123,8 @@ fn trio_actor_registered_through_the_client_is_named_and_its_drops_attributed() 
     assert!(a["state"].as_str().is_some_and(|s| s != "exited" && s != "dead"), "live: {a}");
     check(&registered["registered"], "the register reply");
 
-    // The seed scenario: 10 SIGINTs 20 ms apart into a starved trio loop.
-    sigints(&actor, 10, Duration::from_millis(20));
+    // The seed scenario: 10 SIGINTs into a starved trio loop.
+    sigint_burst(actor.pid(), 10);
 
     // `sigwake actors --json`, the real binary.
     let listed: Value =
@@ -204,7 +197,7 @@ fn dry_run_escalation_never_marks_an_actor_dead() {
     let (mut actor, _) = spawn_ready("trio_actor.py --register doomed", &mut cmd);
     let pid = actor.pid();
     actor.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
-    sigints(&actor, 10, Duration::from_millis(20));
+    sigint_burst(pid, 10);
     // Confirmed after 2 s (default policy, trio), then the dry SIGTERM tier.
     agent.proc.stderr.wait_for("the dry-run SIGTERM tier", Duration::from_secs(15), |l| {
         l.text.contains("would send SIGTERM") && l.text.contains("doomed")
@@ -746,7 +739,7 @@ fn a_reused_pid_never_inherits_the_old_actor() {
 
     // The seed scenario on the new process.
     b.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
-    sigints(&b, 10, Duration::from_millis(20));
+    sigint_burst(b.pid(), 10);
     b.wait_exit(Duration::from_secs(20));
     witness
         .stdout

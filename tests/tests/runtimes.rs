@@ -28,19 +28,13 @@ const FLOOD: usize = 500;
 /// What the socket holds on this project's kernel (DESIGN §2), for messages.
 const TOKIO_WAKEUP_CAPACITY: usize = 278;
 
-/// Sends `n` SIGINTs as fast as the handler can take them (a tiny gap, so
-/// that each one is dequeued before the next and none is merged).
-/// SIGINTs 200 µs apart, in rounds of `n`, until `dropped()` says a drop
-/// was seen (at most ten rounds, and not past the process's end). On a
-/// busy host (or a TCG guest) most of a round merges into one pending
-/// SIGINT, so a fixed count may never fill the wakeup socket.
+/// SIGINTs as fast as the handler takes them (`sigint_burst`: none merged
+/// into one still pending), in rounds of `n`, until `dropped()` says a drop
+/// was seen (at most ten rounds, and not past the process's end).
 fn sigint_flood(p: &mut Proc, n: usize, dropped: impl Fn() -> bool) -> Duration {
     let t = Instant::now();
     for _ in 0..10 {
-        for _ in 0..n {
-            p.signal(libc::SIGINT);
-            thread::sleep(Duration::from_micros(200));
-        }
+        sigint_burst(p.pid(), n);
         if dropped() || p.child.try_wait().ok().flatten().is_some() {
             break;
         }
@@ -392,17 +386,11 @@ fn wait_busy(p: &Proc) {
     });
 }
 
-/// Sends `n` SIGINTs a fraction of a millisecond apart (each dequeued before
-/// the next), stopping early if the process is gone (the ladder may end it
-/// while a long flood is still under way).
+/// Sends `n` SIGINTs, each once the previous one was taken, stopping early
+/// if the process is gone (the ladder may end it while a long flood is
+/// still under way).
 fn sigints(p: &mut Proc, n: usize) {
-    for _ in 0..n {
-        if p.child.try_wait().unwrap().is_some() {
-            return;
-        }
-        p.signal(libc::SIGINT);
-        thread::sleep(Duration::from_micros(200));
-    }
+    sigint_burst(p.pid(), n);
 }
 
 /// The runtime's three verdicts under one agent, whose config selects two

@@ -6,14 +6,6 @@ use std::time::Duration;
 use serde_json::Value;
 use sigwake_tests::*;
 
-/// Sends `n` SIGINTs, `gap` apart.
-fn sigints(p: &Proc, n: usize, gap: Duration) {
-    for _ in 0..n {
-        p.signal(libc::SIGINT);
-        std::thread::sleep(gap);
-    }
-}
-
 #[test]
 fn starved_trio_loop_dropped_sigint_is_reported_with_fd_and_signal() {
     let mut drops = trace(&["--only-drops"]);
@@ -22,7 +14,7 @@ fn starved_trio_loop_dropped_sigint_is_reported_with_fd_and_signal() {
     actor.stdout.wait_json("the GIL hog to start", EVENT, |v| v["hogging"] == true);
 
     // trio's wakeup socket takes 6 bytes (DESIGN §1); 12 SIGINTs overflow it.
-    sigints(&actor, 12, Duration::from_millis(20));
+    assert_eq!(sigint_burst(pid, 12), 12, "the starved loop's handler takes each SIGINT");
 
     let first = drops.stdout.wait_for("a dropped wakeup for the starved actor", EVENT, |l| {
         l.json().is_some_and(|v| v["event"] == "wakeup_write_failed" && v["pid"] == pid)
