@@ -41,7 +41,10 @@ pub struct CheckArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints; socket = socket sends (sock_send_length) and a uprobe on the signal restorer, no syscall tracepoint (Linux 6.12+; pipe wakeups are not seen)
+    /// Which hooks carry the write path: auto = the fastest the kernel allows (fentry/fexit, else the socket tier,
+    /// else syscall tracepoints), proven by the start-up self-test; socket = the socket tier (socket sends and the
+    /// signal restorer; pipe and eventfd writes by syscall tracepoints attached only while needed; Linux 6.12+);
+    /// tracepoint = syscall tracepoints (every syscall on the host pays while attached)
     #[arg(long, value_enum, default_value_t = HookPreference::Auto)]
     pub hooks: HookPreference,
 }
@@ -72,7 +75,10 @@ pub struct TraceArgs {
     /// Stop once every --pid process has exited (events before the exit are all printed first).
     #[arg(long, requires = "pids")]
     pub until_exit: bool,
-    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints; socket = socket sends (sock_send_length) and a uprobe on the signal restorer, no syscall tracepoint (Linux 6.12+; pipe wakeups are not seen)
+    /// Which hooks carry the write path: auto = the fastest the kernel allows (fentry/fexit, else the socket tier,
+    /// else syscall tracepoints), proven by the start-up self-test; socket = the socket tier (socket sends and the
+    /// signal restorer; pipe and eventfd writes by syscall tracepoints attached only while needed; Linux 6.12+);
+    /// tracepoint = syscall tracepoints (every syscall on the host pays while attached)
     #[arg(long, value_enum, default_value_t = HookPreference::Auto)]
     pub hooks: HookPreference,
 }
@@ -105,7 +111,15 @@ pub struct RunArgs {
     /// Do not record self-pipe event loops nobody registered.
     #[arg(long)]
     pub no_discovery: bool,
-    /// Write-path hooks: auto = fentry/fexit if the kernel allows them, else syscall tracepoints; socket = socket sends (sock_send_length) and a uprobe on the signal restorer, no syscall tracepoint (Linux 6.12+; pipe wakeups are not seen)
+    /// Discover loops nobody registered whose wakeup is a pipe or eventfd (Twisted, libuv, GLib) too. On the socket
+    /// tier this keeps syscall tracepoints attached, so every syscall on the host pays; without it they are attached
+    /// only while a registered or selected actor's wakeup fd is a pipe or eventfd (or not known yet).
+    #[arg(long, conflicts_with = "no_discovery")]
+    pub discover_pipes: bool,
+    /// Which hooks carry the write path: auto = the fastest the kernel allows (fentry/fexit, else the socket tier,
+    /// else syscall tracepoints), proven by the start-up self-test; socket = the socket tier (socket sends and the
+    /// signal restorer; pipe and eventfd writes by syscall tracepoints attached only while needed; Linux 6.12+);
+    /// tracepoint = syscall tracepoints (every syscall on the host pays while attached)
     #[arg(long, value_enum, default_value_t = HookPreference::Auto)]
     pub hooks: HookPreference,
 }

@@ -32,6 +32,7 @@ struct FileConfig {
     socket: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     discovery: Option<bool>,
+    discover_pipes: Option<bool>,
     dry_run: Option<bool>,
     max_actors: Option<usize>,
     max_actor_labels: Option<usize>,
@@ -203,6 +204,9 @@ pub struct Config {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub discovery: bool,
+    /// Discovery sees pipe and eventfd wakeups too (`--discover-pipes`):
+    /// the socket tier's syscall hooks for them stay attached.
+    pub discover_pipes: bool,
     pub dry_run: bool,
     pub max_actors: usize,
     pub max_actor_labels: usize,
@@ -220,6 +224,7 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub dry_run: bool,
     pub no_discovery: bool,
+    pub discover_pipes: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -426,6 +431,9 @@ impl Config {
             socket: over.socket.clone().or(file.socket).unwrap_or_else(|| DEFAULT_SOCKET.into()),
             state_dir: over.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             discovery: !over.no_discovery && file.discovery.unwrap_or(true),
+            discover_pipes: !over.no_discovery
+                && file.discovery.unwrap_or(true)
+                && (over.discover_pipes || file.discover_pipes.unwrap_or(false)),
             dry_run: over.dry_run || file.dry_run.unwrap_or(false),
             max_actors: file.max_actors.unwrap_or(10_000).clamp(1, 60_000),
             max_actor_labels: file.max_actor_labels.unwrap_or(200).max(1),
@@ -660,6 +668,7 @@ mod fuzz {
             Just("socket"),
             Just("state_dir"),
             Just("discovery"),
+            Just("discover_pipes"),
             Just("dry_run"),
             Just("max_actors"),
             Just("max_actor_labels"),

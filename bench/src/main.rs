@@ -531,7 +531,13 @@ fn register_actors(agent: &Agent, pids: &[u32]) -> Result<Registered> {
     let (mut ok, mut failed, mut first_error) = (0, 0, None);
     for (i, pid) in pids.iter().enumerate() {
         check_interrupt()?;
-        let req = json!({"op": "register", "pid": pid, "name": format!("bench-actor-{i:04}"), "runtime": "other"});
+        // An asyncio loop's registration: its wakeup fd a socket (the client
+        // sends the fd it detects). An actor whose wakeup is a pipe, or not
+        // known, would put the socket tier's syscall hook on (README).
+        let req = json!({
+            "op": "register", "pid": pid, "name": format!("bench-actor-{i:04}"),
+            "runtime": "asyncio", "wakeup_fd": Sleepers::WAKEUP_FD,
+        });
         writeln!(writer, "{req}")?;
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {

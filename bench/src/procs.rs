@@ -349,28 +349,47 @@ pub fn run_bounded(cmd: Command, name: &str, timeout: Duration, cpu: Option<usiz
     Ok((out, err))
 }
 
-/// Many trivial long-lived processes (`sleep`) in one process group, killed on drop.
+/// Many trivial long-lived processes (`sleep`) in one process group, killed
+/// on drop. Each holds a socket at [`Sleepers::WAKEUP_FD`], registered as its
+/// wakeup fd: the shape of a Python or tokio loop's wakeup socketpair.
 pub struct Sleepers {
     children: Vec<Child>,
     pgid: i32,
 }
 
 impl Sleepers {
+    pub const WAKEUP_FD: i32 = 3;
+
     pub fn spawn(n: usize, seconds: u64) -> Result<Sleepers> {
         let mut s = Sleepers { children: Vec::with_capacity(n), pgid: 0 };
         for _ in 0..n {
             check_interrupt()?;
+            let (mine, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair for a sleeper")?;
+            let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
             let mut cmd = Command::new("sleep");
             cmd.arg(seconds.to_string()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
             cmd.process_group(s.pgid);
-            // SAFETY: async-signal-safe call only.
+            // SAFETY: async-signal-safe calls only.
             unsafe {
-                cmd.pre_exec(|| {
+                cmd.pre_exec(move || {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                    // dup2 clears FD_CLOEXEC on the copy: it survives exec
+                    // (dup2 of an fd onto itself changes nothing: clear it).
+                    let rc = if theirs_fd == Self::WAKEUP_FD {
+                        libc::fcntl(theirs_fd, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(theirs_fd, Self::WAKEUP_FD)
+                    };
+                    if rc < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                     Ok(())
                 });
             }
             let child = cmd.spawn().context("starting `sleep`")?;
+            // The sleeper keeps its end; ours closes (1,000 would not fit
+            // the default fd limit).
+            drop((mine, theirs));
             if s.pgid == 0 {
                 s.pgid = child.id() as i32;
             }

@@ -295,6 +295,11 @@ pub struct HandlerWindow {
     pub write_count: u64,
     /// Which call is in flight, one of [`write_call`].
     pub write_call: u32,
+    /// The last send `sock:sock_send_length` reported (fd, call; call 0:
+    /// none), so that the on-demand `sys_exit_write` hook does not report
+    /// the same write(2) to a socket again.
+    pub socket_sent_fd: i32,
+    pub socket_sent_call: u32,
     pub _pad0: u32,
 }
 

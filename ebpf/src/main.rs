@@ -380,6 +380,7 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
             window = *prev;
             window.entered_ns = now;
             window.write_fd = -1;
+            window.socket_sent_call = 0;
         } else {
             bump(counter::STALE_WINDOWS);
         }
@@ -439,6 +440,7 @@ fn try_sys_enter_rt_sigreturn() -> Result<(), i64> {
     } else {
         window.depth -= 1;
         window.write_fd = -1;
+        window.socket_sent_call = 0;
         // The outer handler runs again: staleness counts from its entry.
         if (2..=MAX_HANDLER_DEPTH).contains(&depth) {
             window.entered_ns = window.entered[depth.wrapping_sub(2) & LEVEL_MASK];
@@ -712,14 +714,13 @@ const NR_WRITEV: u64 = 20;
 const NR_SENDTO: u64 = 44;
 const NR_SENDMSG: u64 = 46;
 
-#[raw_tracepoint(tracepoint = "sock_send_length")]
-pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
-    let Some((tid, window)) = handler_window() else { return 0 };
-    let cfg = CONFIG.load();
-    let Some(regs) = user_regs(&cfg) else { return 0 };
-    // The thread may have left its handler without the restorer being
-    // seen (a binary whose restorer is not hooked): out of the range the
-    // handler's frames use means out of the handler.
+/// The window of the current thread if it is inside a handler and still on
+/// that handler's stack (`regs`: its user registers). The thread may have
+/// left its handler without the return being seen (a binary whose restorer
+/// is not hooked): a stack pointer out of the range the handler's frames
+/// use means out of the handler, and closes the window.
+#[inline(always)]
+fn handler_window_on_stack(tid: u32, window: *mut HandlerWindow, regs: *const u8) -> bool {
     if let Some(sp) = read_kernel::<u64>(regs, PT_REGS_SP as u32) {
         // SAFETY: the entry belongs to the current thread.
         let w = unsafe { &*window };
@@ -728,19 +729,75 @@ pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
         if (1..=MAX_HANDLER_DEPTH).contains(&(w.depth as usize)) && hi != 0 && !(sp >= lo && sp < hi) {
             close_window(tid);
             bump(counter::STALE_WINDOWS);
-            return 0;
+            return false;
         }
     }
-    let call = match read_kernel::<u64>(regs, PT_REGS_ORIG_AX as u32).unwrap_or(0) {
-        NR_WRITE => write_call::WRITE,
-        NR_SENDTO => write_call::SENDTO,
-        NR_WRITEV => write_call::WRITEV,
-        NR_SENDMSG => write_call::SENDMSG,
+    true
+}
+
+/// The write-path call a syscall number names, or None for any other.
+#[inline(always)]
+fn write_call_of(regs: *const u8) -> Option<u32> {
+    match read_kernel::<u64>(regs, PT_REGS_ORIG_AX as u32).unwrap_or(0) {
+        NR_WRITE => Some(write_call::WRITE),
+        NR_SENDTO => Some(write_call::SENDTO),
+        NR_WRITEV => Some(write_call::WRITEV),
+        NR_SENDMSG => Some(write_call::SENDMSG),
         // sendmmsg, io_uring: not how a handler sends its wakeup byte.
-        _ => return 0,
-    };
+        _ => None,
+    }
+}
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
+    let Some((tid, window)) = handler_window() else { return 0 };
+    let Some(regs) = user_regs(&CONFIG.load()) else { return 0 };
+    if !handler_window_on_stack(tid, window, regs) {
+        return 0;
+    }
+    let Some(call) = write_call_of(regs) else { return 0 };
     let ret = ctx.arg::<u64>(1) as i32 as i64;
-    begin_write(window, call, syscall_arg(regs, 0), call_bytes(regs, call));
+    let fd = syscall_arg(regs, 0);
+    begin_write(window, call, fd, call_bytes(regs, call));
+    finish_write(tid, window, ret);
+    // SAFETY: the entry belongs to the current thread. (finish_write may
+    // have closed a stale window: then this updates nothing that is read.)
+    unsafe {
+        (*window).socket_sent_fd = fd as i32;
+        (*window).socket_sent_call = call;
+    }
+    0
+}
+
+/// write(2) and writev(2) to pipes and eventfds, which no socket hook sees
+/// (Twisted's, libuv's and GLib's wakeups), at the raw `sys_exit`
+/// tracepoint (args: the user registers, the return value). Like any
+/// syscall tracepoint it puts every syscall on the host on the slow path,
+/// so the agent attaches it only while something needs it (an actor with
+/// such a wakeup fd, or `--discover-pipes`). A raw tracepoint, unlike a
+/// perf one, attaches without CAP_PERFMON, which the agent has dropped by
+/// then. A write to a socket was already reported by `sock_send_length`
+/// and is skipped here.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit_pipe_write(ctx: RawTracePointContext) -> u32 {
+    let Some((tid, window)) = handler_window() else { return 0 };
+    let regs: *const u8 = ctx.arg(0);
+    let Some(call) = write_call_of(regs) else { return 0 };
+    if call != write_call::WRITE && call != write_call::WRITEV {
+        return 0;
+    }
+    if !handler_window_on_stack(tid, window, regs) {
+        return 0;
+    }
+    let fd = syscall_arg(regs, 0);
+    // SAFETY: the entry belongs to the current thread.
+    let w = unsafe { &mut *window };
+    if w.socket_sent_call == call && w.socket_sent_fd == fd as i32 {
+        w.socket_sent_call = 0;
+        return 0;
+    }
+    let ret: i64 = ctx.arg(1);
+    begin_write(window, call, fd, call_bytes(regs, call));
     finish_write(tid, window, ret);
     0
 }

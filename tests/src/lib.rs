@@ -537,6 +537,25 @@ pub fn sigint_burst(pid: u32, n: usize) -> usize {
     n
 }
 
+/// Registers process `pid` as actor `name` with the agent at `socket`
+/// through the Python client, as the test (root) may; no runtime and no
+/// wakeup fd given, so the agent learns both. Returns the reply's actor.
+pub fn register_pid(socket: &std::path::Path, name: &str, pid: u32) -> Value {
+    let client = fixtures_dir().join("../../clients/python");
+    let script = "import json, sys\nsys.path.insert(0, sys.argv[1])\nimport sigwake_client\n\
+                  with sigwake_client.Client(sys.argv[2]) as c:\n    \
+                  print(json.dumps(c.register(sys.argv[3], pid=int(sys.argv[4]))))\n";
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(&client)
+        .arg(socket)
+        .args([name, &pid.to_string()])
+        .output()
+        .expect("running the Python client");
+    assert!(out.status.success(), "registering pid {pid}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("the client prints the actor as JSON")
+}
+
 /// `/proc/PID/stat` field 22: the start time the agent pins a process by.
 /// Panics if the process is gone.
 pub fn start_time(pid: u32) -> u64 {

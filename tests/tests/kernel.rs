@@ -35,6 +35,7 @@ fn job<'a>(report: &'a Value, name: &str) -> &'a Value {
 fn assert_self_test_passed(report: &Value) {
     let t = &report["self_test"];
     assert_eq!(t["calls"], serde_json::json!(["write", "writev", "sendto", "sendmsg"]), "{report:#}");
+    assert_eq!(t["pipe"], true, "a failed write to a pipe, on every tier: {report:#}");
     assert_eq!(t["handler_return"], true, "{report:#}");
     assert_eq!(t["exit"], true, "{report:#}");
 }
@@ -155,5 +156,68 @@ fn metrics_name_the_tier_serving_each_job() {
         let line = format!(r#"sigwake_kernel_lost_events_total{{kind="{kind}"}} "#);
         assert!(text.contains(&line), "missing `{line}` in /metrics:\n{text}");
     }
+    agent.stop();
+}
+
+/// The hook tier serving the write path, from /metrics (`fexit`,
+/// `raw_tracepoint` for the socket tier, `syscall_tracepoint`).
+fn write_path_tier(metrics: &str) -> &'static str {
+    ["fexit", "raw_tracepoint", "syscall_tracepoint"]
+        .into_iter()
+        .find(|t| metrics.contains(&format!(r#"sigwake_hook_tier{{job="write_path",tier="{t}"}} 1"#)))
+        .unwrap_or_else(|| panic!("no write_path tier in /metrics:\n{metrics}"))
+}
+
+/// Writes to pipes (Twisted, libuv, self-pipe loops) are seen on every
+/// tier. On the socket tier they need a syscall hook, which puts every
+/// syscall on the host on the slow path, so the agent attaches it only
+/// while a live actor's wakeup fd is a pipe or not known yet, and says so
+/// in `sigwake_syscall_hooks_attached`: not for an agent with only socket
+/// actors, at once for an actor of unknown wakeup, kept while its learned
+/// wakeup fd is a pipe, and gone when it exits. Other tiers: always (the
+/// syscall tracepoints) or never (fentry) attached, pipes seen all the same.
+#[test]
+fn pipe_wakeups_are_seen_and_the_syscall_hook_is_attached_only_while_an_actor_needs_it() {
+    let agent = RunningAgent::start(&["--dry-run", "--no-discovery"]);
+    let tier = write_path_tier(&agent.metrics());
+    let attached = || metric_sum(&agent.metrics(), "sigwake_syscall_hooks_attached", &[]);
+    let on_demand = tier == "raw_tracepoint";
+    let always = if tier == "syscall_tracepoint" { 1.0 } else { 0.0 };
+    assert_eq!(attached(), always, "an agent with no actor ({tier})");
+
+    // A socket wakeup (trio registers itself, its wakeup fd detected).
+    let env = [("SIGWAKE_SOCKET", agent.socket.to_str().unwrap())];
+    let (trio, _) = fixture_with_env("trio_actor.py", &["--register", "sockets-only"], &env);
+    let (mut pipe_loop, ready) = fixture("loop_actor.py", &["--runtime", "pipe"]);
+    let pid = pipe_loop.pid();
+    assert_eq!(ready["wakeup_kind"], "pipe", "{ready}");
+    // The trio actor is in the registry before the pipe loop is registered.
+    agent.wait_entry("/actors", "the trio actor", EVENT, trio.pid(), |a| a["wakeup_fd"].is_number());
+    assert_eq!(attached(), always, "a socket actor needs no syscall hook ({tier})");
+
+    // Registered with no runtime and no wakeup fd: the hook goes on at once
+    // (its wakeup may be a pipe)…
+    register_pid(&agent.socket, "piper", pid);
+    if on_demand {
+        wait_until("the hook attached for an actor of unknown wakeup", EVENT, || attached() == 1.0);
+        let log = agent.proc.stderr_text();
+        assert!(log.contains("attached the syscall hook for pipe and eventfd writes: actor piper"), "{log}");
+    }
+    // …and its handler's write to the pipe is seen through it: the agent
+    // learns the wakeup fd and the runtime from that write.
+    pipe_loop.signal(libc::SIGINT);
+    let a = agent.wait_entry("/actors", "the wakeup fd learned from the handler's write", EVENT, pid, |a| {
+        a["wakeup_fd"] == ready["wakeup_fd"]
+    });
+    assert_eq!(a["runtime"], "self_pipe", "{a}");
+    // The SIGINT ends the loop (exit 130); with no actor left whose wakeup
+    // is a pipe the hook goes.
+    pipe_loop.wait_exit(EVENT);
+    agent.wait_entry("/actors", "the pipe loop's exit", EVENT, pid, |a| a["state"] == "exited");
+    if on_demand {
+        wait_until("the hook detached once no actor needs it", EVENT, || attached() == 0.0);
+        assert!(agent.proc.stderr_text().contains("detached the syscall hook for pipe and eventfd writes"));
+    }
+    assert_eq!(attached(), always, "only the socket actor is left ({tier})");
     agent.stop();
 }

@@ -67,7 +67,6 @@ fn sigwake_actors(socket: &Path, args: &[&str]) -> String {
     sigwake_cli(&all)
 }
 
-
 fn elapsed(t0: Instant, test: &str) {
     eprintln!("[{test}] done in {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -599,13 +599,15 @@ fn node_libuv_is_recognised_and_judged() {
 /// Node program: discovery names it from the message write (not from the
 /// one-byte write to libuv's blocking signal-lock pipe that follows it),
 /// and its lost messages are counted against it under `runtime="libuv"`.
+/// A pipe loop nobody registered is discovered with `--discover-pipes`
+/// (on the socket tier it keeps the syscall hook for pipe writes on).
 #[test]
 fn node_libuv_lost_messages_are_attributed() {
     // Well over the 4096 messages the pipe holds: some SIGINTs merge into
     // one still pending on a busy host, so the flood goes on, in rounds,
     // until the agent counts a drop.
     const MAX_SIGINTS: usize = 12_000;
-    let agent = RunningAgent::start(&[]);
+    let agent = RunningAgent::start(&["--discover-pipes"]);
     let mut drops = trace(&["--only-drops"]);
     let (mut node, _) = node_actor(&["--busy-seconds", "20"]);
     let pid = node.pid();

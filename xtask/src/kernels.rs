@@ -51,6 +51,9 @@ pub const SUBSET: &[(&str, &str)] = &[
     ("kernel", "socket_tier_is_proven_where_the_kernel_has_sock_send_length"),
     ("kernel", "forced_syscall_tracepoints_pass_the_self_test_too"),
     ("kernel", "metrics_name_the_tier_serving_each_job"),
+    // Pipe wakeups on every tier; on the socket tier through its on-demand
+    // syscall hook, attached only while an actor needs it.
+    ("kernel", "pipe_wakeups_are_seen_and_the_syscall_hook_is_attached_only_while_an_actor_needs_it"),
     ("trace", "starved_trio_loop_dropped_sigint_is_reported_with_fd_and_signal"),
     ("trace", "healthy_trio_loop_reports_no_drop_and_exits_on_sigint"),
     ("trace", "ordinary_eagain_writes_outside_handlers_report_nothing"),

@@ -13,7 +13,10 @@ use std::collections::{HashMap, VecDeque};
 
 pub use super::{identity::*, model::*};
 use crate::{
-    kernel::events::{Event, EventBody, Signal},
+    kernel::{
+        events::{Event, EventBody, Signal},
+        pipe_hooks::ActorWakeup,
+    },
     sys::procinfo,
 };
 
@@ -95,6 +98,10 @@ pub struct Registry {
     /// (pid, fd) of wakeup fds learned since the caller last asked, so it
     /// can note what each refers to (I/O, outside the lock).
     learned: Vec<(u32, i32)>,
+    /// Moves whenever the set of live actors, a runtime or a wakeup fd may
+    /// have changed: whoever derives something from those (which kernel
+    /// hooks are needed) recomputes only then.
+    generation: u64,
 }
 
 impl Registry {
@@ -107,7 +114,29 @@ impl Registry {
             max_actors,
             retain_exited_ns: 300_000_000_000,
             learned: Vec::new(),
+            generation: 0,
         }
+    }
+
+    /// See the field: compare with an earlier value to tell whether live
+    /// actors, runtimes or wakeup fds may have changed since.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Each live actor's wakeup: runtime and wakeup fd (if known).
+    pub fn wakeups(&self) -> Vec<ActorWakeup> {
+        self.actors
+            .values()
+            .filter(|a| a.state.is_live())
+            .map(|a| ActorWakeup {
+                pid: a.pid,
+                start_time: a.start_time,
+                name: a.name.clone(),
+                runtime: a.runtime,
+                wakeup_fd: a.wakeup_fd,
+            })
+            .collect()
     }
 
     fn now(&self) -> (u64, String) {
@@ -140,6 +169,7 @@ impl Registry {
     /// Moves a live actor to the record with its final state.
     fn retire(&mut self, pid: u32, state: ActorState, mono: u64, now: String) -> Option<&Actor> {
         let mut actor = self.actors.remove(&pid)?;
+        self.generation += 1;
         actor.state = state;
         actor.last_seen = now;
         actor.last_seen_mono = mono;
@@ -170,6 +200,7 @@ impl Registry {
         facts: Option<ProcFacts>,
     ) -> Result<Actor, RegistryError> {
         validate(spec)?;
+        self.generation += 1;
         let pid = spec.target_pid(caller).ok_or_else(|| RegistryError::Invalid("pid is required".into()))?;
         let facts = facts.ok_or(RegistryError::NoSuchProcess(pid))?;
         if let Some(c) = caller
@@ -268,6 +299,7 @@ impl Registry {
             return Err(RegistryError::NotPermitted { pid, caller_uid: caller.uid });
         }
         self.actors.remove(&pid);
+        self.generation += 1;
         self.sink.unwatch(pid);
         Ok(())
     }
@@ -299,7 +331,7 @@ impl Registry {
                 Some(actor.name.clone())
             }
             EventBody::HandlerWrite(w) => {
-                let learned = &mut self.learned;
+                let (learned, generation) = (&mut self.learned, &mut self.generation);
                 let actor = self.actors.get_mut(&w.task.pid).filter(|a| a.state.is_live())?;
                 actor.last_seen = clock.rfc3339(ev.mono_ns);
                 actor.last_seen_mono = ev.mono_ns;
@@ -310,6 +342,7 @@ impl Registry {
                 if w.count == wakeup_size && w.task.tid == w.task.pid && actor.wakeup_fd.is_none() {
                     actor.wakeup_fd = Some(w.fd);
                     learned.push((w.task.pid, w.fd));
+                    *generation += 1;
                 }
                 if let Some(errno) = w.errno() {
                     actor.drops += 1;
@@ -345,6 +378,7 @@ impl Registry {
     pub fn forget_wakeup_fd(&mut self, pid: u32, fd: i32) {
         if let Some(a) = self.actors.get_mut(&pid).filter(|a| a.wakeup_fd == Some(fd)) {
             a.wakeup_fd = None;
+            self.generation += 1;
         }
     }
 

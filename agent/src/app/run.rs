@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use sigwake_common::Config as KernelConfig;
+use tokio::sync::Notify;
 
 use super::{blocking, load_probes, shutdown_signal, spawn_kernel_logger, start_source};
 use crate::{
@@ -27,6 +28,7 @@ use crate::{
     config::{Config, Overrides, Policy},
     kernel::{
         events::{Disposition, Event, EventBody, HandlerWrite},
+        pipe_hooks::PipeHookDemand,
         probes::Probes,
         source::Batch,
         watched::WatchedPids,
@@ -44,15 +46,21 @@ use crate::{
     sys::{fdqueue, procinfo},
 };
 
-/// The registry's watched set, mirrored into the kernel map by its thread.
-struct KernelWatched(WatchedPids);
+/// The registry's watched set, mirrored into the kernel map by its thread;
+/// a new actor also wakes the event loop (`added`), which then decides at
+/// once whether its wakeup needs the on-demand pipe hooks.
+struct KernelWatched {
+    pids: WatchedPids,
+    added: Arc<Notify>,
+}
 
 impl WatchedSink for KernelWatched {
     fn watch(&mut self, pid: u32) {
-        self.0.watch(pid);
+        self.pids.watch(pid);
+        self.added.notify_one();
     }
     fn unwatch(&mut self, pid: u32) {
-        self.0.unwatch(pid);
+        self.pids.unwatch(pid);
     }
 }
 
@@ -64,6 +72,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir.clone(),
         dry_run: args.dry_run,
         no_discovery: args.no_discovery,
+        discover_pipes: args.discover_pipes,
     };
     let config = match &args.config {
         Some(path) => Config::load(path, &overrides)?,
@@ -84,8 +93,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     spawn_kernel_logger(&mut probes);
     metrics.attached_programs.set(probes.hooks().len() as i64);
     metrics.set_hooks(probes.report());
-    let watched =
-        KernelWatched(WatchedPids::spawn(probes.take_watched_pids()?).context("starting the watched-set thread")?);
+    metrics.set_syscall_hooks(probes.syscall_tracepoints_attached());
+    let added = Arc::new(Notify::new());
+    let watched = KernelWatched {
+        pids: WatchedPids::spawn(probes.take_watched_pids()?).context("starting the watched-set thread")?,
+        added: added.clone(),
+    };
     let registry = Arc::new(Mutex::new(Registry::new(Box::new(watched), config.max_actors)));
     let mut discovery = Discovery::new(config.selectors.clone(), config.discovery);
     let found = blocking(|| discovery.scan(false));
@@ -117,6 +130,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.socket.display(),
         config.state_dir.display()
     );
+    let mut pipe_demand = PipeHookDemand::new(config.discover_pipes);
+    announce_pipe_hooks(&probes, config.discover_pipes);
+    // Before the capabilities go: attaching them later needs none (a raw
+    // tracepoint), but the first decision may as well be made here.
+    refresh_pipe_hooks(&mut pipe_demand, &registry, &mut probes, &metrics);
     let mut batches = start_source(&mut probes)?;
     // Every program is attached and every map fd open: from here on the
     // agent keeps only what it still uses (sys/caps.rs), before it says
@@ -136,14 +154,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         fd_ids: HashMap::new(),
     };
     let mut lost_seen = 0u64;
-    let on_tick = |pipeline: &mut Pipeline| {
-        // Lost exec events: look at every process again (only
-        // then; a flood of other kinds costs no /proc rescan).
-        let lost = probes.counters().lost_of(sigwake_common::kind::PROCESS_EXEC);
-        pipeline.on_tick(&probes, lost > lost_seen);
-        lost_seen = lost;
+    let on_wake = |pipeline: &mut Pipeline, wake: Wake| {
+        if wake == Wake::Tick {
+            // Lost exec events: look at every process again (only
+            // then; a flood of other kinds costs no /proc rescan).
+            let lost = probes.counters().lost_of(sigwake_common::kind::PROCESS_EXEC);
+            pipeline.on_tick(&probes, lost > lost_seen);
+            lost_seen = lost;
+        }
+        // Cheap unless the registry changed (its generation).
+        refresh_pipe_hooks(&mut pipe_demand, &pipeline.registry, &mut probes, &pipeline.metrics);
     };
-    let ended = event_loop(&mut pipeline, &mut batches, shutdown_signal(), on_tick, || !server.is_finished()).await;
+    let ended =
+        event_loop(&mut pipeline, &mut batches, shutdown_signal(), &added, on_wake, || !server.is_finished()).await;
     state.ready.store(false, Ordering::Release);
     drop(probes);
     ended
@@ -158,7 +181,8 @@ async fn event_loop(
     pipeline: &mut Pipeline,
     batches: &mut tokio::sync::mpsc::Receiver<Batch>,
     shutdown: impl std::future::Future<Output = anyhow::Result<&'static str>>,
-    mut on_tick: impl FnMut(&mut Pipeline),
+    actor_added: &Notify,
+    mut on_wake: impl FnMut(&mut Pipeline, Wake),
     server_alive: impl Fn() -> bool,
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -173,16 +197,80 @@ async fn event_loop(
         tokio::select! {
             why = &mut shutdown => { tracing::info!("{}: detaching and stopping", why?); return Ok(()); }
             _ = detect_tick.tick(), if !pipeline.detector.is_idle() => pipeline.on_detect_tick(),
-            _ = tick.tick() => on_tick(pipeline),
+            _ = tick.tick() => on_wake(pipeline, Wake::Tick),
+            _ = actor_added.notified() => on_wake(pipeline, Wake::ActorAdded),
             batch = batches.recv() => {
                 let Some(batch) = batch else { return Err(super::source_ended()) };
                 pipeline.on_batch(batch);
+                on_wake(pipeline, Wake::Batch);
             }
         }
         if !server_alive() {
             anyhow::bail!("the metrics endpoint stopped unexpectedly");
         }
     }
+}
+
+/// Why the event loop calls back between its own stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// Once a second.
+    Tick,
+    /// A new actor (registration, a selector, discovery).
+    ActorAdded,
+    /// A batch of kernel events went through the pipeline.
+    Batch,
+}
+
+/// Says at start-up how writes to pipes and eventfds are seen, when the
+/// tier needs on-demand hooks for them.
+fn announce_pipe_hooks(probes: &Probes, discover_pipes: bool) {
+    if probes.pipe_write_hooks_attached().is_none() {
+        return;
+    }
+    if discover_pipes {
+        tracing::warn!(
+            "--discover-pipes: the syscall hook for pipe and eventfd writes stays attached, so every syscall on this \
+             host takes the tracing slow path"
+        );
+    } else {
+        tracing::info!(
+            "writes to pipes and eventfds (Twisted, libuv, GLib, self-pipe loops) are seen through a syscall hook \
+             attached only while a registered or selected actor's wakeup fd is one (or not known yet); loops of that \
+             kind nobody registered are not discovered (--discover-pipes would, at the cost of every syscall)"
+        );
+    }
+}
+
+/// Attaches or detaches the socket tier's pipe-write hooks as the live
+/// actors need them, and says so. A failure leaves them as they were and
+/// is logged; the next change tries again.
+fn refresh_pipe_hooks(demand: &mut PipeHookDemand, registry: &Mutex<Registry>, probes: &mut Probes, metrics: &Metrics) {
+    let Some(attached) = probes.pipe_write_hooks_attached() else { return };
+    let generation = lock(registry).generation();
+    // /proc reads, off the async workers, without the registry's lock.
+    let decided = blocking(|| {
+        demand.decide(
+            generation,
+            || lock(registry).wakeups(),
+            |pid, fd| fdqueue::fd_target(pid, fd).map(|t| t.starts_with("socket:")),
+        )
+    });
+    let Some(need) = decided else { return };
+    if need.is_some() == attached {
+        return;
+    }
+    match probes.set_pipe_write_hooks(need.is_some()) {
+        Ok(_) => match &need {
+            Some(why) => tracing::info!("attached the syscall hook for pipe and eventfd writes: {why}"),
+            None => tracing::info!("detached the syscall hook for pipe and eventfd writes: no actor needs it"),
+        },
+        Err(e) => {
+            tracing::error!("could not change the syscall hook for pipe and eventfd writes: {e:#}");
+            demand.retry();
+        }
+    }
+    metrics.set_syscall_hooks(probes.syscall_tracepoints_attached());
 }
 
 /// The stages after the decoder, fed by the event loop.
@@ -604,7 +692,8 @@ mod tests {
         let mut pipeline = wired_pipeline(state.path());
         let me = std::process::id();
         let mut batches = FakeSource(vec![vec![Ok(dropped_wakeup(me, 7, 10))]]).start().unwrap();
-        let ended = event_loop(&mut pipeline, &mut batches, std::future::pending(), |_| {}, || true).await;
+        let ended =
+            event_loop(&mut pipeline, &mut batches, std::future::pending(), &Notify::new(), |_, _| {}, || true).await;
         let err = ended.expect_err("a source that ends must stop the agent with an error");
         let text = format!("{err:#}");
         assert!(text.contains("kernel event reader stopped"), "says what happened: {text}");
@@ -619,9 +708,13 @@ mod tests {
         let mut pipeline = wired_pipeline(state.path());
         let (_tx, mut batches) = tokio::sync::mpsc::channel::<Batch>(1);
         let shutdown = async { Ok("SIGTERM") };
-        event_loop(&mut pipeline, &mut batches, shutdown, |_| {}, || true).await.expect("a clean stop");
+        event_loop(&mut pipeline, &mut batches, shutdown, &Notify::new(), |_, _| {}, || true)
+            .await
+            .expect("a clean stop");
         let (_tx, mut batches) = tokio::sync::mpsc::channel::<Batch>(1);
-        let err = event_loop(&mut pipeline, &mut batches, std::future::pending(), |_| {}, || false).await.unwrap_err();
+        let err = event_loop(&mut pipeline, &mut batches, std::future::pending(), &Notify::new(), |_, _| {}, || false)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("metrics endpoint stopped"), "{err}");
     }
 

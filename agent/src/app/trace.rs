@@ -20,6 +20,14 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         config.signal_mask = args.signals.iter().fold(0u64, |m, s| m | 1u64 << (s.0 - 1));
     }
     let mut probes = load_probes(config, args.hooks)?;
+    // A trace shows every process's lost wakeups, pipes' too: on the socket
+    // tier that takes its on-demand syscall hook, for the whole trace.
+    if probes.set_pipe_write_hooks(true).context("attaching the hook for pipe and eventfd writes")? {
+        tracing::info!(
+            "the syscall hook for pipe and eventfd writes is attached while tracing (every syscall on this host takes \
+             the tracing slow path meanwhile)"
+        );
+    }
     spawn_kernel_logger(&mut probes);
     let mut batches = start_source(&mut probes)?;
     // The kernel reports exits of watched processes; mark the --pid ones

@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod events;
 pub mod pidns;
+pub mod pipe_hooks;
 pub mod probes;
 pub mod selftest;
 pub mod source;

@@ -59,6 +59,13 @@ const SYSCALL_TRACEPOINTS: &[(&str, &str, &str, Job)] = &[
     ("sys_exit_wakeup_write", "syscalls", "sys_exit_sendmsg", Job::WritePath),
 ];
 
+/// Writes to pipes and eventfds on the socket tier, which no socket hook
+/// sees: the raw `sys_exit` tracepoint (write and writev), attached only
+/// while something needs it (see [`Probes::set_pipe_write_hooks`]). The
+/// program skips sends `sock_send_length` already reported.
+const PIPE_WRITE_PROGRAM: &str = "sys_exit_pipe_write";
+const PIPE_WRITE_TRACEPOINT: &str = "sys_exit";
+
 /// The same jobs as BTF trampolines on the syscalls' arch entry points,
 /// which run only for these calls: preferred. (program, candidate
 /// functions in order, is_exit). A function must be in the kernel's BTF to
@@ -84,13 +91,15 @@ const BTF_HOOKS: &[(&str, &[&str], bool)] = &[
 /// Which hooks carry the write path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum HookPreference {
-    /// fentry/fexit when the kernel allows them, else syscall tracepoints.
+    /// fentry/fexit when the kernel allows them, else the socket tier
+    /// where the kernel has it, else syscall tracepoints.
     #[default]
     Auto,
     /// Syscall tracepoints only.
     Tracepoint,
-    /// Socket sends and the signal restorer: no syscall tracepoint, but
-    /// pipe wakeups are not seen (Linux 6.12+, x86_64, glibc's restorer).
+    /// The socket tier (else syscall tracepoints): socket sends and the
+    /// signal restorer, with syscall tracepoints for pipe and eventfd
+    /// writes attached only while needed (Linux 6.12+, x86_64).
     Socket,
 }
 
@@ -233,6 +242,17 @@ pub struct Probes {
     watched: Option<HashMap<MapData, u32, u32>>,
     /// Events the self-test read that were not its own, for the pipeline.
     backlog: Vec<Event>,
+    pipe_writes: PipeWrites,
+}
+
+/// How writes to pipes and eventfds (not sockets) are seen.
+#[derive(Debug)]
+enum PipeWrites {
+    /// By the tier's own write hooks, always.
+    Always,
+    /// By syscall tracepoints attached on demand (the socket tier): the
+    /// links while attached.
+    OnDemand(Option<aya::programs::raw_trace_point::RawTracePointLinkId>),
 }
 
 /// The oldest kernel sigwake runs on: the oldest its kernel matrix proves
@@ -309,32 +329,45 @@ impl Probes {
         }
         exits.push(ExitSource::Leader);
         let tiers: &[Tier] = match preference {
-            HookPreference::Auto => &[Tier::Fentry, Tier::SyscallTracepoint],
+            HookPreference::Auto => &[Tier::Fentry, Tier::Socket, Tier::SyscallTracepoint],
             HookPreference::Tracepoint => &[Tier::SyscallTracepoint],
             HookPreference::Socket => &[Tier::Socket, Tier::SyscallTracepoint],
         };
-        let restorer = match preference {
-            HookPreference::Socket => match kernel_btf().and_then(|btf| socket_tier_inputs(&root, btf, &mut config)) {
-                Ok(r) => Some(r),
-                Err(why) => {
-                    fallbacks.push(format!("{}{why}", Tier::Socket.refused_prefix()));
-                    None
-                }
-            },
-            _ => None,
-        };
+        // What the socket tier needs, looked for when a plan first asks
+        // (not when a faster tier was proven first).
+        let mut restorer: Option<Option<crate::sys::restorer::Restorer>> = None;
         let plans = tiers.iter().flat_map(|&tier| exits.iter().map(move |&exit| Plan { tier, exit }));
         let mut last_failure = None;
         // Tiers the kernel refused at load or attach: no second try with
         // another exit source.
         let mut refused: Vec<Tier> = Vec::new();
         for plan in plans {
-            if refused.contains(&plan.tier) || (plan.tier == Tier::Socket && restorer.is_none()) {
+            if refused.contains(&plan.tier) {
+                continue;
+            }
+            if plan.tier == Tier::Socket
+                && restorer
+                    .get_or_insert_with(|| {
+                        match kernel_btf().and_then(|btf| socket_tier_inputs(&root, btf, &mut config)) {
+                            Ok(r) => Some(r),
+                            Err(why) => {
+                                fallbacks.push(format!("{}{why}", Tier::Socket.refused_prefix()));
+                                None
+                            }
+                        }
+                    })
+                    .is_none()
+            {
                 continue;
             }
             let mut cfg = config;
             cfg.exit_source = plan.exit.raw();
-            let mut probes = match Self::attach(cfg, formats.offsets, plan.tier, restorer.as_ref()) {
+            let mut probes = match Self::attach(
+                cfg,
+                formats.offsets,
+                plan.tier,
+                restorer.as_ref().and_then(Option::as_ref),
+            ) {
                 Ok(p) => p,
                 Err(e) if plan.tier != Tier::SyscallTracepoint => {
                     let why = match &e {
@@ -354,7 +387,14 @@ impl Probes {
                 }
                 Err(e) => return Err(e),
             };
-            match probes.self_test(&config) {
+            // The self-test proves the on-demand pipe hooks too (and that a
+            // write(2) to a socket is then reported once, not twice).
+            let tested = probes.set_pipe_write_hooks(true).map_err(|e| e.to_string()).and_then(|_| {
+                let tested = probes.self_test(&config);
+                probes.set_pipe_write_hooks(false).map_err(|e| e.to_string())?;
+                tested
+            });
+            match tested {
                 Ok(self_test) => {
                     let jobs = probes.job_reports(plan);
                     probes.report = Some(HookReport {
@@ -413,6 +453,12 @@ impl Probes {
                 })?;
                 hooks.push(attach_raw_tracepoint(&mut ebpf, "sock_send_length", "sock_send_length", Job::WritePath)?);
                 hooks.push(attach_restorer(&mut ebpf, restorer)?);
+                // Loaded now (a verifier rejection refuses the tier), attached
+                // on demand.
+                let prog: &mut RawTracePoint = program_of(&mut ebpf, PIPE_WRITE_PROGRAM)?;
+                prog.load().map_err(|e| {
+                    classify_load(PIPE_WRITE_PROGRAM, format!("load program `{PIPE_WRITE_PROGRAM}`"), e)
+                })?;
                 TRACEPOINTS.to_vec()
             }
             Tier::SyscallTracepoint => TRACEPOINTS.iter().chain(SYSCALL_TRACEPOINTS).copied().collect(),
@@ -459,7 +505,49 @@ impl Probes {
             events: Some(events),
             watched: Some(watched),
             backlog: Vec::new(),
+            pipe_writes: if tier == Tier::Socket { PipeWrites::OnDemand(None) } else { PipeWrites::Always },
         })
+    }
+
+    /// Attaches (`on`) or detaches the syscall tracepoints that see writes
+    /// to pipes and eventfds on the socket tier; returns whether anything
+    /// changed. While they are attached every syscall on the host takes
+    /// the tracing slow path, so the agent attaches them only while an
+    /// actor needs them. Other tiers see those writes always: no-op.
+    pub fn set_pipe_write_hooks(&mut self, on: bool) -> Result<bool, LoadError> {
+        let PipeWrites::OnDemand(link) = &mut self.pipe_writes else { return Ok(false) };
+        if on == link.is_some() {
+            return Ok(false);
+        }
+        let prog: &mut RawTracePoint = program_of(&mut self.ebpf, PIPE_WRITE_PROGRAM)?;
+        match link.take() {
+            None => {
+                *link = Some(prog.attach(PIPE_WRITE_TRACEPOINT).map_err(|e| {
+                    classify(format!("attach `{PIPE_WRITE_PROGRAM}` to raw tracepoint {PIPE_WRITE_TRACEPOINT}"), e)
+                })?)
+            }
+            Some(id) => prog.detach(id).map_err(|e| classify(format!("detach `{PIPE_WRITE_PROGRAM}`"), e))?,
+        }
+        Ok(true)
+    }
+
+    /// Whether a syscall hook is attached right now (every syscall on the
+    /// host then takes the tracing slow path).
+    pub fn syscall_tracepoints_attached(&self) -> bool {
+        match &self.pipe_writes {
+            PipeWrites::OnDemand(link) => link.is_some(),
+            PipeWrites::Always => self.hooks.iter().any(|h| h.tier == "syscall_tracepoint"),
+        }
+    }
+
+    /// Whether writes to pipes and eventfds are seen right now, and how:
+    /// `None` when the tier sees them always, else whether the on-demand
+    /// syscall tracepoints are attached.
+    pub fn pipe_write_hooks_attached(&self) -> Option<bool> {
+        match &self.pipe_writes {
+            PipeWrites::Always => None,
+            PipeWrites::OnDemand(link) => Some(link.is_some()),
+        }
     }
 
     /// Runs the self-test child and reads what the kernel reported about it.
@@ -489,6 +577,12 @@ impl Probes {
         for j in &mut jobs {
             if j.job == Job::Exit {
                 j.note = Some(plan.exit.describe().to_string());
+            }
+            if j.job == Job::WritePath && plan.tier == Tier::Socket {
+                j.note = Some(format!(
+                    "pipe and eventfd writes: raw:{PIPE_WRITE_TRACEPOINT} (every syscall pays while attached), \
+                     attached only while an actor needs it"
+                ));
             }
         }
         jobs.sort_by_key(|j| j.job);

@@ -4,9 +4,10 @@
 //! callers, a tracepoint compiled out), and then sigwake would be silent
 //! exactly when it matters. So after attaching, the agent runs a child of
 //! its own (`sigwake __self-test-child`) that fills a non-blocking
-//! socketpair, installs a handler that sends one byte with each of write,
-//! writev, sendto and sendmsg, and signals itself. The kernel programs must
-//! report four failed handler writes with the right call, fd and signal,
+//! socketpair and a pipe, installs a handler that sends one byte to the
+//! socket with each of write, writev, sendto and sendmsg and writes one to
+//! the pipe, and signals itself. The kernel programs must report those five
+//! failed handler writes, each once, with the right call, fd and signal,
 //! the handler's return, and the child's exit. Anything else on the ring
 //! buffer meanwhile is kept and handed to the pipeline, not lost.
 
@@ -41,8 +42,10 @@ const DEADLINE: Duration = Duration::from_secs(20);
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SelfTestReport {
     pub signal: String,
-    /// The calls whose failed handler write was reported.
+    /// The calls whose failed handler write to a socket was reported.
     pub calls: Vec<&'static str>,
+    /// The failed handler write to a pipe was reported.
+    pub pipe: bool,
     pub handler_return: bool,
     pub exit: bool,
     pub elapsed_ms: u64,
@@ -120,17 +123,22 @@ fn run_inner(
             }
         });
         let ready = rx.recv_timeout(DEADLINE).map_err(|_| "the self-test child did not start".to_string())?;
-        let fd: i32 = ready
+        let (fd, pipe_fd): (i32, i32) = ready
             .strip_prefix("ready ")
-            .and_then(|f| f.parse().ok())
+            .and_then(|f| f.split_once(' '))
+            .and_then(|(s, p)| Some((s.parse().ok()?, p.parse().ok()?)))
             .ok_or_else(|| format!("the self-test child said `{ready}`"))?;
         let mut stdin = _reap.0.stdin.take().ok_or("no stdin")?;
         stdin.write_all(b"go\n").map_err(|e| format!("starting the self-test: {e}"))?;
         drop(stdin);
         let mut calls = BTreeSet::new();
-        let (mut handler_return, mut exit) = (false, false);
+        let (mut pipe, mut handler_return, mut exit) = (false, false, false);
+        // Each failed write must be reported once: two hooks that both see
+        // one write (a socket send and the on-demand pipe hook) would
+        // count one lost wakeup twice.
+        let mut twice = Vec::new();
         let deadline = started + DEADLINE;
-        while Instant::now() < deadline && !(calls.len() == CALLS.len() && handler_return && exit) {
+        while Instant::now() < deadline && !(calls.len() == CALLS.len() && pipe && handler_return && exit) {
             let mut got = false;
             while let Some(item) = ring.next() {
                 got = true;
@@ -143,7 +151,21 @@ fn run_inner(
                     EventBody::HandlerWrite(w)
                         if w.fd == fd && w.signal.0 == signal && w.errno() == Some(libc::EAGAIN) =>
                     {
-                        calls.insert(w.call);
+                        let first = calls.insert(w.call);
+                        if !first {
+                            twice.push(format!("the failed {} to the socket", call_name(w.call)));
+                        }
+                    }
+                    EventBody::HandlerWrite(w)
+                        if w.fd == pipe_fd
+                            && w.call == write_call::WRITE
+                            && w.signal.0 == signal
+                            && w.errno() == Some(libc::EAGAIN) =>
+                    {
+                        if pipe {
+                            twice.push("the failed write to the pipe".to_string());
+                        }
+                        pipe = true;
                     }
                     EventBody::HandlerReturn(r) if r.signal.0 == signal => handler_return = true,
                     EventBody::ProcessExit(_) => exit = true,
@@ -157,6 +179,7 @@ fn run_inner(
         let report = SelfTestReport {
             signal: crate::kernel::events::Signal(signal).name(),
             calls: CALLS.iter().filter(|c| calls.contains(c)).map(|&c| call_name(c)).collect(),
+            pipe,
             handler_return,
             exit,
             elapsed_ms: started.elapsed().as_millis() as u64,
@@ -165,10 +188,13 @@ fn run_inner(
             .iter()
             .filter(|c| !calls.contains(c))
             .map(|&c| format!("a failed {}", call_name(c)))
+            .chain((!pipe).then(|| "a failed write to a pipe".to_string()))
             .chain((!handler_return).then(|| "the handler's return".to_string()))
             .chain((!exit).then(|| "the child's exit".to_string()))
             .collect();
-        if missing.is_empty() {
+        if !twice.is_empty() {
+            Err(format!("reported twice: {}", twice.join(", ")))
+        } else if missing.is_empty() {
             Ok(report)
         } else {
             Err(format!("not reported within {} s: {}", DEADLINE.as_secs(), missing.join(", ")))
@@ -190,11 +216,14 @@ impl Drop for KillOnDrop<'_> {
 // ------------------------------------------------------------------ child
 
 static WAKEUP_FD: AtomicI32 = AtomicI32::new(-1);
+static WAKEUP_PIPE: AtomicI32 = AtomicI32::new(-1);
 
-/// The handler: one byte with each call, as event loops' handlers do.
+/// The handler: one byte with each call, as event loops' handlers do, to
+/// the socket, and one write to the pipe (Twisted's and libuv's way).
 /// Only async-signal-safe calls.
 extern "C" fn on_signal(_sig: libc::c_int) {
     let fd = WAKEUP_FD.load(Ordering::Relaxed);
+    let pipe = WAKEUP_PIPE.load(Ordering::Relaxed);
     let byte = [1u8];
     let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
     let mut iov = libc::iovec { iov_base: byte.as_ptr() as *mut libc::c_void, iov_len: 1 };
@@ -207,11 +236,13 @@ extern "C" fn on_signal(_sig: libc::c_int) {
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         libc::sendmsg(fd, &msg, flags);
+        libc::write(pipe, byte.as_ptr().cast(), 1);
     }
 }
 
-/// `sigwake __self-test-child SIGNO`: fill a socket, install the handler,
-/// say `ready FD`, wait for `go` on stdin, signal itself, exit.
+/// `sigwake __self-test-child SIGNO`: fill a socket and a pipe, install the
+/// handler, say `ready SOCKET_FD PIPE_FD`, wait for `go` on stdin, signal
+/// itself, exit.
 pub fn child_main(signal: &str) -> std::process::ExitCode {
     match child(signal) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -256,6 +287,23 @@ fn child(signal: &str) -> Result<(), String> {
         }
     }
     WAKEUP_FD.store(fds[0], Ordering::Relaxed);
+    let mut pipe = [0; 2];
+    // SAFETY: valid out-pointer for two fds.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+    }
+    // One page (the least a pipe can hold), then full.
+    // SAFETY: fcntl on our own pipe; failure leaves the default size.
+    unsafe { libc::fcntl(pipe[1], libc::F_SETPIPE_SZ, 4096) };
+    for len in [chunk.len(), 1] {
+        for _ in 0..100_000 {
+            // SAFETY: valid buffer of at least `len` bytes.
+            if unsafe { libc::write(pipe[1], chunk.as_ptr().cast(), len) } < 0 {
+                break;
+            }
+        }
+    }
+    WAKEUP_PIPE.store(pipe[1], Ordering::Relaxed);
     // SAFETY: a zeroed sigaction with our handler is valid.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
@@ -266,7 +314,7 @@ fn child(signal: &str) -> Result<(), String> {
         }
     }
     let mut out = std::io::stdout();
-    writeln!(out, "ready {}", fds[0]).and_then(|()| out.flush()).map_err(|e| e.to_string())?;
+    writeln!(out, "ready {} {}", fds[0], pipe[1]).and_then(|()| out.flush()).map_err(|e| e.to_string())?;
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).map_err(|e| e.to_string())?;
     // SAFETY: signals ourselves; the handler runs before kill returns.

@@ -41,8 +41,8 @@ pub enum Tier {
     Fentry,
     /// `sock:sock_send_length` as a raw tracepoint for the write path and a
     /// uprobe on the signal restorer for the return: no syscall pays, only
-    /// socket sends and handler returns. Sockets only (pipe wakeups are not
-    /// seen): chosen with `--hooks socket`.
+    /// socket sends and handler returns. Writes to pipes and eventfds need
+    /// syscall tracepoints, attached only while an actor needs them.
     Socket,
     /// `syscalls:*` tracepoints: every syscall on the host pays while attached.
     SyscallTracepoint,
@@ -144,8 +144,9 @@ pub fn report_lines(r: &HookReport) -> Vec<String> {
     }
     let t = &r.self_test;
     lines.push(format!(
-        "  self-test: failed {} from a {} handler reported, handler return and exit seen, in {} ms",
+        "  self-test: failed {}{} from a {} handler reported once each, handler return and exit seen, in {} ms",
         t.calls.join("/"),
+        if t.pipe { " to a socket and write to a pipe" } else { "" },
         t.signal,
         t.elapsed_ms
     ));

@@ -180,6 +180,7 @@ pub struct Metrics {
     pub attached_programs: Gauge,
     pub hook_tier: Family<HookLabels, Gauge>,
     pub kernel_open_windows: Gauge,
+    pub syscall_hooks_attached: Gauge,
     last_kernel: std::sync::Mutex<KernelCounters>,
 }
 
@@ -348,6 +349,12 @@ impl Metrics {
         );
         let attached_programs = Gauge::default();
         registry.register("attached_programs", "Kernel programs attached by this agent", attached_programs.clone());
+        let syscall_hooks_attached = Gauge::default();
+        registry.register(
+            "syscall_hooks_attached",
+            "1 while a syscall hook of this agent is attached (every syscall on the host then takes the tracing slow path): always on the syscall_tracepoint tier; on the socket tier only while an actor's wakeup is a pipe or eventfd, or with --discover-pipes",
+            syscall_hooks_attached.clone(),
+        );
         let hook_tier = Family::default();
         registry.register(
             "hook_tier",
@@ -394,11 +401,16 @@ impl Metrics {
             attached_programs,
             hook_tier,
             kernel_open_windows,
+            syscall_hooks_attached,
             last_kernel: Default::default(),
         }
     }
 
     /// Publishes which tier serves each job.
+    pub fn set_syscall_hooks(&self, attached: bool) {
+        self.syscall_hooks_attached.set(i64::from(attached));
+    }
+
     pub fn set_hooks(&self, report: &crate::kernel::tiers::HookReport) {
         for j in &report.jobs {
             self.hook_tier.get_or_create(&HookLabels { job: j.job.as_str().into(), tier: j.tier.into() }).set(1);
