@@ -41,7 +41,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
 use self::{
-    procs::{Out, Proc, Sleepers, Spawn, Sysctl, TempDir, check_interrupt, mono_ns, sleep},
+    procs::{Out, Proc, Sleepers, Spawn, Sysctl, TempDir, Wakeup, check_interrupt, mono_ns, sleep},
     report::{Report, Verdict},
     scrape::{Metrics, bucket_quantile},
     stats::Summary,
@@ -508,7 +508,15 @@ enum Registered {
     Unavailable(String),
 }
 
+/// `pids` as actors `bench-actor-NNNN`, each registered as an asyncio loop
+/// whose wakeup fd (a socket, [`Sleepers::WAKEUP_FD`]) the client sends, as
+/// the client does. An actor whose wakeup is a pipe, or not known, would put
+/// the socket tier's syscall hook on (README).
 fn register_actors(agent: &Agent, pids: &[u32]) -> Result<Registered> {
+    register(agent, pids, "bench-actor", "asyncio")
+}
+
+fn register(agent: &Agent, pids: &[u32], name: &str, runtime: &str) -> Result<Registered> {
     let Some(path) = &agent.socket else {
         return Ok(Registered::Unavailable("registration socket unavailable: `sigwake run` has no --socket".into()));
     };
@@ -531,12 +539,9 @@ fn register_actors(agent: &Agent, pids: &[u32]) -> Result<Registered> {
     let (mut ok, mut failed, mut first_error) = (0, 0, None);
     for (i, pid) in pids.iter().enumerate() {
         check_interrupt()?;
-        // An asyncio loop's registration: its wakeup fd a socket (the client
-        // sends the fd it detects). An actor whose wakeup is a pipe, or not
-        // known, would put the socket tier's syscall hook on (README).
         let req = json!({
-            "op": "register", "pid": pid, "name": format!("bench-actor-{i:04}"),
-            "runtime": "asyncio", "wakeup_fd": Sleepers::WAKEUP_FD,
+            "op": "register", "pid": pid, "name": format!("{name}-{i:04}"),
+            "runtime": runtime, "wakeup_fd": Sleepers::WAKEUP_FD,
         });
         writeln!(writer, "{req}")?;
         let mut line = String::new();
@@ -565,9 +570,13 @@ fn register_actors(agent: &Agent, pids: &[u32]) -> Result<Registered> {
 const NONE: &str = "no agent";
 const IDLE: &str = "sigwake run, nothing watched";
 const ACTORS: &str = "sigwake run, 1,000 actors";
+/// The same agent and actors plus one whose wakeup fd is a pipe: on the
+/// socket tier that attaches the syscall hook for pipe writes, and this row
+/// is what every process pays meanwhile.
+const PIPE: &str = "sigwake run, 1,000 actors + 1 pipe-wakeup actor";
 const PEER: &str = "bpftrace peer (bench/peer.bt)";
 const TRIVIAL: &str = "empty programs, same 2 write tracepoints (bench/trivial.bt)";
-const STATES: [&str; 5] = [NONE, IDLE, ACTORS, PEER, TRIVIAL];
+const STATES: [&str; 6] = [NONE, IDLE, ACTORS, PIPE, PEER, TRIVIAL];
 
 #[derive(Default)]
 struct StateData {
@@ -1072,6 +1081,36 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                         measure(ctx, ACTORS, &mut data, &mut segs, redis.as_ref(), Some(agent.pid()), first, &tag)?;
                     }
                 }
+            }
+        }
+        if loops {
+            let piper = Sleepers::spawn_with(1, 3600, Wakeup::Pipe)?;
+            match register(&agent, &piper.pids(), "bench-pipe", "self_pipe")? {
+                Registered::Done { ok: 1, .. } => {
+                    // The gauge says whether the hook is on (the socket
+                    // tier attaches it now; other tiers do not change).
+                    let end = Instant::now() + Duration::from_secs(5);
+                    let mut attached = None;
+                    while Instant::now() < end {
+                        attached = agent.metrics().ok().map(|m| m.sum("sigwake_syscall_hooks_attached", &[]));
+                        if attached == Some(1.0) {
+                            break;
+                        }
+                        sleep(Duration::from_millis(50))?;
+                    }
+                    if first {
+                        report.note(format!(
+                            "with the pipe-wakeup actor, sigwake_syscall_hooks_attached = {}",
+                            attached.map_or("unknown".into(), |v| v.to_string())
+                        ));
+                    }
+                    measure(ctx, PIPE, &mut data, &mut segs, redis.as_ref(), Some(agent.pid()), first, &tag)?;
+                }
+                Registered::Done { first_error, .. } => {
+                    data.get_mut(PIPE).expect("state").unavailable =
+                        Some(format!("not registered: {}", first_error.unwrap_or_default()))
+                }
+                Registered::Unavailable(why) => data.get_mut(PIPE).expect("state").unavailable = Some(why),
             }
         }
         drop(agent);

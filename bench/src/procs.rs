@@ -349,9 +349,18 @@ pub fn run_bounded(cmd: Command, name: &str, timeout: Duration, cpu: Option<usiz
     Ok((out, err))
 }
 
+/// What a sleeper holds at [`Sleepers::WAKEUP_FD`].
+#[derive(Clone, Copy)]
+pub enum Wakeup {
+    /// A socket: a Python or tokio loop's wakeup socketpair.
+    Socket,
+    /// A pipe: a Twisted, libuv or self-pipe loop's.
+    Pipe,
+}
+
 /// Many trivial long-lived processes (`sleep`) in one process group, killed
-/// on drop. Each holds a socket at [`Sleepers::WAKEUP_FD`], registered as its
-/// wakeup fd: the shape of a Python or tokio loop's wakeup socketpair.
+/// on drop. Each holds a wakeup fd at [`Sleepers::WAKEUP_FD`], registered as
+/// such.
 pub struct Sleepers {
     children: Vec<Child>,
     pgid: i32,
@@ -361,11 +370,25 @@ impl Sleepers {
     pub const WAKEUP_FD: i32 = 3;
 
     pub fn spawn(n: usize, seconds: u64) -> Result<Sleepers> {
+        Self::spawn_with(n, seconds, Wakeup::Socket)
+    }
+
+    pub fn spawn_with(n: usize, seconds: u64, wakeup: Wakeup) -> Result<Sleepers> {
+        use std::os::fd::{AsRawFd as _, OwnedFd};
         let mut s = Sleepers { children: Vec::with_capacity(n), pgid: 0 };
         for _ in 0..n {
             check_interrupt()?;
-            let (mine, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair for a sleeper")?;
-            let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+            let (mine, theirs): (OwnedFd, OwnedFd) = match wakeup {
+                Wakeup::Socket => {
+                    let (a, b) = std::os::unix::net::UnixStream::pair().context("socketpair for a sleeper")?;
+                    (a.into(), b.into())
+                }
+                Wakeup::Pipe => {
+                    let (r, w) = std::io::pipe().context("pipe for a sleeper")?;
+                    (r.into(), w.into())
+                }
+            };
+            let theirs_fd = theirs.as_raw_fd();
             let mut cmd = Command::new("sleep");
             cmd.arg(seconds.to_string()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
             cmd.process_group(s.pgid);
