@@ -594,6 +594,10 @@ struct StateData {
     /// ns per write() with bpf_stats on, and per-program (name, runs, ns) per write loop.
     write_stats_on: Vec<f64>,
     progs: Vec<(String, u64, u64)>,
+    /// Per-program (name, runs, ns) over the AF_UNIX send+recv loop, and
+    /// how many pairs it made.
+    unix_progs: Vec<(String, u64, u64)>,
+    unix_pairs: u64,
     /// perf profile of the write loop: share of samples per category.
     profile: Option<Profile>,
     unavailable: Option<String>,
@@ -856,19 +860,30 @@ fn measure_state(
             }
             p
         };
+        let ran = |before: &std::collections::HashMap<u32, procs::Prog>,
+                   after: &std::collections::HashMap<u32, procs::Prog>| {
+            let mut rows: Vec<(String, u64, u64)> = after
+                .values()
+                .filter_map(|a| {
+                    let b = before.get(&a.id)?;
+                    let runs = a.run_cnt.saturating_sub(b.run_cnt);
+                    (runs > 0).then(|| (a.name.clone(), runs, a.run_time_ns.saturating_sub(b.run_time_ns)))
+                })
+                .collect();
+            rows.sort();
+            rows
+        };
         let before = snap();
         data.write_stats_on.extend(writeloop(ctx, "write", ctx.plan.stats_reps)?.into_iter().map(|(c, _)| c));
         let after = snap();
-        let mut rows: Vec<(String, u64, u64)> = after
-            .values()
-            .filter_map(|a| {
-                let b = before.get(&a.id)?;
-                let runs = a.run_cnt.saturating_sub(b.run_cnt);
-                (runs > 0).then(|| (a.name.clone(), runs, a.run_time_ns.saturating_sub(b.run_time_ns)))
-            })
-            .collect();
-        rows.sort();
-        data.progs = rows;
+        data.progs = ran(&before, &after);
+        // The same for socket sends, which the socket tier's program sees.
+        let pairs = (ctx.plan.iters / 10).max(1);
+        let before = snap();
+        writeloop_n(ctx, "unixpair", pairs, ctx.plan.stats_reps)?;
+        let after = snap();
+        data.unix_progs = ran(&before, &after);
+        data.unix_pairs = pairs * (ctx.plan.stats_reps as u64 + 1);
     }
     Ok(())
 }
@@ -1204,8 +1219,25 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                 .ratio(format!("≈{r:.2}× ({:+.0} ns)", idle_w.median - clean))
                 .target("≤ 1.10× no agent", Verdict::from(r <= 1.10));
         }
-        for state in [IDLE, ACTORS, PEER, TRIVIAL] {
+        for state in [IDLE, ACTORS, PIPE, PEER, TRIVIAL] {
             let d = &data[state];
+            // Programs that ran at least once per AF_UNIX pair: the cost a
+            // socket send pays (the socket tier's sock_send_length).
+            let per_pair: Vec<(&String, f64)> = d
+                .unix_progs
+                .iter()
+                .filter(|(_, runs, _)| *runs >= d.unix_pairs && d.unix_pairs > 0)
+                .map(|(n, _, t)| (n, *t as f64 / d.unix_pairs as f64))
+                .collect();
+            if !per_pair.is_empty() {
+                let body: f64 = per_pair.iter().map(|(_, ns)| ns).sum();
+                let parts: Vec<String> = per_pair.iter().map(|(n, ns)| format!("{n} {ns:.1}")).collect();
+                report.row(
+                    hot,
+                    format!("BPF run time per AF_UNIX send+recv (bpf_stats): {state}"),
+                    format!("{body:.1} ns ({})", parts.join(" + ")),
+                );
+            }
             if d.progs.is_empty() {
                 continue;
             }
