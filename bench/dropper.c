@@ -6,7 +6,9 @@
  *
  * A "drop" is what a starved event loop suffers: a SIGUSR1 handler (installed
  * with sigaction, like CPython's) write()s one byte to its wakeup fd, a
- * non-blocking pipe that is already full, and the write fails with EAGAIN.
+ * non-blocking socketpair that is already full (the wakeup of trio, asyncio,
+ * uvloop, tornado and tokio, which every hook tier sees), and the write
+ * fails with EAGAIN.
  * The handler reads CLOCK_MONOTONIC right before the write; the program
  * prints that timestamp (ns) for every drop, one per line: in `step` mode
  * right away, otherwise all at the end. It exits 1 if a handler write did
@@ -18,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -60,17 +63,19 @@ int main(int argc, char **argv) {
         return 2;
     }
     int fds[2];
-    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) {
-        perror("pipe2");
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) != 0) {
+        perror("socketpair");
         return 1;
     }
-    wakeup_fd = fds[1];
+    int small = 1; /* the kernel rounds it up to its minimum */
+    setsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    wakeup_fd = fds[0];
     static char chunk[65536];
     memset(chunk, 'x', sizeof chunk);
     while (write(wakeup_fd, chunk, sizeof chunk) > 0) {}
     while (write(wakeup_fd, chunk, 1) > 0) {}
     if (errno != EAGAIN) {
-        perror("filling the pipe");
+        perror("filling the socket");
         return 1;
     }
     struct sigaction sa;
