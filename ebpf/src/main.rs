@@ -21,10 +21,10 @@
 #![expect(internal_features, reason = "core_intrinsics for atomic_xadd, see above")]
 
 use aya_ebpf::{
-    Global,
+    EbpfContext as _, Global,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_func_ret, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user,
     },
     macros::{fentry, fexit, map, raw_tracepoint, tracepoint, uprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -800,6 +800,44 @@ pub fn sys_exit_pipe_write(ctx: RawTracePointContext) -> u32 {
     begin_write(window, call, fd, call_bytes(regs, call));
     finish_write(tid, window, ret);
     0
+}
+
+/// A write(2) or writev(2) to a pipe or an eventfd, from the kernel
+/// function that does it (`pipe_write`, `eventfd_write`): the socket tier's
+/// pipe path where the kernel allows fexit. Only those writes run it (no
+/// syscall is put on the slow path); fd and count come from the user
+/// registers the syscall saved, as for `sock_send_length`.
+#[inline(always)]
+fn pipe_like_write(ret: i64) -> u32 {
+    let Some((tid, window)) = handler_window() else { return 0 };
+    let Some(regs) = user_regs(&CONFIG.load()) else { return 0 };
+    if !handler_window_on_stack(tid, window, regs) {
+        return 0;
+    }
+    let Some(call) = write_call_of(regs) else { return 0 };
+    begin_write(window, call, syscall_arg(regs, 0), call_bytes(regs, call));
+    finish_write(tid, window, ret);
+    0
+}
+
+/// The traced function's return value, wherever its argument count puts it
+/// (`bpf_get_func_ret`, 5.17+): `eventfd_write`'s arguments are not the
+/// same on every kernel.
+#[inline(always)]
+fn func_ret(ctx: &FExitContext) -> Option<i64> {
+    let mut ret = 0u64;
+    // SAFETY: the helper writes one u64 to a valid stack slot.
+    (unsafe { bpf_get_func_ret(ctx.as_ptr(), &mut ret) } == 0).then_some(ret as i64)
+}
+
+#[fexit(function = "pipe_write")]
+pub fn fexit_pipe_write(ctx: FExitContext) -> u32 {
+    func_ret(&ctx).map_or(0, pipe_like_write)
+}
+
+#[fexit(function = "eventfd_write")]
+pub fn fexit_eventfd_write(ctx: FExitContext) -> u32 {
+    func_ret(&ctx).map_or(0, pipe_like_write)
 }
 
 /// The signal restorer: a handler returns into it, and it calls

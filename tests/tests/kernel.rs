@@ -36,6 +36,7 @@ fn assert_self_test_passed(report: &Value) {
     let t = &report["self_test"];
     assert_eq!(t["calls"], serde_json::json!(["write", "writev", "sendto", "sendmsg"]), "{report:#}");
     assert_eq!(t["pipe"], true, "a failed write to a pipe, on every tier: {report:#}");
+    assert_eq!(t["eventfd"], true, "a failed write to an eventfd, on every tier: {report:#}");
     assert_eq!(t["handler_return"], true, "{report:#}");
     assert_eq!(t["exit"], true, "{report:#}");
 }
@@ -54,6 +55,7 @@ fn check_proves_every_job_on_this_kernel() {
         "fentry" => ("fexit", "fentry"),
         "syscall_tracepoint" => ("syscall_tracepoint", "syscall_tracepoint"),
         "socket" => ("raw_tracepoint", "uprobe"),
+        "socket_fentry" => ("raw_tracepoint", "fentry"),
         other => panic!("unknown tier {other}: {report:#}"),
     };
     assert_eq!(job(&report, "write_path")["tier"], write_tier);
@@ -63,8 +65,12 @@ fn check_proves_every_job_on_this_kernel() {
     assert_eq!(job(&report, "exec")["tier"], "tracepoint");
     // Every call a handler can send its byte with has a hook.
     let points = job(&report, "write_path")["attach_points"].to_string();
-    // The socket tier has one hook for every call that sends on a socket.
-    let calls: &[&str] = if tier == "socket" { &[] } else { &["write", "writev", "sendto", "sendmsg"] };
+    // The socket tiers have one hook for every call that sends on a socket
+    // (and the pipe and eventfd writes apart).
+    let calls: &[&str] = if tier.starts_with("socket") { &[] } else { &["write", "writev", "sendto", "sendmsg"] };
+    if tier == "socket_fentry" {
+        assert!(points.contains("raw:sock_send_length") && points.contains("pipe_write"), "{points}");
+    }
     for call in calls {
         assert!(
             points.contains(&format!("sys_{call}\"")) || points.contains(&format!("sys_exit_{call}\"")),
@@ -159,13 +165,12 @@ fn metrics_name_the_tier_serving_each_job() {
     agent.stop();
 }
 
-/// The hook tier serving the write path, from /metrics (`fexit`,
-/// `raw_tracepoint` for the socket tier, `syscall_tracepoint`).
-fn write_path_tier(metrics: &str) -> &'static str {
-    ["fexit", "raw_tracepoint", "syscall_tracepoint"]
+/// The hook tier serving `job`, from /metrics.
+fn tier_of(metrics: &str, job: &str) -> &'static str {
+    ["fexit", "fentry", "raw_tracepoint", "uprobe", "syscall_tracepoint"]
         .into_iter()
-        .find(|t| metrics.contains(&format!(r#"sigwake_hook_tier{{job="write_path",tier="{t}"}} 1"#)))
-        .unwrap_or_else(|| panic!("no write_path tier in /metrics:\n{metrics}"))
+        .find(|t| metrics.contains(&format!(r#"sigwake_hook_tier{{job="{job}",tier="{t}"}} 1"#)))
+        .unwrap_or_else(|| panic!("no {job} tier in /metrics:\n{metrics}"))
 }
 
 /// Writes to pipes (Twisted, libuv, self-pipe loops) are seen on every
@@ -179,9 +184,11 @@ fn write_path_tier(metrics: &str) -> &'static str {
 #[test]
 fn pipe_wakeups_are_seen_and_the_syscall_hook_is_attached_only_while_an_actor_needs_it() {
     let agent = RunningAgent::start(&["--dry-run", "--no-discovery"]);
-    let tier = write_path_tier(&agent.metrics());
+    let tier = tier_of(&agent.metrics(), "write_path");
     let attached = || metric_sum(&agent.metrics(), "sigwake_syscall_hooks_attached", &[]);
-    let on_demand = tier == "raw_tracepoint";
+    // The socket tier (its handler return a uprobe) attaches the pipe hook
+    // on demand; socket_fentry's fexit on pipe_write costs nothing else.
+    let on_demand = tier == "raw_tracepoint" && tier_of(&agent.metrics(), "handler_return") == "uprobe";
     let always = if tier == "syscall_tracepoint" { 1.0 } else { 0.0 };
     assert_eq!(attached(), always, "an agent with no actor ({tier})");
 

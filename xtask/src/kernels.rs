@@ -156,7 +156,9 @@ const KERNELS: &[Kernel] = &[
         source: Source::Machine,
         prefix: "linux-image-6.12.",
         suffix: "+deb12-amd64-unsigned",
-        expect_tier: Some("fentry"),
+        // sock:sock_send_length and BPF trampolines: socket sends, pipe
+        // writes by fexit on pipe_write, returns by fentry.
+        expect_tier: Some("socket_fentry"),
     },
 ];
 
@@ -806,11 +808,13 @@ fn run_row(
     fs::create_dir_all(&w)?;
     let scale = if image.is_some() { GUEST_TIME_SCALE } else { "1" };
     let host_path = std::env::var("PATH").unwrap_or_default();
+    // The binaries just built, wherever CARGO_TARGET_DIR put them.
+    let release = super::target_dir().join("release");
     let mut env: Vec<(&str, String)> = vec![
-        ("SIGWAKE_BIN", root.join("target/release/sigwake").display().to_string()),
+        ("SIGWAKE_BIN", release.join("sigwake").display().to_string()),
         ("SIGWAKE_PYTHON", python.display().to_string()),
         ("SIGWAKE_FIXTURES", root.join("tests/fixtures").display().to_string()),
-        ("SIGWAKE_TOKIO_ACTOR", root.join("target/release/sigwake-tokio-actor").display().to_string()),
+        ("SIGWAKE_TOKIO_ACTOR", release.join("sigwake-tokio-actor").display().to_string()),
         ("SIGWAKE_TEST_TIME_SCALE", scale.to_string()),
         ("RUST_BACKTRACE", "1".to_string()),
         ("PATH", host_path.clone()),

@@ -88,11 +88,20 @@ const BTF_HOOKS: &[(&str, &[&str], bool)] = &[
     ("fexit_sys_sendmsg", &["__x64_sys_sendmsg"], true),
 ];
 
+/// The socket_fentry tier's trampolines, beside `sock_send_length`: the
+/// handler return, and the kernel functions that write to a pipe and an
+/// eventfd (what the socket hook cannot see), so that only those writes
+/// pay, not every write(2).
+const SOCKET_FENTRY_HOOKS: &[(&str, &[&str], bool)] =
+    &[BTF_HOOKS[0], ("fexit_pipe_write", &["pipe_write"], true), ("fexit_eventfd_write", &["eventfd_write"], true)];
+
 /// Which hooks carry the write path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum HookPreference {
-    /// fentry/fexit when the kernel allows them, else the socket tier
-    /// where the kernel has it, else syscall tracepoints.
+    /// The fastest tier the kernel allows: socket sends and fentry/fexit
+    /// on pipe writes and rt_sigreturn (6.12+ with BPF trampolines), else
+    /// fentry/fexit on the syscalls, else the socket tier, else syscall
+    /// tracepoints.
     #[default]
     Auto,
     /// Syscall tracepoints only.
@@ -329,12 +338,14 @@ impl Probes {
         }
         exits.push(ExitSource::Leader);
         let tiers: &[Tier] = match preference {
-            HookPreference::Auto => &[Tier::Fentry, Tier::Socket, Tier::SyscallTracepoint],
+            HookPreference::Auto => &[Tier::SocketFentry, Tier::Fentry, Tier::Socket, Tier::SyscallTracepoint],
             HookPreference::Tracepoint => &[Tier::SyscallTracepoint],
             HookPreference::Socket => &[Tier::Socket, Tier::SyscallTracepoint],
         };
-        // What the socket tier needs, looked for when a plan first asks
-        // (not when a faster tier was proven first).
+        // What the socket tiers need (the tracepoint, where the user
+        // registers are; the socket tier also the restorer), looked for
+        // when a plan first asks (not when a faster tier was proven first).
+        let mut socket_inputs: Option<bool> = None;
         let mut restorer: Option<Option<crate::sys::restorer::Restorer>> = None;
         let plans = tiers.iter().flat_map(|&tier| exits.iter().map(move |&exit| Plan { tier, exit }));
         let mut last_failure = None;
@@ -345,15 +356,27 @@ impl Probes {
             if refused.contains(&plan.tier) {
                 continue;
             }
+            if matches!(plan.tier, Tier::Socket | Tier::SocketFentry)
+                && !*socket_inputs.get_or_insert_with(|| {
+                    match kernel_btf().and_then(|btf| socket_tier_inputs(&root, btf, &mut config)) {
+                        Ok(()) => true,
+                        Err(why) => {
+                            fallbacks.push(format!("socket sends not hooked: {why}"));
+                            false
+                        }
+                    }
+                })
+            {
+                continue;
+            }
             if plan.tier == Tier::Socket
                 && restorer
-                    .get_or_insert_with(|| {
-                        match kernel_btf().and_then(|btf| socket_tier_inputs(&root, btf, &mut config)) {
-                            Ok(r) => Some(r),
-                            Err(why) => {
-                                fallbacks.push(format!("{}{why}", Tier::Socket.refused_prefix()));
-                                None
-                            }
+                    .get_or_insert_with(|| match crate::sys::restorer::own() {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            fallbacks
+                                .push(format!("{}cannot find the signal restorer: {e}", Tier::Socket.refused_prefix()));
+                            None
                         }
                     })
                     .is_none()
@@ -370,18 +393,25 @@ impl Probes {
             ) {
                 Ok(p) => p,
                 Err(e) if plan.tier != Tier::SyscallTracepoint => {
-                    let why = match &e {
-                        LoadError::Permission { what, .. } if plan.tier == Tier::Fentry => format!(
-                            "{what}: permission denied (this kernel forbids BPF trampolines to root: lockdown or a security policy)"
-                        ),
+                    let trampolines = matches!(plan.tier, Tier::Fentry | Tier::SocketFentry);
+                    let line = match &e {
+                        // No trampolines at all: every tier built on them
+                        // is refused the same way, and said once.
+                        LoadError::Permission { what, .. } if trampolines => {
+                            refused.extend([Tier::Fentry, Tier::SocketFentry]);
+                            format!(
+                                "fentry/fexit refused: {what}: permission denied (this kernel forbids BPF trampolines \
+                                 to root: lockdown or a security policy)"
+                            )
+                        }
                         // A verifier log can run to pages: its start names
                         // the program, its end the reason.
                         _ => {
                             tracing::debug!("{} tier refused: {}", plan.tier.as_str(), error_chain(&e));
-                            shorten(&error_chain(&e))
+                            format!("{}{}", plan.tier.refused_prefix(), shorten(&error_chain(&e)))
                         }
                     };
-                    fallbacks.push(format!("{}{why}", plan.tier.refused_prefix()));
+                    fallbacks.push(line);
                     refused.push(plan.tier);
                     continue;
                 }
@@ -442,8 +472,13 @@ impl Probes {
         };
         let mut hooks = Vec::new();
         let tracepoints: Vec<_> = match tier {
+            Tier::SocketFentry => {
+                hooks.push(attach_raw_tracepoint(&mut ebpf, "sock_send_length", "sock_send_length", Job::WritePath)?);
+                hooks.extend(attach_btf_hooks(&mut ebpf, SOCKET_FENTRY_HOOKS)?);
+                TRACEPOINTS.to_vec()
+            }
             Tier::Fentry => {
-                hooks.extend(attach_btf_hooks(&mut ebpf)?);
+                hooks.extend(attach_btf_hooks(&mut ebpf, BTF_HOOKS)?);
                 TRACEPOINTS.to_vec()
             }
             Tier::Socket => {
@@ -659,6 +694,7 @@ impl Probes {
 impl Tier {
     fn refused_prefix(self) -> &'static str {
         match self {
+            Tier::SocketFentry => "socket sends with fentry/fexit refused: ",
             Tier::Fentry => "fentry/fexit refused: ",
             Tier::Socket => "socket sends and restorer uprobe not used: ",
             Tier::SyscallTracepoint => "syscall tracepoints refused: ",
@@ -731,14 +767,14 @@ fn attach_restorer(ebpf: &mut Ebpf, restorer: &crate::sys::restorer::Restorer) -
     Ok(Hook { program, job: Job::HandlerReturn, tier: "uprobe", attach_point: format!("uprobe:{at}") })
 }
 
-/// What the socket tier needs beyond the tracepoints: the
-/// `sock:sock_send_length` event (6.12+), where the user registers are
-/// (task_struct.stack from BTF; x86_64's THREAD_SIZE) and the restorer.
+/// What the socket tiers need beyond the tracepoints: the
+/// `sock:sock_send_length` event (6.12+) and where the user registers are
+/// (task_struct.stack from BTF; x86_64's THREAD_SIZE).
 fn socket_tier_inputs(
     tracefs: &std::path::Path,
     btf: &crate::kernel::btf::Btf,
     config: &mut Config,
-) -> Result<crate::sys::restorer::Restorer, String> {
+) -> Result<(), String> {
     if !cfg!(target_arch = "x86_64") {
         return Err("only built for x86_64's register layout".into());
     }
@@ -752,21 +788,21 @@ fn socket_tier_inputs(
     // THREAD_SIZE on x86_64 (16 KiB; 32 KiB with KASAN): a wrong guess
     // reads garbage registers, and the self-test then refuses the tier.
     config.thread_size = 16 * 1024;
-    crate::sys::restorer::own().map_err(|e| format!("cannot find the signal restorer: {e}"))
+    Ok(())
 }
 
 /// Loads and attaches the fentry/fexit programs. On error the caller drops
 /// the whole object, which detaches whatever was attached: all or none (a
 /// write path on fexit with rt_sigreturn missing would leave handler
 /// windows open).
-fn attach_btf_hooks(ebpf: &mut Ebpf) -> Result<Vec<Hook>, LoadError> {
+fn attach_btf_hooks(ebpf: &mut Ebpf, wanted: &[(&'static str, &[&'static str], bool)]) -> Result<Vec<Hook>, LoadError> {
     use aya::{
         Btf,
         programs::{FEntry, FExit},
     };
     let btf = Btf::from_sys_fs().map_err(|e| classify("reading kernel BTF for fentry/fexit", e))?;
     let mut hooks = Vec::new();
-    for &(program, functions, is_exit) in BTF_HOOKS {
+    for &(program, functions, is_exit) in wanted {
         let prog = ebpf.program_mut(program).ok_or_else(|| LoadError::Other {
             what: format!("finding program `{program}` in the object"),
             source: "missing from the embedded object".into(),

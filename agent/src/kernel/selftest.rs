@@ -4,10 +4,11 @@
 //! callers, a tracepoint compiled out), and then sigwake would be silent
 //! exactly when it matters. So after attaching, the agent runs a child of
 //! its own (`sigwake __self-test-child`) that fills a non-blocking
-//! socketpair and a pipe, installs a handler that sends one byte to the
-//! socket with each of write, writev, sendto and sendmsg and writes one to
-//! the pipe, and signals itself. The kernel programs must report those five
-//! failed handler writes, each once, with the right call, fd and signal,
+//! socketpair, a pipe and an eventfd, installs a handler that sends one
+//! byte to the socket with each of write, writev, sendto and sendmsg and
+//! writes to the pipe and the eventfd, and signals itself. The kernel
+//! programs must report those six failed handler writes, each once, with
+//! the right call, fd and signal,
 //! the handler's return, and the child's exit. Anything else on the ring
 //! buffer meanwhile is kept and handed to the pipeline, not lost.
 
@@ -46,6 +47,8 @@ pub struct SelfTestReport {
     pub calls: Vec<&'static str>,
     /// The failed handler write to a pipe was reported.
     pub pipe: bool,
+    /// The failed handler write to an eventfd was reported.
+    pub eventfd: bool,
     pub handler_return: bool,
     pub exit: bool,
     pub elapsed_ms: u64,
@@ -123,22 +126,24 @@ fn run_inner(
             }
         });
         let ready = rx.recv_timeout(DEADLINE).map_err(|_| "the self-test child did not start".to_string())?;
-        let (fd, pipe_fd): (i32, i32) = ready
+        let fds: Vec<i32> = ready
             .strip_prefix("ready ")
-            .and_then(|f| f.split_once(' '))
-            .and_then(|(s, p)| Some((s.parse().ok()?, p.parse().ok()?)))
-            .ok_or_else(|| format!("the self-test child said `{ready}`"))?;
+            .map(|f| f.split(' ').filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default();
+        let &[fd, pipe_fd, eventfd_fd] = fds.as_slice() else {
+            return Err(format!("the self-test child said `{ready}`"));
+        };
         let mut stdin = _reap.0.stdin.take().ok_or("no stdin")?;
         stdin.write_all(b"go\n").map_err(|e| format!("starting the self-test: {e}"))?;
         drop(stdin);
         let mut calls = BTreeSet::new();
-        let (mut pipe, mut handler_return, mut exit) = (false, false, false);
+        let (mut pipe, mut eventfd, mut handler_return, mut exit) = (false, false, false, false);
         // Each failed write must be reported once: two hooks that both see
         // one write (a socket send and the on-demand pipe hook) would
         // count one lost wakeup twice.
         let mut twice = Vec::new();
         let deadline = started + DEADLINE;
-        while Instant::now() < deadline && !(calls.len() == CALLS.len() && pipe && handler_return && exit) {
+        while Instant::now() < deadline && !(calls.len() == CALLS.len() && pipe && eventfd && handler_return && exit) {
             let mut got = false;
             while let Some(item) = ring.next() {
                 got = true;
@@ -167,6 +172,17 @@ fn run_inner(
                         }
                         pipe = true;
                     }
+                    EventBody::HandlerWrite(w)
+                        if w.fd == eventfd_fd
+                            && w.call == write_call::WRITE
+                            && w.signal.0 == signal
+                            && w.errno() == Some(libc::EAGAIN) =>
+                    {
+                        if eventfd {
+                            twice.push("the failed write to the eventfd".to_string());
+                        }
+                        eventfd = true;
+                    }
                     EventBody::HandlerReturn(r) if r.signal.0 == signal => handler_return = true,
                     EventBody::ProcessExit(_) => exit = true,
                     _ => {}
@@ -180,6 +196,7 @@ fn run_inner(
             signal: crate::kernel::events::Signal(signal).name(),
             calls: CALLS.iter().filter(|c| calls.contains(c)).map(|&c| call_name(c)).collect(),
             pipe,
+            eventfd,
             handler_return,
             exit,
             elapsed_ms: started.elapsed().as_millis() as u64,
@@ -189,6 +206,7 @@ fn run_inner(
             .filter(|c| !calls.contains(c))
             .map(|&c| format!("a failed {}", call_name(c)))
             .chain((!pipe).then(|| "a failed write to a pipe".to_string()))
+            .chain((!eventfd).then(|| "a failed write to an eventfd".to_string()))
             .chain((!handler_return).then(|| "the handler's return".to_string()))
             .chain((!exit).then(|| "the child's exit".to_string()))
             .collect();
@@ -217,6 +235,7 @@ impl Drop for KillOnDrop<'_> {
 
 static WAKEUP_FD: AtomicI32 = AtomicI32::new(-1);
 static WAKEUP_PIPE: AtomicI32 = AtomicI32::new(-1);
+static WAKEUP_EVENTFD: AtomicI32 = AtomicI32::new(-1);
 
 /// The handler: one byte with each call, as event loops' handlers do, to
 /// the socket, and one write to the pipe (Twisted's and libuv's way).
@@ -224,6 +243,8 @@ static WAKEUP_PIPE: AtomicI32 = AtomicI32::new(-1);
 extern "C" fn on_signal(_sig: libc::c_int) {
     let fd = WAKEUP_FD.load(Ordering::Relaxed);
     let pipe = WAKEUP_PIPE.load(Ordering::Relaxed);
+    let eventfd = WAKEUP_EVENTFD.load(Ordering::Relaxed);
+    let one = 1u64.to_ne_bytes();
     let byte = [1u8];
     let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
     let mut iov = libc::iovec { iov_base: byte.as_ptr() as *mut libc::c_void, iov_len: 1 };
@@ -237,12 +258,13 @@ extern "C" fn on_signal(_sig: libc::c_int) {
         msg.msg_iovlen = 1;
         libc::sendmsg(fd, &msg, flags);
         libc::write(pipe, byte.as_ptr().cast(), 1);
+        libc::write(eventfd, one.as_ptr().cast(), 8);
     }
 }
 
-/// `sigwake __self-test-child SIGNO`: fill a socket and a pipe, install the
-/// handler, say `ready SOCKET_FD PIPE_FD`, wait for `go` on stdin, signal
-/// itself, exit.
+/// `sigwake __self-test-child SIGNO`: fill a socket, a pipe and an eventfd,
+/// install the handler, say `ready SOCKET_FD PIPE_FD EVENTFD`, wait for `go`
+/// on stdin, signal itself, exit.
 pub fn child_main(signal: &str) -> std::process::ExitCode {
     match child(signal) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -304,6 +326,19 @@ fn child(signal: &str) -> Result<(), String> {
         }
     }
     WAKEUP_PIPE.store(pipe[1], Ordering::Relaxed);
+    // An eventfd one short of its limit (2^64 - 2): adding 1 would
+    // overflow, so a non-blocking write of 1 fails with EAGAIN.
+    // SAFETY: plain syscalls on our own fd with a valid buffer.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if efd < 0 {
+        return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+    }
+    let near_full = (u64::MAX - 1).to_ne_bytes();
+    // SAFETY: as above.
+    if unsafe { libc::write(efd, near_full.as_ptr().cast(), 8) } != 8 {
+        return Err(format!("filling the eventfd: {}", std::io::Error::last_os_error()));
+    }
+    WAKEUP_EVENTFD.store(efd, Ordering::Relaxed);
     // SAFETY: a zeroed sigaction with our handler is valid.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
@@ -314,7 +349,7 @@ fn child(signal: &str) -> Result<(), String> {
         }
     }
     let mut out = std::io::stdout();
-    writeln!(out, "ready {} {}", fds[0], pipe[1]).and_then(|()| out.flush()).map_err(|e| e.to_string())?;
+    writeln!(out, "ready {} {} {efd}", fds[0], pipe[1]).and_then(|()| out.flush()).map_err(|e| e.to_string())?;
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).map_err(|e| e.to_string())?;
     // SAFETY: signals ourselves; the handler runs before kill returns.

@@ -37,6 +37,12 @@ impl Job {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tier {
+    /// Socket sends on `sock:sock_send_length` (raw tracepoint), writes to
+    /// pipes and eventfds by fexit on `pipe_write` and `eventfd_write`, the
+    /// handler return by fentry on rt_sigreturn: only socket sends, pipe
+    /// and eventfd writes and handler returns pay (Linux 6.12+ where BPF
+    /// trampolines are allowed).
+    SocketFentry,
     /// fentry/fexit on the syscalls' entry points: only those calls pay.
     Fentry,
     /// `sock:sock_send_length` as a raw tracepoint for the write path and a
@@ -51,6 +57,7 @@ pub enum Tier {
 impl Tier {
     pub fn as_str(self) -> &'static str {
         match self {
+            Tier::SocketFentry => "socket_fentry",
             Tier::Fentry => "fentry",
             Tier::Socket => "socket",
             Tier::SyscallTracepoint => "syscall_tracepoint",
@@ -146,7 +153,11 @@ pub fn report_lines(r: &HookReport) -> Vec<String> {
     lines.push(format!(
         "  self-test: failed {}{} from a {} handler reported once each, handler return and exit seen, in {} ms",
         t.calls.join("/"),
-        if t.pipe { " to a socket and write to a pipe" } else { "" },
+        match (t.pipe, t.eventfd) {
+            (true, true) => " to a socket and writes to a pipe and an eventfd",
+            (true, false) => " to a socket and write to a pipe",
+            _ => "",
+        },
         t.signal,
         t.elapsed_ms
     ));

@@ -358,7 +358,7 @@ impl Metrics {
         let hook_tier = Family::default();
         registry.register(
             "hook_tier",
-            "1 for the hook tier serving each job (fentry/fexit, tracepoint, syscall_tracepoint), chosen and self-tested at start-up",
+            "1 for the hook tier serving each job (fentry, fexit, raw_tracepoint, uprobe, tracepoint, syscall_tracepoint), chosen and self-tested at start-up",
             hook_tier.clone(),
         );
         let start_time = Gauge::<f64, AtomicU64>::default();
