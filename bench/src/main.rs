@@ -860,29 +860,16 @@ fn measure_state(
             }
             p
         };
-        let ran = |before: &std::collections::HashMap<u32, procs::Prog>,
-                   after: &std::collections::HashMap<u32, procs::Prog>| {
-            let mut rows: Vec<(String, u64, u64)> = after
-                .values()
-                .filter_map(|a| {
-                    let b = before.get(&a.id)?;
-                    let runs = a.run_cnt.saturating_sub(b.run_cnt);
-                    (runs > 0).then(|| (a.name.clone(), runs, a.run_time_ns.saturating_sub(b.run_time_ns)))
-                })
-                .collect();
-            rows.sort();
-            rows
-        };
         let before = snap();
         data.write_stats_on.extend(writeloop(ctx, "write", ctx.plan.stats_reps)?.into_iter().map(|(c, _)| c));
         let after = snap();
-        data.progs = ran(&before, &after);
+        data.progs = procs::programs_ran(&before, &after);
         // The same for socket sends, which the socket tier's program sees.
         let pairs = (ctx.plan.iters / 10).max(1);
         let before = snap();
         writeloop_n(ctx, "unixpair", pairs, ctx.plan.stats_reps)?;
         let after = snap();
-        data.unix_progs = ran(&before, &after);
+        data.unix_progs = procs::programs_ran(&before, &after);
         data.unix_pairs = pairs * (ctx.plan.stats_reps as u64 + 1);
     }
     Ok(())
@@ -1252,7 +1239,11 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                 .row(
                     hot,
                     format!("BPF run time per write() (bpf_stats): {state}"),
-                    format!("{body:.1} ns ({})", parts.join(" + ")),
+                    if parts.is_empty() {
+                        "0 ns (no program of it ran per write)".to_string()
+                    } else {
+                        format!("{body:.1} ns ({})", parts.join(" + "))
+                    },
                 )
                 .baseline(format!("loop with stats on: {:.1} ns", son.median));
         }
@@ -1803,15 +1794,7 @@ fn storm_variant(ctx: &Ctx, report: &mut Report, cpu: Option<usize>) -> Result<V
         let p0 = snap();
         run_storm(ctx, cpu, (ctx.plan.storm_secs / 2.0).max(1.0))?;
         let p1 = snap();
-        progs = p1
-            .values()
-            .filter_map(|a| {
-                let b = p0.get(&a.id)?;
-                let runs = a.run_cnt.saturating_sub(b.run_cnt);
-                (runs > 0).then(|| (a.name.clone(), runs, a.run_time_ns.saturating_sub(b.run_time_ns)))
-            })
-            .collect();
-        progs.sort();
+        progs = procs::programs_ran(&p0, &p1);
     }
     drop(agent);
     step(&format!("{sec}: without the agent again"));

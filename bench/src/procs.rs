@@ -534,6 +534,21 @@ fn fdinfo_field(text: &str, key: &str) -> Option<u64> {
 }
 
 /// BPF programs held open by `pids` (all processes when `None`), by id.
+/// (name, runs, ns) of each program that ran between two snapshots of
+/// [`bpf_progs`], sorted by name.
+pub fn programs_ran(before: &HashMap<u32, Prog>, after: &HashMap<u32, Prog>) -> Vec<(String, u64, u64)> {
+    let mut rows: Vec<(String, u64, u64)> = after
+        .values()
+        .filter_map(|a| {
+            let b = before.get(&a.id)?;
+            let runs = a.run_cnt.saturating_sub(b.run_cnt);
+            (runs > 0).then(|| (a.name.clone(), runs, a.run_time_ns.saturating_sub(b.run_time_ns)))
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
 pub fn bpf_progs(pids: Option<&[u32]>) -> HashMap<u32, Prog> {
     let pids: Vec<u32> = match pids {
         Some(p) => p.to_vec(),

@@ -153,35 +153,20 @@ fn run_inner(
                     continue;
                 }
                 match &ev.body {
-                    EventBody::HandlerWrite(w)
-                        if w.fd == fd && w.signal.0 == signal && w.errno() == Some(libc::EAGAIN) =>
-                    {
-                        let first = calls.insert(w.call);
-                        if !first {
-                            twice.push(format!("the failed {} to the socket", call_name(w.call)));
+                    EventBody::HandlerWrite(w) if w.signal.0 == signal && w.errno() == Some(libc::EAGAIN) => {
+                        // Whether this failed write was reported before.
+                        let (again, what) = if w.fd == fd {
+                            (!calls.insert(w.call), format!("the failed {} to the socket", call_name(w.call)))
+                        } else if w.fd == pipe_fd && w.call == write_call::WRITE {
+                            (std::mem::replace(&mut pipe, true), "the failed write to the pipe".to_string())
+                        } else if w.fd == eventfd_fd && w.call == write_call::WRITE {
+                            (std::mem::replace(&mut eventfd, true), "the failed write to the eventfd".to_string())
+                        } else {
+                            continue;
+                        };
+                        if again {
+                            twice.push(what);
                         }
-                    }
-                    EventBody::HandlerWrite(w)
-                        if w.fd == pipe_fd
-                            && w.call == write_call::WRITE
-                            && w.signal.0 == signal
-                            && w.errno() == Some(libc::EAGAIN) =>
-                    {
-                        if pipe {
-                            twice.push("the failed write to the pipe".to_string());
-                        }
-                        pipe = true;
-                    }
-                    EventBody::HandlerWrite(w)
-                        if w.fd == eventfd_fd
-                            && w.call == write_call::WRITE
-                            && w.signal.0 == signal
-                            && w.errno() == Some(libc::EAGAIN) =>
-                    {
-                        if eventfd {
-                            twice.push("the failed write to the eventfd".to_string());
-                        }
-                        eventfd = true;
                     }
                     EventBody::HandlerReturn(r) if r.signal.0 == signal => handler_return = true,
                     EventBody::ProcessExit(_) => exit = true,
