@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// JSON results file [default: bench-results/latest.json]
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Where the helper programs are compiled and the logs go [default:
+    /// target/bench and bench-results/logs]; the kernel matrix's guests,
+    /// whose root filesystem is read-only, pass their work directory.
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
     /// CPU the hot-path loop is pinned to [default: the last one]
     #[arg(long, value_name = "N")]
     pub cpu: Option<usize>,
@@ -240,18 +245,20 @@ fn run(args: BenchArgs) -> Result<()> {
     let root = workspace_root();
     let plan = Plan::new(args.quick);
 
-    // `cargo xtask bench` built it (release) before starting this.
-    let bin = root.join("target/release/sigwake");
+    // `cargo xtask bench` built it (release) before starting this; the
+    // kernel matrix says where its build is.
+    let bin = std::env::var_os("SIGWAKE_BIN").map_or_else(|| root.join("target/release/sigwake"), PathBuf::from);
     if !bin.exists() {
         bail!("{} is missing: run the bench with `cargo xtask bench`, which builds it", bin.display());
     }
-    let tools = build_tools(&root)?;
+    let tools =
+        build_tools(&root, &args.work_dir.as_ref().map_or_else(|| root.join("target/bench"), |d| d.join("tools")))?;
     let bpftrace = ensure_tool("bpftrace", "bpftrace");
     let bpftool = ensure_tool("bpftool", "bpftool");
     let out_path = args.out.clone().unwrap_or_else(|| root.join("bench-results/latest.json"));
-    let logs = root.join("bench-results/logs");
+    let logs = args.work_dir.as_ref().map_or_else(|| root.join("bench-results/logs"), |d| d.join("logs"));
     let _ = fs::remove_dir_all(&logs);
-    fs::create_dir_all(&logs).context("creating bench-results/logs")?;
+    fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
 
     let help = Command::new(&bin).args(["run", "--help"]).output().context("running sigwake run --help")?;
     let help = String::from_utf8_lossy(&help.stdout);
@@ -342,9 +349,8 @@ fn run(args: BenchArgs) -> Result<()> {
 
 // ------------------------------------------------------------------ set-up
 
-fn build_tools(root: &Path) -> Result<Tools> {
-    let out = root.join("target/bench");
-    fs::create_dir_all(&out)?;
+fn build_tools(root: &Path, out: &Path) -> Result<Tools> {
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let build = |name: &str| -> Result<PathBuf> {
         let exe = out.join(name);
         status(Command::new("cc").args(["-O2", "-Wall", "-o"]).arg(&exe).arg(root.join(format!("bench/{name}.c"))))

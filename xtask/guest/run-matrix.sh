@@ -14,6 +14,7 @@
 #   W/env.log               what was checked or mounted to make the tests runnable
 #   W/check.json|.err|.status  `sigwake check --json`
 #   W/tests/NAME.log|.status|.secs  each test binary's output, exit status, seconds
+#   W/bench.json|.log|.status|.secs  with SIGWAKE_BENCH set: the bench's results
 #   W/done                  written last: the script ran to the end
 set -u
 W=$1
@@ -71,4 +72,13 @@ while read -r name exe tests; do
     echo $? > "$W/tests/$name.status"
     echo $(($(date +%s) - t0)) > "$W/tests/$name.secs"
 done < "$W/plan.txt"
+# --- With `cargo xtask kernels --bench`: the hot-path bench in this kernel
+# --- (plan.env's SIGWAKE_BENCH is its command line, without the paths).
+if [ -n "${SIGWAKE_BENCH:-}" ]; then
+    t0=$(date +%s)
+    # shellcheck disable=SC2086 # $SIGWAKE_BENCH is a command line
+    $SIGWAKE_BENCH --work-dir "$W/bench" --out "$W/bench.json" > "$W/bench.log" 2>&1 < /dev/null
+    echo $? > "$W/bench.status"
+    echo $(($(date +%s) - t0)) > "$W/bench.secs"
+fi
 echo done > "$W/done"

@@ -177,7 +177,36 @@ pub struct KernelsArgs {
     /// Wall-clock limit per kernel, in seconds; the VM (or the host run) is killed after it.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub timeout: u64,
+    /// Also run the hot-path bench (`sigwake-bench --quick --only hot`) in each kernel, after its tests, and print
+    /// its ratios to the no-agent baseline (under TCG absolute times mean little; the ratios, paired with
+    /// interleaved baselines in the same guest, are what compares). Adds up to 30 minutes per kernel; results in
+    /// target/kernels/bench.json.
+    #[arg(long, conflicts_with = "check")]
+    pub bench: bool,
 }
+
+/// What every row runs: the end-to-end test binaries by name, and with
+/// --bench the bench.
+struct Built {
+    tests: BTreeMap<String, PathBuf>,
+    bench: Option<PathBuf>,
+}
+
+/// Added to each kernel's time limit with --bench.
+const BENCH_LIMIT: Duration = Duration::from_secs(1800);
+
+/// The bench rows `--bench` reports per kernel: (column, figure in the
+/// bench's table).
+const BENCH_FIGURES: &[(&str, &str)] = &[
+    ("write idle", "write(fd, 1 B) to /dev/null: sigwake run, nothing watched"),
+    ("write 1,000 actors", "write(fd, 1 B) to /dev/null: sigwake run, 1,000 actors"),
+    ("write +pipe actor", "write(fd, 1 B) to /dev/null: sigwake run, 1,000 actors + 1 pipe-wakeup actor"),
+    ("getppid idle", "getppid(): sigwake run, nothing watched"),
+    ("getppid 1,000 actors", "getppid(): sigwake run, 1,000 actors"),
+    ("AF_UNIX idle", "AF_UNIX send+recv 1 B: sigwake run, nothing watched"),
+    ("AF_UNIX 1,000 actors", "AF_UNIX send+recv 1 B: sigwake run, 1,000 actors"),
+    ("write, bpftrace peer", "write(fd, 1 B) to /dev/null: bpftrace peer (bench/peer.bt)"),
+];
 
 /// An unpacked kernel package.
 #[derive(Clone)]
@@ -221,6 +250,8 @@ struct Row {
     console_tail: String,
     wall: Duration,
     workdir: PathBuf,
+    /// With --bench: the ratios, or why there are none.
+    bench: Option<std::result::Result<Vec<(&'static str, String)>, String>>,
 }
 
 impl Row {
@@ -268,7 +299,7 @@ pub fn run(args: KernelsArgs) -> Result<()> {
     }
     let selected: Vec<&'static Kernel> =
         KERNELS.iter().filter(|k| full || args.kernels.iter().any(|n| n == k.name)).collect();
-    let limit = Duration::from_secs(args.timeout);
+    let limit = Duration::from_secs(args.timeout) + if args.bench { BENCH_LIMIT } else { Duration::ZERO };
     let t_all = Instant::now();
 
     // 1. Set-up: the project's own (toolchain, bpf-linker, test venv), then
@@ -301,6 +332,13 @@ pub fn run(args: KernelsArgs) -> Result<()> {
     status(cargo().current_dir(&root).args(["build", "--release", "--package", "sigwake-tokio-actor"]))?;
     let executables = build_test_binaries(&root)?;
     verify_subset(&executables)?;
+    let bench = if args.bench {
+        status(cargo().current_dir(&root).args(["build", "--release", "--package", "sigwake-bench"]))?;
+        Some(super::target_dir().join("release/sigwake-bench"))
+    } else {
+        None
+    };
+    let built = Built { tests: executables, bench };
 
     // 3. The rows, one at a time.
     let mut rows = Vec::new();
@@ -314,7 +352,7 @@ pub fn run(args: KernelsArgs) -> Result<()> {
                 None => format!("running on the host, limit {} s", limit.as_secs()),
             }
         ));
-        let row = run_row(&root, k, img, vm.as_ref(), &env.python, &executables, limit)?;
+        let row = run_row(&root, k, img, vm.as_ref(), &env.python, &built, limit)?;
         step(&format!(
             "kernel {}: {} in {:.0} s",
             k.name,
@@ -798,9 +836,10 @@ fn run_row(
     image: Option<Image>,
     vm: Option<&VmTools>,
     python: &Path,
-    exes: &BTreeMap<String, PathBuf>,
+    built: &Built,
     limit: Duration,
 ) -> Result<Row> {
+    let (exes, bench) = (&built.tests, built.bench.as_deref());
     // The work directory: the plan in, the results out. Its path is the
     // same in the guest (--rwdir maps it read-write at the same place).
     let w = root.join("target/kernels/run").join(k.name);
@@ -823,6 +862,9 @@ fn run_row(
     ];
     if let Some(tier) = k.expect_tier {
         env.push(("SIGWAKE_EXPECT_TIER", tier.to_string()));
+    }
+    if let Some(bench) = bench {
+        env.push(("SIGWAKE_BENCH", format!("{} --quick --only hot", bench.display())));
     }
     let plan_env: String = env.iter().map(|(k, v)| format!("export {k}={}\n", shell_quote(v))).collect();
     fs::write(w.join("plan.env"), plan_env)?;
@@ -952,6 +994,7 @@ fn run_row(
     // a failed test says it in its own output (above).
     let finished = outcome.is_some() && read("done").is_some();
     let console_tail = if finished { String::new() } else { tail(&console, 15) };
+    let bench = bench.map(|_| bench_ratios(&w));
     Ok(Row {
         kernel: k,
         image,
@@ -963,7 +1006,34 @@ fn run_row(
         console_tail,
         wall,
         workdir: w,
+        bench,
     })
+}
+
+/// The bench's ratio for each of [`BENCH_FIGURES`] from the row's
+/// bench.json (`1.015×` of `1.015× (+2.7 ns) [0.99–1.09, n=5]`), or why
+/// there is none.
+fn bench_ratios(w: &Path) -> std::result::Result<Vec<(&'static str, String)>, String> {
+    let status = fs::read_to_string(w.join("bench.status")).map(|s| s.trim().to_string());
+    let Ok(text) = fs::read_to_string(w.join("bench.json")) else {
+        let log = tail(&w.join("bench.log"), 5);
+        return Err(format!("no bench.json (exit status {}): {log}", status.unwrap_or_else(|_| "none".into())));
+    };
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("bench.json: {e}"))?;
+    let rows = v["table"].as_array().ok_or("bench.json has no table")?;
+    Ok(BENCH_FIGURES
+        .iter()
+        .map(|(col, figure)| {
+            let ratio = rows
+                .iter()
+                .find(|r| r["figure"] == *figure)
+                .and_then(|r| r["ratio"].as_str().or(r["value"].as_str()))
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("—")
+                .to_string();
+            (*col, ratio)
+        })
+        .collect())
 }
 
 /// Runs `cmd` with stdout and stderr into `log`; kills it and everything it
@@ -1081,6 +1151,7 @@ fn print_table(rows: &[Row], total: Duration) {
             println!("{}: {} {} ({})", r.kernel.name, img.package, img.version, img.suite);
         }
     }
+    print_bench(rows);
     for r in rows.iter().filter(|r| !r.passed()) {
         println!("\n{} FAILED ({}):", r.kernel.name, r.workdir.display());
         for f in &r.failures {
@@ -1091,6 +1162,31 @@ fn print_table(rows: &[Row], total: Duration) {
             for l in r.console_tail.lines() {
                 println!("    {l}");
             }
+        }
+    }
+}
+
+/// With --bench: each kernel's tier and hot-path ratios, as a Markdown table.
+fn print_bench(rows: &[Row]) {
+    let benched: Vec<&Row> = rows.iter().filter(|r| r.bench.is_some()).collect();
+    if benched.is_empty() {
+        return;
+    }
+    println!(
+        "\nhot path in each kernel (sigwake-bench --quick --only hot: ns per call, ratio to the interleaved no-agent \
+         baseline in the same kernel; guests run under QEMU without KVM)"
+    );
+    let cols: Vec<&str> = BENCH_FIGURES.iter().map(|(c, _)| *c).collect();
+    println!("| kernel | tier | {} |", cols.join(" | "));
+    println!("|---|---|{}", "---|".repeat(cols.len()));
+    for r in benched {
+        let tier = r.check.as_ref().ok().and_then(|c| c["tier"].as_str()).unwrap_or("-");
+        match r.bench.as_ref().expect("benched") {
+            Ok(ratios) => {
+                let cells: Vec<&str> = ratios.iter().map(|(_, v)| v.as_str()).collect();
+                println!("| {} | {tier} | {} |", r.kernel.name, cells.join(" | "));
+            }
+            Err(why) => println!("| {} | {tier} | no figures: {} |", r.kernel.name, short(why, 300)),
         }
     }
 }
@@ -1118,6 +1214,11 @@ fn results_json(rows: &[Row], total: Duration) -> Value {
             "binaries": r.binaries,
             "wall_secs": r.wall.as_secs_f64(),
             "console_tail": r.console_tail,
+            "bench": match &r.bench {
+                None => Value::Null,
+                Some(Ok(ratios)) => ratios.iter().map(|(c, v)| (c.to_string(), json!(v))).collect::<serde_json::Map<_, _>>().into(),
+                Some(Err(e)) => json!({ "error": e }),
+            },
         })).collect::<Vec<_>>(),
     })
 }
