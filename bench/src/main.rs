@@ -1132,7 +1132,18 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                 data.get_mut(state).expect("state").unavailable = Some("bpftrace not installed".into());
                 continue;
             }
-            let peer = bpftrace_peer(ctx, script, label)?;
+            if data[state].unavailable.is_some() {
+                continue;
+            }
+            // A bpftrace that cannot run this script on this kernel (5.10's
+            // refuses peer.bt) leaves its row "n/a", not the whole bench.
+            let peer = match bpftrace_peer(ctx, script, label) {
+                Ok(peer) => peer,
+                Err(e) => {
+                    data.get_mut(state).expect("state").unavailable = Some(format!("{e:#}"));
+                    continue;
+                }
+            };
             measure(ctx, state, &mut data, &mut segs, redis.as_ref(), Some(peer.pid()), first, &tag)?;
             drop(peer);
             measure(ctx, NONE, &mut data, &mut segs, redis.as_ref(), None, first, &tag)?;
