@@ -248,6 +248,11 @@ fn announce_pipe_hooks(probes: &Probes, discover_pipes: bool) {
 fn refresh_pipe_hooks(demand: &mut PipeHookDemand, registry: &Mutex<Registry>, probes: &mut Probes, metrics: &Metrics) {
     let Some(attached) = probes.pipe_write_hooks_attached() else { return };
     let generation = lock(registry).generation();
+    // Called after every batch: out before handing the worker's tasks away
+    // (`blocking`) unless the registry changed.
+    if demand.decided_at(generation) {
+        return;
+    }
     // /proc reads, off the async workers, without the registry's lock.
     let decided = blocking(|| {
         demand.decide(

@@ -63,6 +63,12 @@ impl PipeHookDemand {
         self.decided_at = None;
     }
 
+    /// Whether the last decision was made at this registry generation
+    /// (nothing to decide again).
+    pub fn decided_at(&self, generation: u64) -> bool {
+        self.decided_at == Some(generation)
+    }
+
     /// `None` when the registry has not changed since the last decision
     /// (`generation`); else whether the hooks are needed, and why.
     /// `is_socket(pid, fd)`: what /proc says the fd is (None: unreadable).
@@ -72,7 +78,7 @@ impl PipeHookDemand {
         actors: impl FnOnce() -> Vec<ActorWakeup>,
         is_socket: impl Fn(u32, i32) -> Option<bool>,
     ) -> Option<Option<Need>> {
-        if self.decided_at == Some(generation) {
+        if self.decided_at(generation) {
             return None;
         }
         self.decided_at = Some(generation);
