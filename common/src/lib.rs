@@ -52,6 +52,7 @@ pub mod generate_result {
 /// | arg0     | code                 | code           | fd                    | handler depth  |              |
 /// | arg1     | result               | sa_flags       | byte count            | ns in handler  |              |
 /// | arg2     | group (1 = process)  | sa_handler     | return value (i64)    |                |              |
+/// | arg3     |                      | sa_restorer    |                       |                |              |
 /// | call     |                      |                | [`write_call`]        |                |              |
 /// | comm2    | target comm          |                |                       |                |              |
 #[repr(C)]
@@ -73,13 +74,16 @@ pub struct RawEvent {
     pub arg0: i64,
     pub arg1: i64,
     pub arg2: i64,
+    /// DELIVER: the handler's `sa_restorer`, the code it returns into (0:
+    /// none, or not read on this tier).
+    pub arg3: i64,
     /// Command name of the current task.
     pub comm: [u8; 16],
     /// Command name of the target task (GENERATE only).
     pub comm2: [u8; 16],
 }
 
-pub const RAW_EVENT_SIZE: usize = 88;
+pub const RAW_EVENT_SIZE: usize = 96;
 const _: () = assert!(core::mem::size_of::<RawEvent>() == RAW_EVENT_SIZE);
 
 /// Tracepoint field offsets, read from tracefs by the agent at load time and
@@ -182,6 +186,15 @@ pub struct Config {
     /// SA_ONSTACK runs on the alternate signal stack when one is set.
     pub task_sas_ss_sp: u32,
     pub task_sas_ss_size: u32,
+    /// Where a handler's `sa_restorer` is (BTF): `task_struct.sighand`,
+    /// `sighand_struct.action`, `sizeof(struct k_sigaction)` and
+    /// `sigaction.sa_restorer` (`k_sigaction.sa` is at 0). `sighand_action`
+    /// 0: not read (only the socket tier needs it: it hooks each restorer
+    /// it meets with a uprobe).
+    pub task_sighand: u32,
+    pub sighand_action: u32,
+    pub k_sigaction_size: u32,
+    pub sa_restorer: u32,
 }
 
 /// The agent's pid namespace, so that every pid the programs report is the
@@ -250,6 +263,10 @@ impl Config {
         thread_size: 0,
         task_sas_ss_sp: 0,
         task_sas_ss_size: 0,
+        task_sighand: 0,
+        sighand_action: 0,
+        k_sigaction_size: 0,
+        sa_restorer: 0,
     };
 }
 

@@ -180,6 +180,7 @@ const PT_REGS_SIZE: usize = 168;
 const PT_REGS_SP: usize = 152;
 const PT_REGS_ORIG_AX: usize = 120;
 const SA_ONSTACK: u64 = 0x0800_0000;
+const SA_RESTORER: u64 = 0x0400_0000;
 
 /// The current task's user registers: the `struct pt_regs` at the top of
 /// its kernel stack (`task_pt_regs()`), for hooks that do not run at a
@@ -218,6 +219,31 @@ fn handler_stack(cfg: &Config, sa_flags: u64) -> (u64, u64) {
         }
     }
     (0, sp)
+}
+
+/// The `sa_restorer` of the current task's action for `sig`: the code its
+/// handler returns into (`task->sighand->action[sig - 1].sa.sa_restorer`,
+/// offsets from BTF). 0 where the tier does not read it or there is none.
+#[inline(always)]
+fn handler_restorer(cfg: &Config, sig: i32, sa_flags: u64) -> u64 {
+    if cfg.sighand_action == 0 || sa_flags & SA_RESTORER == 0 {
+        return 0;
+    }
+    // SAFETY: as in user_regs.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let Some(sighand) = read_kernel::<*const u8>(task, cfg.task_sighand) else { return 0 };
+    let slot = (sig.wrapping_sub(1) as u32 & 63) * cfg.k_sigaction_size;
+    read_kernel::<u64>(sighand, cfg.sighand_action + slot + cfg.sa_restorer).unwrap_or(0)
+}
+
+/// Whether user stack pointer `sp` is on the innermost handler's stack
+/// (the range its frames use, recorded at delivery). True when unknown.
+#[inline(always)]
+fn on_handler_stack(w: &HandlerWindow, sp: u64) -> bool {
+    let depth = w.depth as usize;
+    let level = depth.wrapping_sub(1) & LEVEL_MASK;
+    let (lo, hi) = (w.stack_lo[level], w.stack_hi[level]);
+    !(1..=MAX_HANDLER_DEPTH).contains(&depth) || hi == 0 || (sp >= lo && sp < hi)
 }
 
 #[inline(always)]
@@ -366,17 +392,27 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
     ev.arg0 = read::<i32>(ctx, off.deliver_code)? as i64;
     ev.arg1 = sa_flags as i64;
     ev.arg2 = handler as i64;
+    let user_handler = handler != SIG_DFL && handler != SIG_IGN;
+    if user_handler {
+        ev.arg3 = handler_restorer(&cfg, sig, sa_flags) as i64;
+    }
     let now = ev.ts_ns;
     emit(ev);
 
-    if handler == SIG_DFL || handler == SIG_IGN {
+    if !user_handler {
         return Ok(());
     }
     let mut window = HandlerWindow { entered_ns: now, write_fd: -1, ..HandlerWindow::default() };
     // SAFETY: read-only copy of the thread's own entry.
-    let existed = unsafe { IN_HANDLER.get(&tid) }.copied();
-    if let Some(prev) = existed.as_ref() {
-        if now.wrapping_sub(prev.entered_ns) <= cfg.handler_window_ns {
+    // (Read in place: a second copy of the window would not fit the
+    // 512-byte stack next to the event.)
+    let existed = IN_HANDLER.get_ptr(&tid);
+    if let Some(prev) = existed.map(|p| unsafe { &*p }) {
+        // A signal that interrupts code off the open handler's stack came
+        // after that handler returned, unseen (a restorer not hooked yet, a
+        // siglongjmp): a fresh window, not a nested one.
+        let still_inside = user_sp(&cfg).is_none_or(|sp| on_handler_stack(prev, sp));
+        if still_inside && now.wrapping_sub(prev.entered_ns) <= cfg.handler_window_ns {
             window = *prev;
             window.entered_ns = now;
             window.write_fd = -1;
@@ -723,10 +759,7 @@ const NR_SENDMSG: u64 = 46;
 fn handler_window_on_stack(tid: u32, window: *mut HandlerWindow, regs: *const u8) -> bool {
     if let Some(sp) = read_kernel::<u64>(regs, PT_REGS_SP as u32) {
         // SAFETY: the entry belongs to the current thread.
-        let w = unsafe { &*window };
-        let level = (w.depth as usize).wrapping_sub(1) & LEVEL_MASK;
-        let (lo, hi) = (w.stack_lo[level], w.stack_hi[level]);
-        if (1..=MAX_HANDLER_DEPTH).contains(&(w.depth as usize)) && hi != 0 && !(sp >= lo && sp < hi) {
+        if !on_handler_stack(unsafe { &*window }, sp) {
             close_window(tid);
             bump(counter::STALE_WINDOWS);
             return false;

@@ -143,13 +143,19 @@ fn cap_bit(name: &str) -> u64 {
 
 /// What the agent keeps after attach on this kernel (sys/caps.rs): KILL,
 /// SYS_PTRACE, and BPF before 6.5.
-fn kept_after_attach() -> u64 {
+/// What the agent keeps after attach: on this kernel, and on its tier (the
+/// socket tier keeps CAP_PERFMON to hook the restorer of each libc it
+/// meets).
+fn kept_after_attach(agent_log: &str) -> u64 {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
     let v: (u32, u32) = (parts.next().unwrap().parse().unwrap(), parts.next().unwrap().parse().unwrap());
     let mut keep = cap_bit("KILL") | cap_bit("SYS_PTRACE");
     if v < (6, 5) {
         keep |= cap_bit("BPF");
+    }
+    if agent_log.contains(" hooks attached, socket tier:") {
+        keep |= cap_bit("PERFMON");
     }
     keep
 }
@@ -489,7 +495,8 @@ fn agent_runs_with_exactly_the_listed_capabilities_and_drops_them_after_attach()
     let pid = wait_ready(&name, port);
 
     // Every thread, not just the main one: capabilities are per thread.
-    let kept = kept_after_attach();
+    let log = logs_text(&name);
+    let kept = kept_after_attach(&log);
     let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().map(|e| e.unwrap().path()).collect();
     assert!(tasks.len() > 1, "the agent runs threads");
     for t in &tasks {
@@ -504,7 +511,6 @@ fn agent_runs_with_exactly_the_listed_capabilities_and_drops_them_after_attach()
         }
         assert_eq!(status_mask(&status, "CapAmb:"), 0);
     }
-    let log = logs_text(&name);
     assert!(log.contains("capabilities after attach: kept CAP_KILL,CAP_SYS_PTRACE"), "{log}");
 
     // Each load-time capability is needed: without it the agent cannot
@@ -800,7 +806,7 @@ fn sidecar_shape_finishes_the_stop_and_spares_bystanders() {
     let app_ns = std::fs::read_link(format!("/proc/{}/ns/pid", host_pid(&format!("{pod}-app")))).unwrap();
     assert_eq!(agent_ns, app_ns, "shareProcessNamespace: the agent and the app share a pid namespace");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert_eq!(status_mask(&status, "CapEff:"), kept_after_attach(), "{status}");
+    assert_eq!(status_mask(&status, "CapEff:"), kept_after_attach(&logs_text(&name)), "{status}");
     let agent = AgentUnderTest { container: name, pid, port };
 
     let steps = starve_and_judge(&agent, &pod, true, Verdict::Stopped);

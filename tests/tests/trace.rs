@@ -190,3 +190,74 @@ fn nested_handlers_each_report_their_own_duration() {
     // inner entry it would read about 35 ms.
     assert!(ms(outer) >= 50.0 + ms(inner), "the outer handler's own time, inner included: {outer}");
 }
+
+/// A process whose libc is another file than the agent's, as in a
+/// container whose image brings its own (here a copy of the host's). On the
+/// socket tier handler returns are seen through a uprobe on the restorer
+/// of each libc file: the first delivery there makes the agent hook that
+/// file's, and every handler return after that is seen. (Other tiers see
+/// rt_sigreturn itself: the same assertions hold there.)
+#[test]
+fn handler_returns_are_seen_in_a_process_using_another_libc_file() {
+    let dir = TempDir::new("libc-copy");
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let host_libc = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libc.so.6"))
+        .expect("this test process maps a glibc libc.so.6");
+    std::fs::copy(host_libc, dir.0.join("libc.so.6")).expect("copying libc");
+    let copy = dir.0.join("libc.so.6").display().to_string();
+    let library_path = dir.0.display().to_string();
+    let (mut p, _) = fixture_with_env("signal_recorder.py", &[], &[("LD_LIBRARY_PATH", library_path.as_str())]);
+    let pid = p.pid();
+    let mapped = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(mapped.contains(&copy), "the fixture runs on the copied libc:\n{mapped}");
+
+    let mut t = trace(&["--pid", &pid.to_string(), "--signal", "USR1"]);
+    let returns = |t: &Proc| t.stdout.json().into_iter().filter(|v| v["event"] == "handler_return").count();
+    // The first handlers may return before the hook is in place.
+    let mut sent = 0;
+    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(20));
+    while returns(&t) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no handler return seen after {sent} SIGUSR1 handled; trace log:\n{}",
+            t.stderr_text()
+        );
+        p.signal(libc::SIGUSR1);
+        sent += 1;
+        let end = std::time::Instant::now() + scaled(EVENT);
+        while p.stdout.json().iter().filter(|v| v["signal"] == "SIGUSR1").count() < sent {
+            assert!(std::time::Instant::now() < end, "the fixture did not handle SIGUSR1 {sent}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // From now on, every one.
+    for n in 1..=5 {
+        let before = returns(&t);
+        p.signal(libc::SIGUSR1);
+        let end = std::time::Instant::now() + scaled(EVENT);
+        while returns(&t) == before {
+            assert!(
+                std::time::Instant::now() < end,
+                "handler return {n} after the hook not seen:\n{:?}",
+                t.stdout.json()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let returned: Vec<Value> = t.stdout.json().into_iter().filter(|v| v["event"] == "handler_return").collect();
+    assert!(returned.iter().all(|v| v["pid"] == pid && v["signal"] == "SIGUSR1" && v["depth"] == 1), "{returned:#?}");
+    let log = t.stderr_text();
+    if log.contains("socket tier") {
+        assert!(
+            log.contains(&format!("hooked the signal restorer at {copy}+0x")),
+            "the agent says what it hooked:\n{log}"
+        );
+    }
+    p.close_stdin();
+    p.wait_exit(EVENT);
+    stop_agent(&mut t);
+}

@@ -59,13 +59,14 @@ fn start_source(probes: &mut Probes) -> anyhow::Result<tokio::sync::mpsc::Receiv
 /// Drops every capability the agent no longer needs once its programs are
 /// attached (sys/caps.rs says which it keeps and why), in every thread, and
 /// logs what it kept and dropped.
-fn drop_capabilities() -> anyhow::Result<()> {
+fn drop_capabilities(probes: &Probes) -> anyhow::Result<()> {
     use crate::sys::caps;
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").context("reading the kernel release")?;
-    let outcome = caps::drop_after_attach(caps::needed_after_attach(release.trim())).context(
-        "dropping the capabilities not needed after attach failed; the agent does not run with more than it needs: \
+    let outcome = caps::drop_after_attach(caps::needed_after_attach(release.trim(), probes.hooks_restorers()))
+        .context(
+            "dropping the capabilities not needed after attach failed; the agent does not run with more than it needs: \
          report this with the kernel version",
-    )?;
+        )?;
     tracing::info!(
         "capabilities after attach: kept {} ; dropped {} ; dropped from the bounding set: {} ({} threads)",
         list(caps::names(outcome.kept)),

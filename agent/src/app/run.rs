@@ -30,6 +30,7 @@ use crate::{
         events::{Disposition, Event, EventBody, HandlerWrite},
         pipe_hooks::PipeHookDemand,
         probes::Probes,
+        restorer_hooks::{self, RestorerDemand},
         source::Batch,
         watched::WatchedPids,
     },
@@ -94,6 +95,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics.attached_programs.set(probes.hooks().len() as i64);
     metrics.set_hooks(probes.report());
     metrics.set_syscall_hooks(probes.syscall_tracepoints_attached());
+    metrics.restorer_uprobes.set(probes.restorers_hooked() as i64);
     let added = Arc::new(Notify::new());
     let watched = KernelWatched {
         pids: WatchedPids::spawn(probes.take_watched_pids()?).context("starting the watched-set thread")?,
@@ -139,7 +141,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Every program is attached and every map fd open: from here on the
     // agent keeps only what it still uses (sys/caps.rs), before it says
     // it is ready.
-    super::drop_capabilities()?;
+    super::drop_capabilities(&probes)?;
     state.ready.store(true, Ordering::Release);
 
     let mut pipeline = Pipeline {
@@ -152,6 +154,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         default_policy,
         outputs: Vec::new(),
         fd_ids: HashMap::new(),
+        restorers: RestorerDemand::default(),
     };
     let mut lost_seen = 0u64;
     let on_wake = |pipeline: &mut Pipeline, wake: Wake| {
@@ -164,6 +167,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         // Cheap unless the registry changed (its generation).
         refresh_pipe_hooks(&mut pipe_demand, &pipeline.registry, &mut probes, &pipeline.metrics);
+        if pipeline.restorers.is_pending() {
+            let hooked = blocking(|| pipeline.restorers.hook_pending(&mut probes));
+            restorer_hooks::log(&hooked);
+            pipeline.metrics.restorer_uprobes.set(probes.restorers_hooked() as i64);
+            pipeline.metrics.attached_programs.set(probes.hooks().len() as i64);
+        }
     };
     let ended =
         event_loop(&mut pipeline, &mut batches, shutdown_signal(), &added, on_wake, || !server.is_finished()).await;
@@ -291,6 +300,8 @@ struct Pipeline {
     /// What each actor's wakeup fd referred to when it was learned:
     /// pid → (fd, `socket:[INODE]`/`pipe:[INODE]`).
     fd_ids: HashMap<u32, (i32, String)>,
+    /// Restorers met in deliveries, for the socket tier's uprobes.
+    restorers: RestorerDemand,
 }
 
 impl Pipeline {
@@ -300,7 +311,10 @@ impl Pipeline {
         let mut events = Vec::with_capacity(batch.len());
         for item in batch {
             match item {
-                Ok(ev) => events.push(ev),
+                Ok(ev) => {
+                    self.restorers.note(&ev);
+                    events.push(ev);
+                }
                 Err(e) => self.metrics.decode_error(e.reason()),
             }
         }
@@ -629,6 +643,7 @@ mod tests {
             config,
             outputs: Vec::new(),
             fd_ids: HashMap::new(),
+            restorers: RestorerDemand::default(),
         }
     }
 

@@ -8,7 +8,10 @@ use sigwake_common::Config as KernelConfig;
 use super::{load_probes, shutdown_signal, spawn_kernel_logger, start_source};
 use crate::{
     cli::{Format, TraceArgs},
-    kernel::events::EventBody,
+    kernel::{
+        events::EventBody,
+        restorer_hooks::{self, RestorerDemand},
+    },
     serve::trace::{self, TraceFilter},
     sys::procinfo::{self, Clock},
 };
@@ -47,6 +50,8 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
     let mut decode_errors = 0u64;
     let mut reported_lost = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Restorers of libcs other than the agent's, hooked as they show up.
+    let mut restorers = RestorerDemand::default();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     eprintln!("sigwake: tracing; stop with Ctrl-C");
@@ -92,6 +97,7 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
                     if !filter.matches(&ev, target_pid) {
                         continue;
                     }
+                    restorers.note(&ev);
                     let line = match args.format {
                         Format::Json => trace::to_json(&ev, &clock, target_pid, None).to_string(),
                         Format::Text => trace::to_text(&ev, &clock, target_pid, None),
@@ -103,6 +109,10 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
                 }
                 if out.flush().is_err() || (args.until_exit && alive.is_empty()) {
                     return Ok(());
+                }
+                drop(out);
+                if restorers.is_pending() {
+                    restorer_hooks::log(&super::blocking(|| restorers.hook_pending(&mut probes)));
                 }
             }
         }

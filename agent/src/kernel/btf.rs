@@ -48,6 +48,9 @@ struct Member {
 struct Type {
     name_off: u32,
     kind: u32,
+    /// Byte size of a struct or union (the word that is a type id for
+    /// other kinds).
+    size: u32,
     members: Vec<Member>,
 }
 
@@ -87,11 +90,12 @@ impl Btf {
         };
         let tb = section(type_off, type_len)?;
         let strings = section(str_off, str_len)?.to_vec();
-        let mut types = vec![Type { name_off: 0, kind: 0, members: Vec::new() }];
+        let mut types = vec![Type { name_off: 0, kind: 0, size: 0, members: Vec::new() }];
         let mut at = 0usize;
         while at < tb.len() {
             let name_off = u32_at(tb, at)?;
             let info = u32_at(tb, at + 4)?;
+            let size = u32_at(tb, at + 8)?;
             at += 12;
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
@@ -124,7 +128,7 @@ impl Btf {
             if at > tb.len() {
                 return Err(BtfError::Malformed("type runs past its section"));
             }
-            types.push(Type { name_off, kind, members });
+            types.push(Type { name_off, kind, size, members });
         }
         Ok(Btf { strings, types })
     }
@@ -138,16 +142,27 @@ impl Btf {
     /// anonymous struct and union members.
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
         let not_found = || BtfError::NotFound { strukt: strukt.into(), member: member.into() };
-        let id = self
-            .types
-            .iter()
-            .position(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == strukt.as_bytes() && !t.members.is_empty())
-            .ok_or_else(not_found)?;
+        let id = self.struct_id(strukt).ok_or_else(not_found)?;
         let bits = self.find(id, member.as_bytes(), 0).ok_or_else(not_found)?;
         if bits % 8 != 0 {
             return Err(not_found());
         }
         Ok(bits / 8)
+    }
+
+    /// `sizeof(struct strukt)`.
+    pub fn struct_size(&self, strukt: &str) -> Result<u32, BtfError> {
+        let id = self
+            .struct_id(strukt)
+            .ok_or_else(|| BtfError::NotFound { strukt: strukt.into(), member: "(its size)".into() })?;
+        Ok(self.types[id].size)
+    }
+
+    /// The id of the definition (not a forward declaration) of a struct.
+    fn struct_id(&self, strukt: &str) -> Option<usize> {
+        self.types
+            .iter()
+            .position(|t| t.kind == KIND_STRUCT && self.name(t.name_off) == strukt.as_bytes() && !t.members.is_empty())
     }
 
     fn find(&self, id: usize, member: &[u8], depth: u32) -> Option<u32> {
@@ -206,6 +221,8 @@ mod tests {
         assert_eq!(btf.member_offset("signal_struct", "live"), Ok(8));
         assert!(matches!(btf.member_offset("signal_struct", "nope"), Err(BtfError::NotFound { .. })));
         assert!(matches!(btf.member_offset("task_struct", "signal"), Err(BtfError::NotFound { .. })));
+        assert_eq!(btf.struct_size("signal_struct"), Ok(16));
+        assert!(btf.struct_size("task_struct").is_err());
     }
 
     #[test]
@@ -225,5 +242,9 @@ mod tests {
         let signal = btf.member_offset("task_struct", "signal").unwrap();
         let live = btf.member_offset("signal_struct", "live").unwrap();
         assert!(signal > 0 && live > 0, "{signal} {live}");
+        // What the socket tier reads a handler's restorer with (x86_64's
+        // struct sigaction: handler, flags, restorer, mask).
+        assert_eq!(btf.struct_size("k_sigaction"), Ok(32));
+        assert_eq!(btf.member_offset("sigaction", "sa_restorer"), Ok(16));
     }
 }

@@ -183,6 +183,9 @@ pub struct SignalDeliver {
     pub code: i32,
     pub sa_flags: u64,
     pub disposition: Disposition,
+    /// Where the handler returns to (`sa_restorer`): 0 when there is none
+    /// or the tier does not read it.
+    pub restorer: u64,
 }
 
 /// A write, writev, sendto or sendmsg issued from inside a signal
@@ -344,11 +347,12 @@ fn raw_event(mut b: &[u8]) -> RawEvent {
     let arg0 = b.get_i64_le();
     let arg1 = b.get_i64_le();
     let arg2 = b.get_i64_le();
+    let arg3 = b.get_i64_le();
     let mut comm = [0u8; 16];
     b.copy_to_slice(&mut comm);
     let mut comm2 = [0u8; 16];
     b.copy_to_slice(&mut comm2);
-    RawEvent { kind, sig, ts_ns, pid, tid, target, call, arg0, arg1, arg2, comm, comm2 }
+    RawEvent { kind, sig, ts_ns, pid, tid, target, call, arg0, arg1, arg2, arg3, comm, comm2 }
 }
 
 impl TryFrom<&RawEvent> for Event {
@@ -376,6 +380,7 @@ impl TryFrom<&RawEvent> for Event {
                     1 => Disposition::Ignore,
                     addr => Disposition::Handler(addr),
                 },
+                restorer: raw.arg3 as u64,
             }),
             kind::HANDLER_WRITE => EventBody::HandlerWrite(HandlerWrite {
                 task,
@@ -462,6 +467,7 @@ mod tests {
             arg0: -14,
             arg1: 15,
             arg2: i64::MIN,
+            arg3: 0x7f00_0000_1234,
             comm: *b"abcdefghijklmnop",
             comm2: *b"ponmlkjihgfedcba",
         };

@@ -7,6 +7,7 @@ pub mod events;
 pub mod pidns;
 pub mod pipe_hooks;
 pub mod probes;
+pub mod restorer_hooks;
 pub mod selftest;
 pub mod source;
 pub mod tiers;

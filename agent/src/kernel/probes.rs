@@ -3,7 +3,11 @@
 //!
 //! Dropping [`Probes`] detaches every program and closes every map.
 
-use std::{collections::HashMap as StdHashMap, io};
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    io,
+    os::fd::AsRawFd,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -18,6 +22,7 @@ use crate::{
     kernel::selftest::{self, SelfTestReport},
     kernel::tiers::{ExitSource, HookReport, Job, JobReport, Tier},
     kernel::tracefs::{self, TracefsError},
+    sys::restorer::RestorerKey,
 };
 
 /// The kernel programs, built by build.rs.
@@ -252,7 +257,15 @@ pub struct Probes {
     /// Events the self-test read that were not its own, for the pipeline.
     backlog: Vec<Event>,
     pipe_writes: PipeWrites,
+    /// The socket tier's restorer uprobes, by file (None on tiers that
+    /// see rt_sigreturn itself).
+    restorers: Option<HashSet<RestorerKey>>,
 }
+
+/// At most this many restorer files are hooked: a host has a few libcs
+/// (the host's, one per container image); the addresses come from the
+/// processes, so the count must not be theirs to grow.
+pub const MAX_RESTORER_HOOKS: usize = 64;
 
 /// How writes to pipes and eventfds (not sockets) are seen.
 #[derive(Debug)]
@@ -471,6 +484,7 @@ impl Probes {
             }
         };
         let mut hooks = Vec::new();
+        let mut own_restorer = None;
         let tracepoints: Vec<_> = match tier {
             Tier::SocketFentry => {
                 hooks.push(attach_raw_tracepoint(&mut ebpf, "sock_send_length", "sock_send_length", Job::WritePath)?);
@@ -488,6 +502,10 @@ impl Probes {
                 })?;
                 hooks.push(attach_raw_tracepoint(&mut ebpf, "sock_send_length", "sock_send_length", Job::WritePath)?);
                 hooks.push(attach_restorer(&mut ebpf, restorer)?);
+                own_restorer = Some(restorer.key().map_err(|e| LoadError::Other {
+                    what: format!("reading {}", restorer.path.display()),
+                    source: e.into(),
+                })?);
                 // Loaded now (a verifier rejection refuses the tier), attached
                 // on demand.
                 let prog: &mut RawTracePoint = program_of(&mut ebpf, PIPE_WRITE_PROGRAM)?;
@@ -541,7 +559,54 @@ impl Probes {
             watched: Some(watched),
             backlog: Vec::new(),
             pipe_writes: if tier == Tier::Socket { PipeWrites::OnDemand(None) } else { PipeWrites::Always },
+            restorers: own_restorer.map(|key| HashSet::from([key])),
         })
+    }
+
+    /// Whether this tier sees handler returns through restorer uprobes
+    /// (and so needs one on each libc whose handlers run).
+    pub fn hooks_restorers(&self) -> bool {
+        self.restorers.is_some()
+    }
+
+    /// How many restorer files are hooked.
+    pub fn restorers_hooked(&self) -> usize {
+        self.restorers.as_ref().map_or(0, HashSet::len)
+    }
+
+    /// Hooks the restorer `found` in another process's file, unless it is
+    /// hooked already; returns whether a uprobe was attached. The uprobe
+    /// is attached through the open file (`/proc/self/fd/N`): the file
+    /// checked is the file hooked.
+    pub fn hook_restorer(&mut self, found: &crate::sys::restorer::Found) -> Result<bool, LoadError> {
+        let Some(hooked) = &self.restorers else { return Ok(false) };
+        if hooked.contains(&found.key) {
+            return Ok(false);
+        }
+        if hooked.len() >= MAX_RESTORER_HOOKS {
+            return Err(LoadError::Other {
+                what: format!("hooking the restorer in {}", found.path.display()),
+                source: format!("{MAX_RESTORER_HOOKS} restorer files are hooked already, the most this agent hooks")
+                    .into(),
+            });
+        }
+        let program = "signal_restorer";
+        let at = format!("{}+{:#x}", found.path.display(), found.key.offset);
+        let prog: &mut UProbe = program_of(&mut self.ebpf, program)?;
+        prog.attach(
+            aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(found.key.offset),
+            format!("/proc/self/fd/{}", found.file.as_raw_fd()),
+            aya::programs::uprobe::UProbeScope::AllProcesses,
+        )
+        .map_err(|e| classify(format!("attach `{program}` to {at}"), e))?;
+        self.hooks.push(Hook {
+            program,
+            job: Job::HandlerReturn,
+            tier: "uprobe",
+            attach_point: format!("uprobe:{at}"),
+        });
+        self.restorers.get_or_insert_with(HashSet::new).insert(found.key);
+        Ok(true)
     }
 
     /// Attaches (`on`) or detaches the syscall tracepoints that see writes
@@ -785,6 +850,12 @@ fn socket_tier_inputs(
     config.task_stack_offset = member("task_struct", "stack")?;
     config.task_sas_ss_sp = member("task_struct", "sas_ss_sp")?;
     config.task_sas_ss_size = member("task_struct", "sas_ss_size")?;
+    // Each handler's restorer, so that the agent can hook the restorer of
+    // every libc it meets (a container's is another file than its own).
+    config.task_sighand = member("task_struct", "sighand")?;
+    config.sighand_action = member("sighand_struct", "action")?;
+    config.k_sigaction_size = btf.struct_size("k_sigaction").map_err(|e| e.to_string())?;
+    config.sa_restorer = member("sigaction", "sa_restorer")?;
     // THREAD_SIZE on x86_64 (16 KiB; 32 KiB with KASAN): a wrong guess
     // reads garbage registers, and the self-test then refuses the tier.
     config.thread_size = 16 * 1024;

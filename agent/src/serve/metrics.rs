@@ -181,6 +181,7 @@ pub struct Metrics {
     pub hook_tier: Family<HookLabels, Gauge>,
     pub kernel_open_windows: Gauge,
     pub syscall_hooks_attached: Gauge,
+    pub restorer_uprobes: Gauge,
     last_kernel: std::sync::Mutex<KernelCounters>,
 }
 
@@ -355,6 +356,12 @@ impl Metrics {
             "1 while a syscall hook of this agent is attached (every syscall on the host then takes the tracing slow path): always on the syscall_tracepoint tier; on the socket tier only while an actor's wakeup is a pipe or eventfd, or with --discover-pipes",
             syscall_hooks_attached.clone(),
         );
+        let restorer_uprobes = Gauge::default();
+        registry.register(
+            "restorer_uprobes",
+            "Signal restorer files (a libc each: the host's, one per container image) whose handler returns the socket tier sees through a uprobe; 0 on tiers that see rt_sigreturn itself",
+            restorer_uprobes.clone(),
+        );
         let hook_tier = Family::default();
         registry.register(
             "hook_tier",
@@ -402,6 +409,7 @@ impl Metrics {
             hook_tier,
             kernel_open_windows,
             syscall_hooks_attached,
+            restorer_uprobes,
             last_kernel: Default::default(),
         }
     }

@@ -21,7 +21,10 @@
 //! counter reads of a scrape included — needs it while
 //! `kernel.unprivileged_bpf_disabled` is set (6.5 moved the check to map
 //! creation and program load: commit c8644cd0efe7, "bpf: Move unprivileged
-//! checks into map_create() and bpf_prog_load()").
+//! checks into map_create() and bpf_prog_load()"). On the socket tier
+//! also `CAP_PERFMON`: it hooks the signal restorer of each libc it meets
+//! (a container's is another file than the agent's) with a uprobe, and a
+//! uprobe is a perf event that needs it (kernel/restorer_hooks.rs).
 
 use std::{
     io,
@@ -32,6 +35,7 @@ use std::{
 pub const CAP_SETPCAP: u32 = 8;
 pub const CAP_KILL: u32 = 5;
 pub const CAP_SYS_PTRACE: u32 = 19;
+pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
 
 /// Capability names by number (capability.h), for logs and errors.
@@ -205,12 +209,15 @@ extern "C" fn on_drop_signal(_: libc::c_int) {
     unsafe { *libc::__errno_location() = saved };
 }
 
-/// The capabilities the agent keeps after attach, on this kernel (see the
-/// module doc).
-pub fn needed_after_attach(kernel_release: &str) -> u64 {
+/// The capabilities the agent keeps after attach, on this kernel, with or
+/// without uprobes to attach later (see the module doc).
+pub fn needed_after_attach(kernel_release: &str, later_uprobes: bool) -> u64 {
     let mut keep = (1u64 << CAP_KILL) | (1u64 << CAP_SYS_PTRACE);
     if !bpf_commands_unprivileged(kernel_release) {
         keep |= 1u64 << CAP_BPF;
+    }
+    if later_uprobes {
+        keep |= 1u64 << CAP_PERFMON;
     }
     keep
 }
@@ -321,11 +328,19 @@ mod tests {
     #[test]
     fn cap_bpf_kept_before_6_5_only() {
         let bpf = 1u64 << CAP_BPF;
-        assert_ne!(needed_after_attach("5.10.0-35-amd64") & bpf, 0);
-        assert_ne!(needed_after_attach("6.1.0-37-amd64") & bpf, 0);
-        assert_eq!(needed_after_attach("6.5.0") & bpf, 0);
-        assert_eq!(needed_after_attach("6.18.44-fc-v1045") & bpf, 0);
-        assert_eq!(needed_after_attach("6.12.48+deb12-amd64") & bpf, 0);
+        assert_ne!(needed_after_attach("5.10.0-35-amd64", false) & bpf, 0);
+        assert_ne!(needed_after_attach("6.1.0-37-amd64", false) & bpf, 0);
+        assert_eq!(needed_after_attach("6.5.0", false) & bpf, 0);
+        assert_eq!(needed_after_attach("6.18.44-fc-v1045", false) & bpf, 0);
+        assert_eq!(needed_after_attach("6.12.48+deb12-amd64", false) & bpf, 0);
+    }
+
+    #[test]
+    fn cap_perfmon_kept_only_for_later_uprobes() {
+        let perfmon = 1u64 << CAP_PERFMON;
+        assert_eq!(needed_after_attach("6.18.44-fc-v1045", false) & perfmon, 0);
+        assert_ne!(needed_after_attach("6.18.44-fc-v1045", true) & perfmon, 0);
+        assert_eq!(names(1 << CAP_PERFMON), ["CAP_PERFMON"]);
     }
 
     #[test]

@@ -2,8 +2,20 @@
 //! rt_sigreturn(2). glibc installs its `__restore_rt` as `sa_restorer` of
 //! every handler it sets, so a uprobe there sees every handler return of
 //! every process using that libc file, without a syscall hook.
+//!
+//! A process in a container uses its image's libc: another file, whose
+//! restorer the agent meets only when the kernel reports a delivery to a
+//! handler there (with its `sa_restorer`). [`in_process`] finds that code's
+//! file, and hooks it only if the code really is a restorer (it calls
+//! rt_sigreturn at once): the address comes from the process, and a uprobe
+//! on, say, `memcpy` would slow every process on the host.
 
-use std::{io, path::PathBuf};
+use std::{
+    fs::File,
+    io,
+    os::unix::fs::{FileExt, MetadataExt},
+    path::PathBuf,
+};
 
 /// Where a restorer is: a file and the offset of the code in it (what a
 /// uprobe is attached to).
@@ -32,18 +44,92 @@ pub fn own() -> io::Result<Restorer> {
     locate(&maps, addr).ok_or_else(|| io::Error::other(format!("restorer {addr:#x} is in no file mapping")))
 }
 
-/// The file and offset of `addr` in a /proc/PID/maps text.
+/// The file and offset of `addr` in a /proc/PID/maps text, if it is in
+/// an executable file mapping.
 fn locate(maps: &str, addr: u64) -> Option<Restorer> {
     maps.lines().find_map(|line| {
         let mut f = line.split_whitespace();
         let (start, end) = f.next()?.split_once('-')?;
         let (start, end) = (u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?);
-        let _perms = f.next()?;
+        let perms = f.next()?;
         let offset = u64::from_str_radix(f.next()?, 16).ok()?;
         let path = f.nth(2)?;
-        (start <= addr && addr < end && path.starts_with('/'))
+        // One more field: " (deleted)", a file no path leads to any more.
+        (start <= addr && addr < end && perms.contains('x') && path.starts_with('/') && f.next().is_none())
             .then(|| Restorer { path: path.into(), offset: addr - start + offset })
     })
+}
+
+/// Which file a restorer is in, as the kernel knows it (uprobes are per
+/// inode): device, inode, and the offset in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RestorerKey {
+    pub dev: u64,
+    pub ino: u64,
+    pub offset: u64,
+}
+
+impl Restorer {
+    /// This restorer's file identity (a stat of its path).
+    pub fn key(&self) -> io::Result<RestorerKey> {
+        let m = std::fs::metadata(&self.path)?;
+        Ok(RestorerKey { dev: m.dev(), ino: m.ino(), offset: self.offset })
+    }
+}
+
+/// A restorer found in another process: its file, open (a uprobe is
+/// attached through `/proc/self/fd/N`, so no path can be swapped in
+/// between the check and the attach), checked to hold a restorer.
+#[derive(Debug)]
+pub struct Found {
+    pub file: File,
+    pub key: RestorerKey,
+    /// The file's path as that process sees it (for the log).
+    pub path: PathBuf,
+}
+
+/// Why a process's restorer is not hooked.
+#[derive(Debug, thiserror::Error)]
+pub enum NotHooked {
+    #[error("cannot read its memory map: {0}")]
+    Maps(io::Error),
+    #[error("address {0:#x} is in no executable file mapping")]
+    NoFile(u64),
+    #[error("cannot open {path} through /proc/{pid}/root: {err}")]
+    Open { pid: u32, path: PathBuf, err: io::Error },
+    #[error("the code at {path}+{offset:#x} is not a signal restorer (it does not call rt_sigreturn at once)")]
+    NotARestorer { path: PathBuf, offset: u64 },
+}
+
+/// The restorer at `addr` in process `pid` (a pid of the agent's own
+/// namespace), its file opened through the process's root (a container's
+/// libc is in its own mount namespace).
+pub fn in_process(pid: u32, addr: u64) -> Result<Found, NotHooked> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(NotHooked::Maps)?;
+    let Restorer { path, offset } = locate(&maps, addr).ok_or(NotHooked::NoFile(addr))?;
+    let file = File::open(PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path)))
+        .map_err(|err| NotHooked::Open { pid, path: path.clone(), err })?;
+    let mut code = [0u8; 9];
+    let n = file.read_at(&mut code, offset).unwrap_or(0);
+    if !is_restorer_code(&code[..n]) {
+        return Err(NotHooked::NotARestorer { path, offset });
+    }
+    let meta = file.metadata().map_err(|err| NotHooked::Open { pid, path: path.clone(), err })?;
+    Ok(Found { file, key: RestorerKey { dev: meta.dev(), ino: meta.ino(), offset }, path })
+}
+
+/// Whether `code` starts with rt_sigreturn(2) called at once: x86_64's
+/// `mov $15, %rax; syscall` (glibc's and musl's `__restore_rt`) or `mov
+/// $15, %eax; syscall` (Go's), aarch64's `mov x8, #139; svc #0`.
+pub fn is_restorer_code(code: &[u8]) -> bool {
+    const X86_64_MOVQ: &[u8] = &[0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
+    const X86_64_MOVL: &[u8] = &[0xb8, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
+    const AARCH64: &[u8] = &[0x68, 0x11, 0x80, 0xd2, 0x01, 0x00, 0x00, 0xd4];
+    if cfg!(target_arch = "aarch64") {
+        code.starts_with(AARCH64)
+    } else {
+        code.starts_with(X86_64_MOVQ) || code.starts_with(X86_64_MOVL)
+    }
 }
 
 #[cfg(test)]
@@ -60,8 +146,42 @@ mod tests {
     }
 
     #[test]
+    fn a_deleted_file_or_a_data_mapping_is_not_a_restorer_file() {
+        let maps = "7f0000028000-7f00001bd000 r--p 00028000 08:01 123 /usr/lib/libc.so.6\n\
+                    7f1000028000-7f10001bd000 r-xp 00028000 08:01 124 /tmp/libc.so.6 (deleted)\n";
+        assert_eq!(locate(maps, 0x7f0000042de0), None);
+        assert_eq!(locate(maps, 0x7f1000042de0), None);
+    }
+
+    #[test]
     fn this_process_has_a_restorer_in_a_file() {
         let r = own().expect("the test harness's libc restorer");
         assert!(r.path.exists(), "{r:?}");
+    }
+
+    #[test]
+    fn the_own_restorer_found_through_proc_is_the_same_file_and_code() {
+        let own = own().unwrap();
+        // SAFETY: a query only, as in own().
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut old) }, 0);
+        let addr = old.sa_restorer.map_or(0, |f| f as usize as u64);
+        let found = in_process(std::process::id(), addr).expect("found through /proc/self");
+        assert_eq!(found.key, own.key().unwrap());
+    }
+
+    #[test]
+    fn only_code_that_calls_rt_sigreturn_at_once_is_a_restorer() {
+        if cfg!(target_arch = "x86_64") {
+            assert!(is_restorer_code(&[0x48, 0xc7, 0xc0, 0x0f, 0, 0, 0, 0x0f, 0x05, 0x0f]));
+            assert!(is_restorer_code(&[0xb8, 0x0f, 0, 0, 0, 0x0f, 0x05]));
+            // mov $1 (write), a prologue, a short read.
+            assert!(!is_restorer_code(&[0x48, 0xc7, 0xc0, 0x01, 0, 0, 0, 0x0f, 0x05]));
+            assert!(!is_restorer_code(&[0x55, 0x48, 0x89, 0xe5]));
+            assert!(!is_restorer_code(&[0x48, 0xc7, 0xc0]));
+        }
+        // A function that is not a restorer, in this very process's libc.
+        let memcpy = libc::memcpy as usize as u64;
+        assert!(matches!(in_process(std::process::id(), memcpy), Err(NotHooked::NotARestorer { .. })));
     }
 }
