@@ -9,6 +9,7 @@ use std::{
     ffi::OsStr,
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, ChildStdin, Command, Stdio},
     sync::{Arc, Mutex},
@@ -165,6 +166,17 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        // SIGINT/SIGQUIT ignored by a background launch of the tests would
+        // be inherited (see xtask's `test`): a fixture starts with the
+        // defaults, as from a terminal.
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+                Ok(())
+            })
+        };
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -432,8 +432,8 @@ fn metric(agent: &RunningAgent, family: &str, labels: &[&str]) -> f64 {
 
 /// The agent is stopped (SIGSTOP: a reader that cannot keep up) while a
 /// watched process gets 60,000 SIGUSR1s: each is a `signal_generate`
-/// event, 88 bytes on the ring, so the 4 MiB ring overflows after about
-/// 45,000 (no smaller ring is needed). Every event is accounted for — the
+/// event, 104 bytes on the ring with its header, so the 4 MiB ring
+/// overflows after about 40,000 (no smaller ring is needed). Every event is accounted for — the
 /// ones read plus the ones counted lost by kind — and the agent, once
 /// resumed, still detects a starved loop.
 #[test]

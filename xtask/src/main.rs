@@ -328,6 +328,15 @@ fn fuzz() -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    // A shell without job control starts a background job (`cargo xtask
+    // test &`, nohup, some CI runners) with SIGINT and SIGQUIT ignored, and
+    // every fixture would inherit that: Python then installs no SIGINT
+    // handler at all, and no event loop could see the SIGINTs the tests
+    // send. The tests need the defaults.
+    for sig in [libc::SIGINT, libc::SIGQUIT] {
+        // SAFETY: resets a disposition before any thread of ours handles it.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
     let env = setup()?;
     let root = workspace_root();
     step("unit tests");

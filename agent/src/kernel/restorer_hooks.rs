@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use crate::{
     kernel::{
         events::{Disposition, Event, EventBody},
-        probes::Probes,
+        probes::{MAX_RESTORER_HOOKS, Probes},
     },
     sys::restorer::{self, NotHooked},
 };
@@ -34,6 +34,8 @@ const REMEMBERED: usize = 16_384;
 pub struct RestorerDemand {
     seen: HashSet<(u32, u64)>,
     pending: Vec<(u32, u64)>,
+    /// The limit of hooked files was reached and said.
+    said_full: bool,
 }
 
 /// What one look at the pending restorers did, for the log.
@@ -79,10 +81,22 @@ impl RestorerDemand {
                 Ok(found) => match probes.hook_restorer(&found) {
                     Ok(true) => out.attached.push((pid, format!("{}+{:#x}", found.path.display(), found.key.offset))),
                     Ok(false) => {}
+                    // Said once: past the limit every new file would say it.
+                    Err(_) if probes.restorers_hooked() >= MAX_RESTORER_HOOKS => {
+                        if !std::mem::replace(&mut self.said_full, true) {
+                            out.refused.push((
+                                pid,
+                                format!(
+                                    "{MAX_RESTORER_HOOKS} restorer files are hooked already, the most this agent \
+                                     hooks (said once)"
+                                ),
+                            ));
+                        }
+                    }
                     Err(e) => out.refused.push((pid, format!("{e:#}"))),
                 },
                 // Gone before it was looked at: nothing to hook.
-                Err(NotHooked::Maps(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(NotHooked::Gone) => {}
                 Err(e) => out.refused.push((pid, e.to_string())),
             }
         }

@@ -46,8 +46,9 @@ pub enum Tier {
     /// fentry/fexit on the syscalls' entry points: only those calls pay.
     Fentry,
     /// `sock:sock_send_length` as a raw tracepoint for the write path and a
-    /// uprobe on the signal restorer for the return: no syscall pays, only
-    /// socket sends and handler returns. Writes to pipes and eventfds need
+    /// uprobe on the signal restorer for the return (the agent's libc's at
+    /// start, each other libc's when a handler there first runs): no
+    /// syscall pays, only socket sends and handler returns. Writes to pipes and eventfds need
     /// syscall tracepoints, attached only while an actor needs them.
     Socket,
     /// `syscalls:*` tracepoints: every syscall on the host pays while attached.

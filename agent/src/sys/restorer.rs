@@ -91,6 +91,9 @@ pub struct Found {
 /// Why a process's restorer is not hooked.
 #[derive(Debug, thiserror::Error)]
 pub enum NotHooked {
+    /// It exited (or is a zombie, whose map is empty): nothing to hook.
+    #[error("the process is gone")]
+    Gone,
     #[error("cannot read its memory map: {0}")]
     Maps(io::Error),
     #[error("address {0:#x} is in no executable file mapping")]
@@ -105,7 +108,14 @@ pub enum NotHooked {
 /// namespace), its file opened through the process's root (a container's
 /// libc is in its own mount namespace).
 pub fn in_process(pid: u32, addr: u64) -> Result<Found, NotHooked> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(NotHooked::Maps)?;
+    let maps = match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+        Ok(maps) if maps.is_empty() => return Err(NotHooked::Gone),
+        Ok(maps) => maps,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            return Err(NotHooked::Gone);
+        }
+        Err(e) => return Err(NotHooked::Maps(e)),
+    };
     let Restorer { path, offset } = locate(&maps, addr).ok_or(NotHooked::NoFile(addr))?;
     let file = File::open(PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path)))
         .map_err(|err| NotHooked::Open { pid, path: path.clone(), err })?;
