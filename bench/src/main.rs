@@ -76,6 +76,11 @@ pub struct BenchArgs {
     /// Storm: sender processes (kill(2) in a loop).
     #[arg(long, default_value_t = 2)]
     pub storm_senders: usize,
+    /// Rounds of the hot-path and redis states (each state once per round,
+    /// interleaved with no-agent baselines) [default: 5, 2 with --quick]:
+    /// more rounds narrow the ratios on a noisy machine.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub rounds: Option<u16>,
     /// Passed to `sigwake run --hooks` (auto, tracepoint, socket): which
     /// hook tier the agent under test uses [default: the agent's own].
     #[arg(long, value_name = "TIER")]
@@ -243,7 +248,10 @@ fn run(args: BenchArgs) -> Result<()> {
     }
     let started = Instant::now();
     let root = workspace_root();
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if let Some(rounds) = args.rounds {
+        plan.rounds = rounds.into();
+    }
 
     // `cargo xtask bench` built it (release) before starting this; the
     // kernel matrix says where its build is.

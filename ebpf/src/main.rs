@@ -783,23 +783,34 @@ fn write_call_of(regs: *const u8) -> Option<u32> {
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn sock_send_length(ctx: RawTracePointContext) -> u32 {
-    let Some((tid, window)) = handler_window() else { return 0 };
-    let Some(regs) = user_regs(&CONFIG.load()) else { return 0 };
-    if !handler_window_on_stack(tid, window, regs) {
-        return 0;
-    }
-    let Some(call) = write_call_of(regs) else { return 0 };
-    let ret = ctx.arg::<u64>(1) as i32 as i64;
-    let fd = syscall_arg(regs, 0);
-    begin_write(window, call, fd, call_bytes(regs, call));
-    finish_write(tid, window, ret);
-    // SAFETY: the entry belongs to the current thread. (finish_write may
-    // have closed a stale window: then this updates nothing that is read.)
-    unsafe {
-        (*window).socket_sent_fd = fd as i32;
-        (*window).socket_sent_call = call;
+    // The result is read only past the hot path's first check.
+    if let Some((window, call, fd)) = write_in_handler(|| ctx.arg::<u64>(1) as i32 as i64) {
+        // SAFETY: the entry belongs to the current thread. (finish_write may
+        // have closed a stale window: then this updates nothing that is read.)
+        unsafe {
+            (*window).socket_sent_fd = fd as i32;
+            (*window).socket_sent_call = call;
+        }
     }
     0
+}
+
+/// Reports the current syscall's write as a handler write returning
+/// `ret`, if the thread is inside a handler and on its stack, from the
+/// user registers the syscall saved (for hooks that run inside the kernel
+/// function, not at the syscall). Returns the window, call and fd.
+#[inline(always)]
+fn write_in_handler(ret: impl FnOnce() -> i64) -> Option<(*mut HandlerWindow, u32, u64)> {
+    let (tid, window) = handler_window()?;
+    let regs = user_regs(&CONFIG.load())?;
+    if !handler_window_on_stack(tid, window, regs) {
+        return None;
+    }
+    let call = write_call_of(regs)?;
+    let fd = syscall_arg(regs, 0);
+    begin_write(window, call, fd, call_bytes(regs, call));
+    finish_write(tid, window, ret());
+    Some((window, call, fd))
 }
 
 /// write(2) and writev(2) to pipes and eventfds, which no socket hook sees
@@ -842,14 +853,7 @@ pub fn sys_exit_pipe_write(ctx: RawTracePointContext) -> u32 {
 /// registers the syscall saved, as for `sock_send_length`.
 #[inline(always)]
 fn pipe_like_write(ret: i64) -> u32 {
-    let Some((tid, window)) = handler_window() else { return 0 };
-    let Some(regs) = user_regs(&CONFIG.load()) else { return 0 };
-    if !handler_window_on_stack(tid, window, regs) {
-        return 0;
-    }
-    let Some(call) = write_call_of(regs) else { return 0 };
-    begin_write(window, call, syscall_arg(regs, 0), call_bytes(regs, call));
-    finish_write(tid, window, ret);
+    let _ = write_in_handler(|| ret);
     0
 }
 
