@@ -386,13 +386,6 @@ fn wait_busy(p: &Proc) {
     });
 }
 
-/// Sends `n` SIGINTs, each once the previous one was taken, stopping early
-/// if the process is gone (the ladder may end it while a long flood is
-/// still under way).
-fn sigints(p: &mut Proc, n: usize) {
-    sigint_burst(p.pid(), n);
-}
-
 /// The runtime's three verdicts under one agent, whose config selects two
 /// fixtures (no runtime given: the agent must recognise it) with the
 /// built-in `default` policy:
@@ -457,11 +450,12 @@ fn judge(case: Case) {
         };
         let mut sent = 0;
         while sent < 10 * case.flood && starved.child.try_wait().unwrap().is_none() && !dropped(&agent) {
-            sigints(&mut starved, case.flood.min(100));
+            // Stops early if the ladder ends it while the flood is under way.
+            sigint_burst(starved.pid(), case.flood.min(100));
             sent += case.flood.min(100);
         }
     } else {
-        sigints(&mut starved, 1);
+        sigint_burst(starved.pid(), 1);
     }
 
     // Named with its runtime, from its first wakeup write.
@@ -618,7 +612,7 @@ fn node_libuv_lost_messages_are_attributed() {
         agent.entries_for("/actors", pid).iter().any(|a| a["drops"].as_u64().is_some_and(|d| d > 0))
     };
     while sent < MAX_SIGINTS && !dropped(&agent) {
-        sigints(&mut node, 1000);
+        sigint_burst(node.pid(), 1000);
         sent += 1000;
     }
     let took = t.elapsed();
