@@ -527,7 +527,12 @@ fn agent_runs_with_exactly_the_listed_capabilities_and_drops_them_after_attach()
     let fewer: Vec<String> = caps.iter().filter(|c| *c != "SETPCAP").cloned().collect();
     let no_setpcap = format!("{name}-no-SETPCAP");
     let _cleanup2 = Cleanup(vec![format!("rm -f -t 0 {no_setpcap}")]);
-    let out = run_daemonset_agent(&no_setpcap, &TempDir::new("deploy-caps2"), &fewer, None, true);
+    // Kept to the end: the running agent's socket and state dirs are in it
+    // (a temporary dropped at the end of the statement removed them under
+    // the agent as it started: `binding /run/sigwake/registry.sock: No such
+    // file or directory`, now and then).
+    let dir2 = TempDir::new("deploy-caps2");
+    let out = run_daemonset_agent(&no_setpcap, &dir2, &fewer, None, true);
     assert!(out.status.success(), "podman run: {}", String::from_utf8_lossy(&out.stderr));
     let pid = wait_ready(&no_setpcap, port);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -686,6 +691,17 @@ fn starve_and_judge(agent: &AgentUnderTest, pod: &str, shares_agent_pidns: bool,
     };
 
     let metrics = agent.metrics();
+    // The app's libc is its image's, another file than the agent's own: on
+    // the socket tier the agent hooks that file's signal restorer too, when
+    // the app's first handler runs, and so sees its handler returns.
+    let log = logs_text(&agent.container);
+    if log.contains(" hooks attached, socket tier:") {
+        assert!(
+            log.contains("hooked the signal restorer at /usr/lib/x86_64-linux-gnu/libc.so.6+0x"),
+            "the app's restorer hooked:\n{log}"
+        );
+        assert!(metric_sum(&metrics, "sigwake_restorer_uprobes", &[]) >= 2.0, "{metrics}");
+    }
     let actor = format!("actor=\"{APP_ACTOR}\"");
     assert!(metric_sum(&metrics, "sigwake_wakeup_writes_dropped_total", &[&actor]) > 0.0, "{metrics}");
     let outcome = format!("outcome=\"{sigterm_outcome}\"");

@@ -191,7 +191,7 @@ mod tests {
             assert!(!is_restorer_code(&[0x48, 0xc7, 0xc0]));
         }
         // A function that is not a restorer, in this very process's libc.
-        let memcpy = libc::memcpy as usize as u64;
+        let memcpy = libc::memcpy as *const () as usize as u64;
         assert!(matches!(in_process(std::process::id(), memcpy), Err(NotHooked::NotARestorer { .. })));
     }
 }
