@@ -614,6 +614,8 @@ struct StateData {
     unix_pairs: u64,
     /// perf profile of the write loop: share of samples per category.
     profile: Option<Profile>,
+    /// The same for the AF_UNIX send+recv loop.
+    unix_profile: Option<Profile>,
     unavailable: Option<String>,
     foreign: Vec<String>,
 }
@@ -751,6 +753,15 @@ struct Profile {
     top: Vec<(String, f64)>,
 }
 
+impl Profile {
+    fn json(&self) -> Value {
+        json!({
+            "syscall_share": self.syscall, "machinery_share": self.machinery, "bpf_share": self.bpf,
+            "top_symbols": self.top.iter().map(|(s, v)| json!([s, v])).collect::<Vec<_>>(),
+        })
+    }
+}
+
 fn classify(sym: &str) -> u8 {
     const BPF: [&str; 9] = [
         "bpf_prog_",
@@ -774,7 +785,12 @@ fn classify(sym: &str) -> u8 {
         "migrate_",
         "__rcu_read",
     ];
-    if BPF.iter().any(|p| sym.starts_with(p)) {
+    // A raw tracepoint's dispatch (`__traceiter_*`, `__bpf_trace_*`,
+    // `bpf_trace_run*`) is machinery, though it starts like a BPF symbol.
+    const RAW_DISPATCH: [&str; 3] = ["__traceiter_", "__bpf_trace_", "bpf_trace_run"];
+    if RAW_DISPATCH.iter().any(|p| sym.starts_with(p)) {
+        1
+    } else if BPF.iter().any(|p| sym.starts_with(p)) {
         2
     } else if MACHINERY.iter().any(|p| sym.starts_with(p)) {
         1
@@ -783,14 +799,15 @@ fn classify(sym: &str) -> u8 {
     }
 }
 
-fn perf_profile(ctx: &Ctx, tag: &str) -> Result<Option<Profile>> {
+/// Profiles the loop `mode` (`write`, `unixpair`) of `iters` iterations.
+fn perf_profile(ctx: &Ctx, tag: &str, mode: &str, iters: u64) -> Result<Option<Profile>> {
     if !have("perf") {
         return Ok(None);
     }
-    let data = ctx.logs.join(format!("perf-{tag}.data"));
+    let data = ctx.logs.join(format!("perf-{mode}-{tag}.data"));
     let mut cmd = Command::new("perf");
     cmd.args(["record", "-q", "-F", "20000", "-o"]).arg(&data).arg("--").arg(&ctx.tools.writeloop);
-    cmd.args(["write", &ctx.plan.iters.to_string(), "2"]);
+    cmd.args([mode, &iters.to_string(), "2"]);
     if procs::run_bounded(cmd, "perf record", Duration::from_secs(120), Some(ctx.cpu)).is_err() {
         return Ok(None);
     }
@@ -855,7 +872,9 @@ fn measure_state(
         }
     }
     if with_stats && ctx.wants(Section::Hot) && data.profile.is_none() {
-        data.profile = perf_profile(ctx, &format!("{}", owner.unwrap_or(0)))?;
+        let tag = format!("{}", owner.unwrap_or(0));
+        data.profile = perf_profile(ctx, &tag, "write", ctx.plan.iters)?;
+        data.unix_profile = perf_profile(ctx, &tag, "unixpair", (ctx.plan.iters / 10).max(1))?;
     }
     if let Some(r) = redis {
         let (s, g) = redis_bench(ctx, r)?;
@@ -1272,27 +1291,41 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                 )
                 .baseline(format!("loop with stats on: {:.1} ns", son.median));
         }
-        for state in STATES {
-            let d = &data[state];
-            let Some(p) = &d.profile else { continue };
-            let per = Summary::of(&d.write).median;
-            report
-                .row(
-                    "where a write() goes (perf record of the loop, flat profile × ns per write)",
-                    state,
-                    format!(
-                        "syscall+write {:.0} ns | tracepoint machinery {:.0} ns | BPF bodies {:.0} ns",
-                        p.syscall * per,
-                        p.machinery * per,
-                        p.bpf * per
-                    ),
-                )
-                .baseline(format!(
-                    "{:.0}% / {:.0}% / {:.0}% of {per:.0} ns",
-                    p.syscall * 100.0,
-                    p.machinery * 100.0,
-                    p.bpf * 100.0
-                ));
+        // The profile splits one state's own time, so it does not depend on
+        // how noisy the baselines were.
+        let loops: [(&str, &str, fn(&StateData) -> (&Option<Profile>, &Vec<f64>)); 2] = [
+            ("where a write() goes (perf record of the loop, flat profile × ns per write)", "syscall+write", |d| {
+                (&d.profile, &d.write)
+            }),
+            (
+                "where an AF_UNIX send+recv goes (perf record of the loop, flat profile × ns per pair)",
+                "syscalls+socket",
+                |d| (&d.unix_profile, &d.unixpair),
+            ),
+        ];
+        for (section, own, of) in loops {
+            for state in STATES {
+                let (profile, samples) = of(&data[state]);
+                let Some(p) = profile else { continue };
+                let per = Summary::of(samples).median;
+                report
+                    .row(
+                        section,
+                        state,
+                        format!(
+                            "{own} {:.0} ns | tracepoint machinery {:.0} ns | BPF bodies {:.0} ns",
+                            p.syscall * per,
+                            p.machinery * per,
+                            p.bpf * per
+                        ),
+                    )
+                    .baseline(format!(
+                        "{:.1}% / {:.1}% / {:.1}% of {per:.0} ns",
+                        p.syscall * 100.0,
+                        p.machinery * 100.0,
+                        p.bpf * 100.0
+                    ));
+            }
         }
     }
     if had_redis {
@@ -1403,10 +1436,8 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
                     "write_ns_bpf_stats_on": d.write_stats_on,
                     "bpf_programs": d.progs.iter().map(|(n, r, t)| json!({"name": n, "runs": r, "run_time_ns": t, "ns_per_run": *t as f64 / (*r).max(1) as f64})).collect::<Vec<_>>(),
                     "foreign_tracers": d.foreign,
-                    "perf_profile": d.profile.as_ref().map(|p| json!({
-                        "syscall_share": p.syscall, "machinery_share": p.machinery, "bpf_share": p.bpf,
-                        "top_symbols": p.top.iter().map(|(s, v)| json!([s, v])).collect::<Vec<_>>(),
-                    })),
+                    "perf_profile": d.profile.as_ref().map(Profile::json),
+                    "perf_profile_unixpair": d.unix_profile.as_ref().map(Profile::json),
                 }),
             )
         })
