@@ -204,10 +204,13 @@ fn user_sp(cfg: &Config) -> Option<u64> {
 
 /// The user stack range a handler about to run will use: its alternate
 /// signal stack (SA_ONSTACK with one set, and not already on it), else
-/// everything below the interrupted stack pointer. (0, 0): unknown.
+/// everything below the interrupted stack pointer `sp`. (0, 0): unknown
+/// (`sp` 0).
 #[inline(always)]
-fn handler_stack(cfg: &Config, sa_flags: u64) -> (u64, u64) {
-    let Some(sp) = user_sp(cfg) else { return (0, 0) };
+fn handler_stack(cfg: &Config, sa_flags: u64, sp: u64) -> (u64, u64) {
+    if sp == 0 {
+        return (0, 0);
+    }
     if sa_flags & SA_ONSTACK != 0 {
         // SAFETY: as in user_regs.
         let task = unsafe { bpf_get_current_task() } as *const u8;
@@ -403,6 +406,11 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let mut window = HandlerWindow { entered_ns: now, write_fd: -1, ..HandlerWindow::default() };
+    // The interrupted user stack pointer (the signal frame is not pushed
+    // yet), read once: 0 where the tier does not know where it is. (A plain
+    // number: an Option here compiled to a register the verifier refused
+    // as uninitialised on one path.)
+    let sp = user_sp(&cfg).unwrap_or(0);
     // SAFETY: read-only copy of the thread's own entry.
     // (Read in place: a second copy of the window would not fit the
     // 512-byte stack next to the event.)
@@ -411,7 +419,7 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
         // A signal that interrupts code off the open handler's stack came
         // after that handler returned, unseen (a restorer not hooked yet, a
         // siglongjmp): a fresh window, not a nested one.
-        let still_inside = user_sp(&cfg).is_none_or(|sp| on_handler_stack(prev, sp));
+        let still_inside = sp == 0 || on_handler_stack(prev, sp);
         if still_inside && now.wrapping_sub(prev.entered_ns) <= cfg.handler_window_ns {
             window = *prev;
             window.entered_ns = now;
@@ -422,7 +430,7 @@ fn try_signal_deliver(ctx: &TracePointContext) -> Result<(), i64> {
         }
     }
     let depth = window.depth as usize;
-    let (lo, hi) = handler_stack(&cfg, sa_flags);
+    let (lo, hi) = handler_stack(&cfg, sa_flags, sp);
     // Deeper nesting: keep the innermost signal on top.
     let level = if depth < MAX_HANDLER_DEPTH { depth } else { MAX_HANDLER_DEPTH - 1 } & LEVEL_MASK;
     window.sigs[level] = sig;

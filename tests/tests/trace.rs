@@ -261,3 +261,42 @@ fn handler_returns_are_seen_in_a_process_using_another_libc_file() {
     p.wait_exit(EVENT);
     stop_agent(&mut t);
 }
+
+/// A handler's restorer comes from the process: one that names memcpy as
+/// its restorer (rt_sigaction(2) takes any address) must not get a uprobe
+/// on memcpy, which every process on the host would then trap into. The
+/// agent checks the code calls rt_sigreturn and says why it refuses.
+#[test]
+fn a_forged_restorer_is_never_hooked() {
+    let dir = TempDir::new("forged-restorer");
+    let bin = dir.0.join("forged_restorer");
+    let cc = std::process::Command::new("cc")
+        .arg("-O2")
+        .arg("-o")
+        .arg(&bin)
+        .arg(fixtures_dir().join("forged_restorer.c"))
+        .status()
+        .expect("running cc (gcc)");
+    assert!(cc.success(), "compiling forged_restorer.c");
+    let mut p = Proc::spawn("forged_restorer", &mut std::process::Command::new(&bin));
+    p.stdout.wait_json("forged_restorer ready", EVENT, |v| v["ready"] == true);
+    let pid = p.pid().to_string();
+    let mut t = trace(&["--pid", &pid, "--signal", "USR1"]);
+    p.signal(libc::SIGUSR1);
+    p.stdout.wait_json("its handler", EVENT, |v| v["handled"] == true);
+    let deliver = t.stdout.wait_json("the delivery", EVENT, |v| v["event"] == "signal_deliver");
+    assert_eq!(deliver["disposition"], "handler", "{deliver}");
+    let log = t.stderr_text();
+    if log.contains("socket tier") {
+        // The look happens after the batch that carried the delivery.
+        wait_until("the agent to judge the forged restorer", EVENT, || {
+            t.stderr_text().contains(&format!("the signal restorer of pid {pid} is not hooked"))
+        });
+        let log = t.stderr_text();
+        assert!(log.contains("is not a signal restorer (it does not call rt_sigreturn at once)"), "{log}");
+        assert!(!log.contains("hooked the signal restorer at"), "nothing hooked:\n{log}");
+    }
+    p.close_stdin();
+    p.wait_exit(EVENT);
+    stop_agent(&mut t);
+}
