@@ -509,6 +509,16 @@ pub fn setuid_root_helper(dir: &TempDir) -> PathBuf {
     bin
 }
 
+/// Compiles the C fixture `tests/fixtures/NAME.c` with `cc -O2` into
+/// `dir`; returns the binary's path.
+pub fn c_fixture(dir: &TempDir, name: &str) -> PathBuf {
+    let bin = dir.0.join(name);
+    let src = fixtures_dir().join(format!("{name}.c"));
+    let cc = Command::new("cc").arg("-O2").arg("-o").arg(&bin).arg(&src).status().expect("running cc (gcc)");
+    assert!(cc.success(), "compiling {}", src.display());
+    bin
+}
+
 /// Sends `n` SIGINTs to `pid`, each once the previous one has been taken
 /// off the pending set (its handler is running or has run), and returns how
 /// many were taken. kill(2) of a signal still pending is merged into it: on

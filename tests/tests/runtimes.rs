@@ -414,17 +414,7 @@ fn judge(case: Case) {
     // --no-discovery: other tests' loops are not this agent's business;
     // the runtime of the selected ones is recognised all the same.
     // The eventfd loop is C (tests/fixtures/eventfd_loop.c), built here.
-    let c_bin = (rt == "eventfd").then(|| {
-        let bin = dir.0.join("eventfd_loop");
-        let cc = std::process::Command::new("cc")
-            .args(["-O2", "-o"])
-            .arg(&bin)
-            .arg(fixtures_dir().join("eventfd_loop.c"))
-            .status()
-            .expect("running cc (gcc)");
-        assert!(cc.success(), "compiling eventfd_loop.c");
-        bin
-    });
+    let c_bin = (rt == "eventfd").then(|| c_fixture(&dir, "eventfd_loop"));
     let agent = RunningAgent::start(&["--no-discovery", "--config", config.to_str().unwrap()]);
     let (mut starved, _) = loop_fixture(&case, "60", "1", &format!("{tag}-starved"), c_bin.as_deref());
     let (mut busy, _) = loop_fixture(&case, "0.3", "2", &format!("{tag}-busy"), c_bin.as_deref());

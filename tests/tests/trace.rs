@@ -161,15 +161,7 @@ fn without_privileges_the_agent_names_the_cause_and_fails() {
 #[test]
 fn nested_handlers_each_report_their_own_duration() {
     let dir = TempDir::new("nested");
-    let bin = dir.0.join("nested_handlers");
-    let cc = std::process::Command::new("cc")
-        .arg("-O2")
-        .arg("-o")
-        .arg(&bin)
-        .arg(fixtures_dir().join("nested_handlers.c"))
-        .status()
-        .expect("running cc (gcc)");
-    assert!(cc.success(), "compiling nested_handlers.c");
+    let bin = c_fixture(&dir, "nested_handlers");
     let mut cmd = std::process::Command::new(&bin);
     let mut p = Proc::spawn("nested_handlers", &mut cmd);
     p.stdout.wait_json("nested_handlers ready", EVENT, |v| v["ready"] == true);
@@ -269,15 +261,7 @@ fn handler_returns_are_seen_in_a_process_using_another_libc_file() {
 #[test]
 fn a_forged_restorer_is_never_hooked() {
     let dir = TempDir::new("forged-restorer");
-    let bin = dir.0.join("forged_restorer");
-    let cc = std::process::Command::new("cc")
-        .arg("-O2")
-        .arg("-o")
-        .arg(&bin)
-        .arg(fixtures_dir().join("forged_restorer.c"))
-        .status()
-        .expect("running cc (gcc)");
-    assert!(cc.success(), "compiling forged_restorer.c");
+    let bin = c_fixture(&dir, "forged_restorer");
     let mut p = Proc::spawn("forged_restorer", &mut std::process::Command::new(&bin));
     p.stdout.wait_json("forged_restorer ready", EVENT, |v| v["ready"] == true);
     let pid = p.pid().to_string();
