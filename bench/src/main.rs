@@ -1293,7 +1293,8 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
         }
         // The profile splits one state's own time, so it does not depend on
         // how noisy the baselines were.
-        let loops: [(&str, &str, fn(&StateData) -> (&Option<Profile>, &Vec<f64>)); 2] = [
+        type ProfileOf = fn(&StateData) -> (&Option<Profile>, &Vec<f64>);
+        let loops: [(&str, &str, ProfileOf); 2] = [
             ("where a write() goes (perf record of the loop, flat profile × ns per write)", "syscall+write", |d| {
                 (&d.profile, &d.write)
             }),
