@@ -13,7 +13,7 @@
 use std::{
     fs::File,
     io,
-    os::unix::fs::{FileExt, MetadataExt},
+    os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
     path::PathBuf,
 };
 
@@ -117,15 +117,40 @@ pub fn in_process(pid: u32, addr: u64) -> Result<Found, NotHooked> {
         Err(e) => return Err(NotHooked::Maps(e)),
     };
     let Restorer { path, offset } = locate(&maps, addr).ok_or(NotHooked::NoFile(addr))?;
-    let file = File::open(PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path)))
-        .map_err(|err| NotHooked::Open { pid, path: path.clone(), err })?;
+    let file_path = PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
+    let (file, meta) = open_checked(&file_path, offset).map_err(|e| match e {
+        Checked::Io(err) => NotHooked::Open { pid, path: path.clone(), err },
+        Checked::NotARestorer => NotHooked::NotARestorer { path: path.clone(), offset },
+    })?;
+    Ok(Found { file, key: RestorerKey { dev: meta.dev(), ino: meta.ino(), offset }, path })
+}
+
+enum Checked {
+    Io(io::Error),
+    NotARestorer,
+}
+
+/// Opens `path` and checks that it is a regular file with a restorer's
+/// code at `offset`. The path is the process's to change after it mapped
+/// the file (a bind mount in its own mount namespace): a FIFO there must
+/// not block the agent (O_NONBLOCK), a symlink must not lead it elsewhere
+/// (O_NOFOLLOW), and only a regular file is read.
+fn open_checked(path: &std::path::Path, offset: u64) -> Result<(File, std::fs::Metadata), Checked> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path)
+        .map_err(Checked::Io)?;
+    let meta = file.metadata().map_err(Checked::Io)?;
+    if !meta.is_file() {
+        return Err(Checked::NotARestorer);
+    }
     let mut code = [0u8; 9];
     let n = file.read_at(&mut code, offset).unwrap_or(0);
     if !is_restorer_code(&code[..n]) {
-        return Err(NotHooked::NotARestorer { path, offset });
+        return Err(Checked::NotARestorer);
     }
-    let meta = file.metadata().map_err(|err| NotHooked::Open { pid, path: path.clone(), err })?;
-    Ok(Found { file, key: RestorerKey { dev: meta.dev(), ino: meta.ino(), offset }, path })
+    Ok((file, meta))
 }
 
 /// Whether `code` starts with rt_sigreturn(2) called at once: x86_64's
@@ -178,6 +203,35 @@ mod tests {
         let addr = old.sa_restorer.map_or(0, |f| f as usize as u64);
         let found = in_process(std::process::id(), addr).expect("found through /proc/self");
         assert_eq!(found.key, own.key().unwrap());
+    }
+
+    #[test]
+    fn a_fifo_or_a_symlink_at_the_mapped_path_neither_blocks_nor_is_followed() {
+        // What a process could put at its mapped file's path (a bind mount
+        // in its own mount namespace): the look returns at once, refusing.
+        let dir = std::env::temp_dir().join(format!("sigwake-restorer-paths-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stub = dir.join("stub.so");
+        std::fs::write(&stub, [0x48u8, 0xc7, 0xc0, 0x0f, 0, 0, 0, 0x0f, 0x05]).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let link = dir.join("link.so");
+        std::os::unix::fs::symlink(&stub, &link).unwrap();
+
+        let started = std::time::Instant::now();
+        assert!(matches!(open_checked(&fifo, 0), Err(Checked::NotARestorer)), "a FIFO is no restorer file");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "opening the FIFO blocked");
+        assert!(
+            matches!(open_checked(&link, 0), Err(Checked::Io(e)) if e.raw_os_error() == Some(libc::ELOOP)),
+            "a symlink is not followed"
+        );
+        if cfg!(target_arch = "x86_64") {
+            assert!(open_checked(&stub, 0).is_ok(), "the regular file with a restorer's code is");
+            assert!(matches!(open_checked(&stub, 1), Err(Checked::NotARestorer)));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
