@@ -94,10 +94,12 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
                         EventBody::SignalGenerate(g) if filter.matches_except_pids(&ev) => procinfo::tgid_of(g.target_tid),
                         _ => None,
                     };
+                    if filter.covers_process(ev.subject_pid()) {
+                        restorers.note(&ev);
+                    }
                     if !filter.matches(&ev, target_pid) {
                         continue;
                     }
-                    restorers.note(&ev);
                     let line = match args.format {
                         Format::Json => trace::to_json(&ev, &clock, target_pid, None).to_string(),
                         Format::Text => trace::to_text(&ev, &clock, target_pid, None),

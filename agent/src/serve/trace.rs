@@ -36,6 +36,13 @@ impl TraceFilter {
         self.signals.is_empty() || ev.signal().is_none_or(|s| self.signals.contains(&s))
     }
 
+    /// Whether events of process `pid` can be shown at all (the --pid
+    /// list), whatever their kind: its handler returns matter to how its
+    /// drops are judged even when only drops are shown.
+    pub fn covers_process(&self, pid: u32) -> bool {
+        self.pids.is_empty() || self.pids.contains(&pid)
+    }
+
     fn matches_pids(&self, ev: &Event, target_pid: Option<u32>) -> bool {
         if !self.pids.is_empty() {
             let mut pids = vec![ev.subject_pid()];
