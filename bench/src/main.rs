@@ -157,6 +157,12 @@ impl Plan {
         }
     }
 
+    /// AF_UNIX pairs per rep: a pair costs ~10× a write, so a tenth of the
+    /// iterations.
+    fn unixpair_iters(&self) -> u64 {
+        (self.iters / 10).max(1)
+    }
+
     fn json(&self) -> Value {
         json!({
             "rounds": self.rounds, "iterations_per_rep": self.iters, "reps": self.reps,
@@ -865,8 +871,7 @@ fn measure_state(
             data.getppid.push(cpu);
             data.getppid_wall.push(wall);
         }
-        // A pair costs ~10× a write: a tenth of the iterations.
-        for (cpu, wall) in writeloop_n(ctx, "unixpair", (ctx.plan.iters / 10).max(1), ctx.plan.reps)? {
+        for (cpu, wall) in writeloop_n(ctx, "unixpair", ctx.plan.unixpair_iters(), ctx.plan.reps)? {
             data.unixpair.push(cpu);
             data.unixpair_wall.push(wall);
         }
@@ -874,7 +879,7 @@ fn measure_state(
     if with_stats && ctx.wants(Section::Hot) && data.profile.is_none() {
         let tag = format!("{}", owner.unwrap_or(0));
         data.profile = perf_profile(ctx, &tag, "write", ctx.plan.iters)?;
-        data.unix_profile = perf_profile(ctx, &tag, "unixpair", (ctx.plan.iters / 10).max(1))?;
+        data.unix_profile = perf_profile(ctx, &tag, "unixpair", ctx.plan.unixpair_iters())?;
     }
     if let Some(r) = redis {
         let (s, g) = redis_bench(ctx, r)?;
@@ -898,7 +903,7 @@ fn measure_state(
         let after = snap();
         data.progs = procs::programs_ran(&before, &after);
         // The same for socket sends, which the socket tier's program sees.
-        let pairs = (ctx.plan.iters / 10).max(1);
+        let pairs = ctx.plan.unixpair_iters();
         let before = snap();
         writeloop_n(ctx, "unixpair", pairs, ctx.plan.stats_reps)?;
         let after = snap();

@@ -22,7 +22,7 @@ use crate::{
     kernel::selftest::{self, SelfTestReport},
     kernel::tiers::{ExitSource, HookReport, Job, JobReport, Tier},
     kernel::tracefs::{self, TracefsError},
-    sys::restorer::RestorerKey,
+    sys::restorer::{Found, RestorerKey},
 };
 
 /// The kernel programs, built by build.rs.
@@ -359,7 +359,7 @@ impl Probes {
         // registers are; the socket tier also the restorer), looked for
         // when a plan first asks (not when a faster tier was proven first).
         let mut socket_inputs: Option<bool> = None;
-        let mut restorer: Option<Option<crate::sys::restorer::Restorer>> = None;
+        let mut restorer: Option<Option<Found>> = None;
         let plans = tiers.iter().flat_map(|&tier| exits.iter().map(move |&exit| Plan { tier, exit }));
         let mut last_failure = None;
         // Tiers the kernel refused at load or attach: no second try with
@@ -398,6 +398,12 @@ impl Probes {
             }
             let mut cfg = config;
             cfg.exit_source = plan.exit.raw();
+            // Only the socket tier hooks restorers; socket_fentry shares its
+            // inputs but sees rt_sigreturn itself, so its deliveries do not
+            // read them.
+            if plan.tier != Tier::Socket {
+                cfg.sighand_action = 0;
+            }
             let mut probes = match Self::attach(
                 cfg,
                 formats.offsets,
@@ -469,7 +475,7 @@ impl Probes {
         config: Config,
         offsets: TracepointOffsets,
         tier: Tier,
-        restorer: Option<&crate::sys::restorer::Restorer>,
+        restorer: Option<&Found>,
     ) -> Result<Self, LoadError> {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
@@ -502,10 +508,7 @@ impl Probes {
                 })?;
                 hooks.push(attach_raw_tracepoint(&mut ebpf, "sock_send_length", "sock_send_length", Job::WritePath)?);
                 hooks.push(attach_restorer(&mut ebpf, restorer)?);
-                own_restorer = Some(restorer.key().map_err(|e| LoadError::Other {
-                    what: format!("reading {}", restorer.path.display()),
-                    source: e.into(),
-                })?);
+                own_restorer = Some(restorer.key);
                 // Loaded now (a verifier rejection refuses the tier), attached
                 // on demand.
                 let prog: &mut RawTracePoint = program_of(&mut ebpf, PIPE_WRITE_PROGRAM)?;
@@ -578,7 +581,7 @@ impl Probes {
     /// hooked already; returns whether a uprobe was attached. The uprobe
     /// is attached through the open file (`/proc/self/fd/N`): the file
     /// checked is the file hooked.
-    pub fn hook_restorer(&mut self, found: &crate::sys::restorer::Found) -> Result<bool, LoadError> {
+    pub fn hook_restorer(&mut self, found: &Found) -> Result<bool, LoadError> {
         let Some(hooked) = &self.restorers else { return Ok(false) };
         if hooked.contains(&found.key) {
             return Ok(false);
@@ -590,21 +593,8 @@ impl Probes {
                     .into(),
             });
         }
-        let program = "signal_restorer";
-        let at = format!("{}+{:#x}", found.path.display(), found.key.offset);
-        let prog: &mut UProbe = program_of(&mut self.ebpf, program)?;
-        prog.attach(
-            aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(found.key.offset),
-            format!("/proc/self/fd/{}", found.file.as_raw_fd()),
-            aya::programs::uprobe::UProbeScope::AllProcesses,
-        )
-        .map_err(|e| classify(format!("attach `{program}` to {at}"), e))?;
-        self.hooks.push(Hook {
-            program,
-            job: Job::HandlerReturn,
-            tier: "uprobe",
-            attach_point: format!("uprobe:{at}"),
-        });
+        let hook = attach_restorer(&mut self.ebpf, found)?;
+        self.hooks.push(hook);
         self.restorers.get_or_insert_with(HashSet::new).insert(found.key);
         Ok(true)
     }
@@ -816,16 +806,20 @@ fn attach_raw_tracepoint(ebpf: &mut Ebpf, program: &'static str, event: &str, jo
     Ok(Hook { program, job, tier: "raw_tracepoint", attach_point: format!("raw:{event}") })
 }
 
-/// The uprobe on the signal restorer: every handler return of a process
-/// using that file's restorer.
-fn attach_restorer(ebpf: &mut Ebpf, restorer: &crate::sys::restorer::Restorer) -> Result<Hook, LoadError> {
+/// The uprobe on a signal restorer: every handler return of a process
+/// using that file's restorer. Attached through the open file
+/// (`/proc/self/fd/N`): the file checked is the file hooked. The program is
+/// loaded with the first.
+fn attach_restorer(ebpf: &mut Ebpf, found: &Found) -> Result<Hook, LoadError> {
     let program = "signal_restorer";
     let prog: &mut UProbe = program_of(ebpf, program)?;
-    prog.load().map_err(|e| classify_load(program, format!("load program `{program}`"), e))?;
-    let at = format!("{}+{:#x}", restorer.path.display(), restorer.offset);
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| classify_load(program, format!("load program `{program}`"), e))?;
+    }
+    let at = format!("{}+{:#x}", found.path.display(), found.key.offset);
     prog.attach(
-        aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(restorer.offset),
-        &restorer.path,
+        aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(found.key.offset),
+        format!("/proc/self/fd/{}", found.file.as_raw_fd()),
         aya::programs::uprobe::UProbeScope::AllProcesses,
     )
     .map_err(|e| classify(format!("attach `{program}` to {at}"), e))?;

@@ -17,18 +17,19 @@ use std::{
     path::PathBuf,
 };
 
-/// Where a restorer is: a file and the offset of the code in it (what a
-/// uprobe is attached to).
+/// Where a restorer is in a process's map: a file (by the path that
+/// process sees) and the offset of the code in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Restorer {
-    pub path: PathBuf,
-    pub offset: u64,
+struct Restorer {
+    path: PathBuf,
+    offset: u64,
 }
 
 /// The restorer of this process's libc, read back from an installed
 /// handler (the Rust runtime's SIGSEGV handler, set through glibc's
-/// sigaction(2), which fills in `sa_restorer`).
-pub fn own() -> io::Result<Restorer> {
+/// sigaction(2), which fills in `sa_restorer`), found and checked the way
+/// any other process's is.
+pub fn own() -> io::Result<Found> {
     // SAFETY: a query only (no new action); `old` is plain data.
     let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
     if unsafe { libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut old) } != 0 {
@@ -40,8 +41,7 @@ pub fn own() -> io::Result<Restorer> {
     if addr == 0 || old.sa_flags & SA_RESTORER == 0 {
         return Err(io::Error::other("no handler with a restorer is installed in this process"));
     }
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
-    locate(&maps, addr).ok_or_else(|| io::Error::other(format!("restorer {addr:#x} is in no file mapping")))
+    in_process(std::process::id(), addr).map_err(|e| io::Error::other(e.to_string()))
 }
 
 /// The file and offset of `addr` in a /proc/PID/maps text, if it is in
@@ -69,17 +69,9 @@ pub struct RestorerKey {
     pub offset: u64,
 }
 
-impl Restorer {
-    /// This restorer's file identity (a stat of its path).
-    pub fn key(&self) -> io::Result<RestorerKey> {
-        let m = std::fs::metadata(&self.path)?;
-        Ok(RestorerKey { dev: m.dev(), ino: m.ino(), offset: self.offset })
-    }
-}
-
-/// A restorer found in another process: its file, open (a uprobe is
-/// attached through `/proc/self/fd/N`, so no path can be swapped in
-/// between the check and the attach), checked to hold a restorer.
+/// A restorer found in a process: its file, open (a uprobe is attached
+/// through `/proc/self/fd/N`, so no path can be swapped in between the
+/// check and the attach), checked to hold a restorer.
 #[derive(Debug)]
 pub struct Found {
     pub file: File,
@@ -191,18 +183,17 @@ mod tests {
     #[test]
     fn this_process_has_a_restorer_in_a_file() {
         let r = own().expect("the test harness's libc restorer");
-        assert!(r.path.exists(), "{r:?}");
-    }
-
-    #[test]
-    fn the_own_restorer_found_through_proc_is_the_same_file_and_code() {
-        let own = own().unwrap();
+        // The file opened through /proc/self/root is the one at the path
+        // the map names, and the offset is that of the code sigaction
+        // reported.
+        let meta = std::fs::metadata(&r.path).expect("the restorer's path exists");
+        assert_eq!((r.key.dev, r.key.ino), (meta.dev(), meta.ino()), "{r:?}");
         // SAFETY: a query only, as in own().
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         assert_eq!(unsafe { libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut old) }, 0);
         let addr = old.sa_restorer.map_or(0, |f| f as usize as u64);
-        let found = in_process(std::process::id(), addr).expect("found through /proc/self");
-        assert_eq!(found.key, own.key().unwrap());
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert_eq!(locate(&maps, addr).map(|l| l.offset), Some(r.key.offset));
     }
 
     #[test]
