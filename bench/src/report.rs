@@ -8,6 +8,9 @@ pub enum Verdict {
     NotMet,
     /// A target that this run could not test.
     Untested,
+    /// The median meets the target or misses it, but the 95% confidence
+    /// interval of the median spans the target: this run cannot tell.
+    Unresolved,
 }
 
 impl Verdict {
@@ -20,6 +23,7 @@ impl Verdict {
             Verdict::Met => "met",
             Verdict::NotMet => "NOT MET",
             Verdict::Untested => "untested",
+            Verdict::Unresolved => "unresolved (95% CI spans it)",
         }
     }
 }

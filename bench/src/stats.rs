@@ -52,6 +52,24 @@ impl Summary {
     }
 }
 
+/// A distribution-free 95% confidence interval of the median: the order
+/// statistics at ranks n/2 − 0.98·√n and 1 + n/2 + 0.98·√n, rounded (the
+/// normal approximation of the binomial). None below 6 values, where it
+/// would be the whole range.
+pub fn median_ci95(values: &[f64]) -> Option<(f64, f64)> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.len() < 6 {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len() as f64;
+    let half = 0.98 * n.sqrt();
+    // 1-based ranks, clamped to the sample.
+    let lo = ((n / 2.0 - half).round() as usize).max(1);
+    let hi = ((1.0 + n / 2.0 + half).round() as usize).min(v.len());
+    Some((v[lo - 1], v[hi - 1]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +82,16 @@ mod tests {
         assert_eq!(s.max, 5.0);
         assert_eq!(s.p25, 2.0);
         assert!(Summary::of(&[]).median.is_nan());
+    }
+
+    #[test]
+    fn median_ci_uses_the_binomial_ranks() {
+        // The ranks tables of the sign test give: 14 and 27 for n = 40, 6
+        // and 15 for n = 20 (values 1..=n, so a value is its rank).
+        let v: Vec<f64> = (1..=40).map(f64::from).collect();
+        assert_eq!(median_ci95(&v), Some((14.0, 27.0)));
+        let v: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        assert_eq!(median_ci95(&v), Some((6.0, 15.0)));
+        assert_eq!(median_ci95(&[1.0, 2.0, 3.0, 4.0, 5.0]), None);
     }
 }
