@@ -49,7 +49,15 @@ pub struct Hooked {
 
 impl RestorerDemand {
     /// Notes the restorer of a delivery to a handler, if not seen before.
+    /// An exec or exit of that process before it is looked at forgets it:
+    /// the new image maps other files (a shell's child that took a
+    /// SIGCHLD and then exec'd would otherwise be warned about as having
+    /// "no executable file mapping" at the old address).
     pub fn note(&mut self, ev: &Event) {
+        if let EventBody::ProcessExec(t) | EventBody::ProcessExit(t) = &ev.body {
+            self.pending.retain(|(pid, _)| *pid != t.task.pid);
+            return;
+        }
         let EventBody::SignalDeliver(d) = &ev.body else { return };
         if d.restorer == 0 || !matches!(d.disposition, Disposition::Handler(_)) {
             return;
@@ -137,6 +145,21 @@ mod tests {
                 restorer,
             }),
         }
+    }
+
+    #[test]
+    fn an_exec_or_exit_before_the_look_forgets_the_process() {
+        let mut d = RestorerDemand::default();
+        d.note(&deliver(7, Disposition::Handler(0x1000), 0x2000));
+        d.note(&deliver(8, Disposition::Handler(0x1000), 0x2000));
+        d.note(&deliver(9, Disposition::Handler(0x1000), 0x2000));
+        let task = |pid| crate::kernel::events::ProcessTask { task: Task { pid, tid: pid, comm: "x".into() } };
+        d.note(&Event { mono_ns: 2, body: EventBody::ProcessExec(task(7)) });
+        d.note(&Event { mono_ns: 2, body: EventBody::ProcessExit(task(9)) });
+        assert_eq!(d.pending, vec![(8, 0x2000)]);
+        // Its new image's restorer is noted again at its next delivery.
+        d.note(&deliver(7, Disposition::Handler(0x1000), 0x3000));
+        assert_eq!(d.pending, vec![(8, 0x2000), (7, 0x3000)]);
     }
 
     #[test]

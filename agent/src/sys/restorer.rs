@@ -60,6 +60,25 @@ fn locate(maps: &str, addr: u64) -> Option<Restorer> {
     })
 }
 
+/// Whether any mapping of `maps` holds `addr`.
+fn mapped(maps: &str, addr: u64) -> bool {
+    maps.lines().any(|line| {
+        let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+        range.is_some_and(|(start, end)| {
+            let (start, end) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16));
+            matches!((start, end), (Ok(s), Ok(e)) if s <= addr && addr < e)
+        })
+    })
+}
+
+/// Whether process `pid` has exited (or is a zombie, whose map is empty).
+fn is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+        Ok(maps) => maps.is_empty(),
+        Err(e) => e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH),
+    }
+}
+
 /// Which file a restorer is in, as the kernel knows it (uprobes are per
 /// inode): device, inode, and the offset in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -83,7 +102,11 @@ pub struct Found {
 /// Why a process's restorer is not hooked.
 #[derive(Debug, thiserror::Error)]
 pub enum NotHooked {
-    /// It exited (or is a zombie, whose map is empty): nothing to hook.
+    /// The image that took the signal is gone: the process exited (or is
+    /// a zombie, whose map is empty), or it exec'd since, and the address
+    /// is in no mapping of the new image (a shell's child between fork
+    /// and exec takes a SIGCHLD often). Nothing to hook, nothing to say:
+    /// its next delivery names its new restorer.
     #[error("the process is gone")]
     Gone,
     #[error("cannot read its memory map: {0}")]
@@ -108,9 +131,16 @@ pub fn in_process(pid: u32, addr: u64) -> Result<Found, NotHooked> {
         }
         Err(e) => return Err(NotHooked::Maps(e)),
     };
-    let Restorer { path, offset } = locate(&maps, addr).ok_or(NotHooked::NoFile(addr))?;
+    let Restorer { path, offset } = match locate(&maps, addr) {
+        Some(found) => found,
+        None if !mapped(&maps, addr) => return Err(NotHooked::Gone),
+        // Anonymous or non-executable memory: code no uprobe can sit on.
+        None => return Err(NotHooked::NoFile(addr)),
+    };
     let file_path = PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
     let (file, meta) = open_checked(&file_path, offset).map_err(|e| match e {
+        // Its /proc/PID/root went with it.
+        Checked::Io(_) if is_gone(pid) => NotHooked::Gone,
         Checked::Io(err) => NotHooked::Open { pid, path: path.clone(), err },
         Checked::NotARestorer => NotHooked::NotARestorer { path: path.clone(), offset },
     })?;
@@ -194,6 +224,30 @@ mod tests {
         let addr = old.sa_restorer.map_or(0, |f| f as usize as u64);
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         assert_eq!(locate(&maps, addr).map(|l| l.offset), Some(r.key.offset));
+    }
+
+    #[test]
+    fn an_unmapped_address_is_a_gone_image_and_anonymous_code_is_said() {
+        let me = std::process::id();
+        // Below mmap_min_addr: in no mapping, as an exec'd process's old
+        // libc address is.
+        assert!(matches!(in_process(me, 0x1000), Err(NotHooked::Gone)));
+        // SAFETY: a fresh anonymous mapping, unmapped below; nothing runs it.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(page, libc::MAP_FAILED);
+        let r = in_process(me, page as u64 + 16);
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(page, 4096) };
+        assert!(matches!(r, Err(NotHooked::NoFile(_))), "{r:?}");
     }
 
     #[test]
