@@ -10,7 +10,7 @@
 
 use std::{
     ffi::CString,
-    os::fd::{FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
 use anyhow::{Context as _, Result};
@@ -81,7 +81,6 @@ impl EmptyRawTracepoint {
         };
         let prog = bpf(BPF_PROG_LOAD, &mut load).context("loading an empty raw tracepoint program")?;
         let tp = CString::new(tracepoint).context("tracepoint name")?;
-        use std::os::fd::AsRawFd as _;
         let mut open = RawTracepointOpen { name: tp.as_ptr() as u64, prog_fd: prog.as_raw_fd() as u32, _pad: 0 };
         let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &mut open)
             .with_context(|| format!("attaching an empty program to the raw tracepoint {tracepoint}"))?;

@@ -1135,16 +1135,16 @@ fn overhead(ctx: &Ctx, report: &mut Report) -> Result<Value> {
             ctx.measures(StateArg::Actors) || ctx.measures(StateArg::Pipe) || (first && ctx.wants(Section::Footprint));
         let sleepers = if with_actors { Some(Sleepers::spawn(plan.actors, 3600)?) } else { None };
         let registered = match &sleepers {
-            Some(s) => register_actors(&agent, &s.pids())?,
-            None => Registered::Unavailable("not measured (--states)".into()),
+            Some(s) => Some(register_actors(&agent, &s.pids())?),
+            None => None,
         };
         match registered {
-            Registered::Unavailable(_) if sleepers.is_none() => {}
-            Registered::Unavailable(why) => {
+            None => {}
+            Some(Registered::Unavailable(why)) => {
                 data.get_mut(ACTORS).expect("state").unavailable = Some(why.clone());
                 reg_json = json!({"available": false, "reason": why});
             }
-            Registered::Done { ok, failed, secs, first_error } => {
+            Some(Registered::Done { ok, failed, secs, first_error }) => {
                 if first {
                     reg_json = json!({"available": true, "registered": ok, "failed": failed, "seconds": secs, "first_error": first_error});
                     report.note(format!(

@@ -254,10 +254,6 @@ fn handler_returns_are_seen_in_a_process_using_another_libc_file() {
     stop_agent(&mut t);
 }
 
-/// A handler's restorer comes from the process: one that names memcpy as
-/// its restorer (rt_sigaction(2) takes any address) must not get a uprobe
-/// on memcpy, which every process on the host would then trap into. The
-/// agent checks the code calls rt_sigreturn and says why it refuses.
 /// A shell's child takes a SIGCHLD and then execs (or exits): by the time
 /// the agent looks at the restorer that delivery named, the image is gone,
 /// which is no restorer problem. The agent says nothing about those and
@@ -302,6 +298,10 @@ fn processes_that_exec_or_exit_after_a_signal_are_not_warned_about() {
     agent.stop();
 }
 
+/// A handler's restorer comes from the process: one that names memcpy as
+/// its restorer (rt_sigaction(2) takes any address) must not get a uprobe
+/// on memcpy, which every process on the host would then trap into. The
+/// agent checks the code calls rt_sigreturn and says why it refuses.
 #[test]
 fn a_forged_restorer_is_never_hooked() {
     let dir = TempDir::new("forged-restorer");

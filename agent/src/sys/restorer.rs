@@ -45,24 +45,17 @@ pub fn own() -> io::Result<Found> {
 }
 
 /// The file and offset of `addr` in a /proc/PID/maps text, if it is in
-/// an executable file mapping.
+/// an executable file mapping (`in_process` takes the two steps apart, to
+/// tell a gone image from anonymous code).
+#[cfg(test)]
 fn locate(maps: &str, addr: u64) -> Option<Restorer> {
-    maps.lines().find_map(|line| {
-        let mut f = line.split_whitespace();
-        let (start, end) = f.next()?.split_once('-')?;
-        let (start, end) = (u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?);
-        let perms = f.next()?;
-        let offset = u64::from_str_radix(f.next()?, 16).ok()?;
-        let path = f.nth(2)?;
-        // One more field: " (deleted)", a file no path leads to any more.
-        (start <= addr && addr < end && perms.contains('x') && path.starts_with('/') && f.next().is_none())
-            .then(|| Restorer { path: path.into(), offset: addr - start + offset })
-    })
+    mapping_holding(maps, addr).and_then(|line| file_code(line, addr))
 }
 
-/// Whether any mapping of `maps` holds `addr`.
-fn mapped(maps: &str, addr: u64) -> bool {
-    maps.lines().any(|line| {
+/// The line of a /proc/PID/maps text whose range holds `addr` (mappings do
+/// not overlap: at most one).
+fn mapping_holding(maps: &str, addr: u64) -> Option<&str> {
+    maps.lines().find(|line| {
         let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
         range.is_some_and(|(start, end)| {
             let (start, end) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16));
@@ -71,11 +64,27 @@ fn mapped(maps: &str, addr: u64) -> bool {
     })
 }
 
-/// Whether process `pid` has exited (or is a zombie, whose map is empty).
-fn is_gone(pid: u32) -> bool {
+/// The file and offset of `addr` in its mapping's `line`, if that mapping
+/// is executable and of a file some path still leads to.
+fn file_code(line: &str, addr: u64) -> Option<Restorer> {
+    let mut f = line.split_whitespace();
+    let start = u64::from_str_radix(f.next()?.split_once('-')?.0, 16).ok()?;
+    let perms = f.next()?;
+    let offset = u64::from_str_radix(f.next()?, 16).ok()?;
+    let path = f.nth(2)?;
+    // One more field: " (deleted)", a file no path leads to any more.
+    (perms.contains('x') && path.starts_with('/') && f.next().is_none())
+        .then(|| Restorer { path: path.into(), offset: addr - start + offset })
+}
+
+/// The memory map of process `pid`; Gone when it has exited (or is a
+/// zombie, whose map is empty).
+fn maps_of(pid: u32) -> Result<String, NotHooked> {
     match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
-        Ok(maps) => maps.is_empty(),
-        Err(e) => e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH),
+        Ok(maps) if maps.is_empty() => Err(NotHooked::Gone),
+        Ok(maps) => Ok(maps),
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => Err(NotHooked::Gone),
+        Err(e) => Err(NotHooked::Maps(e)),
     }
 }
 
@@ -123,24 +132,15 @@ pub enum NotHooked {
 /// namespace), its file opened through the process's root (a container's
 /// libc is in its own mount namespace).
 pub fn in_process(pid: u32, addr: u64) -> Result<Found, NotHooked> {
-    let maps = match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
-        Ok(maps) if maps.is_empty() => return Err(NotHooked::Gone),
-        Ok(maps) => maps,
-        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
-            return Err(NotHooked::Gone);
-        }
-        Err(e) => return Err(NotHooked::Maps(e)),
-    };
-    let Restorer { path, offset } = match locate(&maps, addr) {
-        Some(found) => found,
-        None if !mapped(&maps, addr) => return Err(NotHooked::Gone),
-        // Anonymous or non-executable memory: code no uprobe can sit on.
-        None => return Err(NotHooked::NoFile(addr)),
-    };
+    let maps = maps_of(pid)?;
+    // In no mapping at all: the image that took the signal is gone.
+    let line = mapping_holding(&maps, addr).ok_or(NotHooked::Gone)?;
+    // Anonymous or non-executable memory: code no uprobe can sit on.
+    let Restorer { path, offset } = file_code(line, addr).ok_or(NotHooked::NoFile(addr))?;
     let file_path = PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
     let (file, meta) = open_checked(&file_path, offset).map_err(|e| match e {
         // Its /proc/PID/root went with it.
-        Checked::Io(_) if is_gone(pid) => NotHooked::Gone,
+        Checked::Io(_) if matches!(maps_of(pid), Err(NotHooked::Gone)) => NotHooked::Gone,
         Checked::Io(err) => NotHooked::Open { pid, path: path.clone(), err },
         Checked::NotARestorer => NotHooked::NotARestorer { path: path.clone(), offset },
     })?;
